@@ -1,0 +1,132 @@
+"""Settings: ``config/fhir-bridge.toml`` (or ``FHIR_BRIDGE_CONFIG``) overridden by ``FHIR_BRIDGE_*`` variables.
+
+Read once at start-up by the composition root (``fhir_bridge.main``) and passed down as arguments; nothing
+reads the environment at import. Nested settings use ``__``: ``FHIR_BRIDGE_SOURCE__MAX_PAGES=50``; the most
+used ones also have flat names (``FHIR_BRIDGE_SOURCE_URL``, ``FHIR_BRIDGE_REDIS_URL``, ``FHIR_BRIDGE_DATA_DIR``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "fhir-bridge.toml"
+
+
+class SourceSettings(BaseModel):
+    """How we talk to the national-record source (timeouts in seconds)."""
+
+    url: str = ""
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    write_timeout: float = 30.0
+    pool_timeout: float = 30.0
+    concurrency: int = Field(default=8, ge=1, le=256)
+    max_retries: int = Field(default=5, ge=0, le=20)
+    backoff_initial: float = Field(default=0.2, ge=0)
+    backoff_max: float = Field(default=10.0, ge=0)
+    retry_after_cap: float = Field(default=30.0, ge=0)
+    total_deadline: float = Field(default=120.0, gt=0)
+    page_size: int = Field(default=100, ge=1, le=1000)
+    max_pages: int = Field(default=200, ge=1)
+    max_attachment_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    max_json_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
+    http2: bool = True
+    bearer_token: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+    ca_bundle: str = ""
+
+
+class RedisSettings(BaseModel):
+    url: str = ""
+    server_binary: str = "redis-server"
+    appendfsync: str = "everysec"
+
+
+class ApiSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_base_url: str = ""
+    max_body_bytes: int = 10 * 1024 * 1024
+    page_size: int = 20
+    max_page_size: int = 200
+
+
+class WorkerSettings(BaseModel):
+    max_attempts: int = 5
+    reclaim_idle_ms: int = 30_000
+    retry_backoff_initial: float = 1.0
+    retry_backoff_max: float = 60.0
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FHIR_BRIDGE_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    data_dir: Path = Path(".data")
+    source: SourceSettings = SourceSettings()
+    redis: RedisSettings = RedisSettings()
+    api: ApiSettings = ApiSettings()
+    worker: WorkerSettings = WorkerSettings()
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = init_settings.init_kwargs.pop("_config_file", None) if hasattr(  # type: ignore[attr-defined]
+            init_settings, "init_kwargs"
+        ) else None
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls, toml_file=toml_file or DEFAULT_CONFIG),
+        )
+
+
+_FLAT_ALIASES = {
+    "FHIR_BRIDGE_SOURCE_URL": ("source", "url"),
+    "FHIR_BRIDGE_REDIS_URL": ("redis", "url"),
+}
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build the settings once: TOML file, then environment, then explicit overrides (CLI options)."""
+    env = os.environ if env is None else env
+    config_file = env.get("FHIR_BRIDGE_CONFIG") or str(DEFAULT_CONFIG)
+    if not Path(config_file).is_file():
+        from fhir_bridge.errors import InvalidInput
+
+        raise InvalidInput(f"configuration file not found: {config_file}")
+    init: dict[str, Any] = {"_config_file": config_file}
+    for var, (section, key) in _FLAT_ALIASES.items():
+        if env.get(var):
+            init.setdefault(section, {})[key] = env[var]
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition("__")
+        if key:
+            init.setdefault(section, {})[key] = value
+        else:
+            init[section] = value
+    return Settings(**init)
