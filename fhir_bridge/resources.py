@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from decimal import Decimal
-from functools import lru_cache
+from functools import cache
 from typing import Any, Protocol
 
 from pydantic import ValidationError
@@ -64,7 +64,7 @@ def check_resource_type(obj: Any, expected_type: str | Iterable[str] | None = No
     return obj
 
 
-@lru_cache(maxsize=None)
+@cache
 def _model_class(resource_type: str) -> Any:
     from fhir.resources.R4B import get_fhir_model_class
 
@@ -86,7 +86,7 @@ def validate(resource: Resource) -> None:
     try:
         cls.model_validate(_jsonable(resource))
     except ValidationError as exc:
-        locs = sorted({".".join(str(p) for p in err["loc"]) or rtype for err in exc.errors()})
+        locs = sorted({".".join(str(p) for p in err["loc"]) or str(rtype) for err in exc.errors()})
         raise MalformedResource(
             f"{rtype} is not valid R4: problem at {', '.join(locs[:5])}", expression=locs[:5]
         ) from None

@@ -93,9 +93,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_file = init_settings.init_kwargs.pop("_config_file", None) if hasattr(  # type: ignore[attr-defined]
-            init_settings, "init_kwargs"
-        ) else None
+        kwargs = getattr(init_settings, "init_kwargs", {})
+        toml_file = kwargs.pop("_config_file", None)
         return (
             init_settings,
             env_settings,

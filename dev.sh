@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine:
+#   bash dev.sh demo   set everything up, then run the demo
+#   bash dev.sh test   set everything up, then run the whole test suite (ruff, mypy, pytest)
+#   bash dev.sh setup  only set up
+# Set-up: a virtualenv in .venv with the project and its dev dependencies, and redis-server
+# (installed with apt-get when missing and we are root; otherwise one line says what to install).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON="${PYTHON:-python3}"
+
+need_system_packages() {
+  local missing=()
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  command -v pdftoppm >/dev/null 2>&1 || missing+=(poppler-utils)
+  if [ "${#missing[@]}" -eq 0 ]; then return 0; fi
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "dev.sh: installing ${missing[*]} with apt-get" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null \
+      || { echo "dev.sh: apt-get could not install ${missing[*]}; install them and run again" >&2; exit 1; }
+  else
+    echo "dev.sh: please install ${missing[*]} (e.g. sudo apt-get install ${missing[*]}) and run again" >&2
+    exit 1
+  fi
+}
+
+setup() {
+  need_system_packages
+  if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+      || { echo "dev.sh: Python >= 3.11 is needed (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+    "$PYTHON" -m venv .venv
+  fi
+  local stamp=.venv/.installed
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    .venv/bin/python -m pip install -q -e '.[dev]'
+    touch "$stamp"
+  fi
+}
+
+case "${1:-}" in
+  setup) setup ;;
+  demo)
+    setup
+    shift
+    exec .venv/bin/fhir-bridge demo "$@"
+    ;;
+  test)
+    setup
+    shift
+    .venv/bin/ruff check .
+    .venv/bin/mypy
+    set +e
+    .venv/bin/pytest -q "$@"
+    rc=$?
+    set -e
+    if [ "$rc" -eq 5 ]; then echo "dev.sh: pytest collected no tests: that is a failure" >&2; exit 1; fi
+    exit "$rc"
+    ;;
+  *)
+    echo "usage: bash dev.sh demo | test [pytest args] | setup" >&2
+    exit 2
+    ;;
+esac

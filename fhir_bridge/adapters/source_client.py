@@ -1,0 +1,444 @@
+"""The national-record source client: IHE MHD ITI-67/ITI-68 and ImagingStudy search over async httpx.
+
+One :class:`SourceClient` per source, opened once and reused (connection pooling, HTTP/2 when the source
+offers it). What it guarantees to the workflow:
+
+* Patient resolution first (``Patient?identifier=SYSTEM|VALUE``), because not every server supports the
+  chained ``patient.identifier`` search (STANDARDS.md §1); the Patient must really carry the identifier.
+* ITI-67 searches with both ``patient`` and ``status`` (MHD ITI-67 §2:3.67.4.1.2), every page followed
+  through ``Bundle.link[relation=next]`` whatever page size the source imposes; a next link already seen,
+  a next link to another origin (it would receive our credentials), or more pages than ``max_pages`` is a
+  :class:`PagingError`/:class:`SourceProtocolError`, never an endless loop.
+* ITI-68 retrieves stream to disk in chunks, never whole in memory, capped in size, with ``attachment.size``
+  and the base64 SHA-1 ``attachment.hash`` verified (MHD ITI-68 §2:3.68.4.2, FHIR Attachment).
+* Bounded concurrency (one semaphore for every request to this source), retries with full-jitter backoff on
+  connection errors, timeouts and 408/429/502/503/504 honouring ``Retry-After`` (policy in
+  :mod:`fhir_bridge.retry`), a deadline per request, no retry on other 4xx, the source's OperationOutcome
+  kept in the error.
+* Credentials (a bearer token provider, a client certificate) are only ever sent to the source's own origin:
+  attachment URLs may point elsewhere (a separate document repository) and get no token.
+
+URLs in errors and logs have their query removed: queries carry patient identifiers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import httpx
+import structlog
+
+from fhir_bridge.adapters.settings import SourceSettings
+from fhir_bridge.errors import (
+    AmbiguousPatient,
+    AttachmentError,
+    NotAFhirSource,
+    PagingError,
+    SourceError,
+    SourceProtocolError,
+    SourceRejected,
+    SourceUnavailable,
+    UnknownPatient,
+)
+from fhir_bridge.identity import PatientIdentifier
+from fhir_bridge.ports import RetrievedAttachment
+from fhir_bridge.resources import FHIR_JSON, Resource, loads
+from fhir_bridge.retry import RetryPolicy
+
+log = structlog.get_logger("fhir_bridge.source")
+
+_CHUNK = 256 * 1024
+_JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
+
+
+class OutboundAuth(Protocol):
+    """Gives the headers that authenticate us to the source (the SMART token flow plugs in here)."""
+
+    async def headers(self) -> dict[str, str]: ...
+
+
+class StaticBearer:
+    """A fixed bearer token from configuration."""
+
+    def __init__(self, token: str) -> None:
+        self._headers = {"Authorization": f"Bearer {token}"}
+
+    async def headers(self) -> dict[str, str]:
+        return self._headers
+
+
+def redact(url: str) -> str:
+    """The URL without its query and fragment, safe for logs and error messages."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
+
+
+class SourceClient:
+    """An MHD/PDSm source; use as ``async with SourceClient(url, settings) as source: ...``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        settings: SourceSettings,
+        *,
+        auth: OutboundAuth | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        policy: RetryPolicy | None = None,
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise NotAFhirSource("the source URL must be an absolute http(s) URL")
+        self.base_url = base_url.rstrip("/")
+        self._settings = settings
+        self._auth = auth or (StaticBearer(settings.bearer_token) if settings.bearer_token else None)
+        self._policy = policy or RetryPolicy(
+            max_retries=settings.max_retries,
+            backoff_initial=settings.backoff_initial,
+            backoff_max=settings.backoff_max,
+            retry_after_cap=settings.retry_after_cap,
+        )
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        cert: str | tuple[str, str] | None = None
+        if settings.client_cert:
+            cert = (settings.client_cert, settings.client_key) if settings.client_key else settings.client_cert
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(
+                connect=settings.connect_timeout,
+                read=settings.read_timeout,
+                write=settings.write_timeout,
+                pool=settings.pool_timeout,
+            ),
+            limits=httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency),
+            http2=settings.http2 and transport is None,
+            verify=settings.ca_bundle or True,
+            cert=cert,
+            transport=transport,
+            follow_redirects=False,
+            headers={"User-Agent": "fhir-bridge"},
+        )
+        self.requests_made = 0
+
+    async def __aenter__(self) -> SourceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- references -------------------------------------------------------------------------------
+
+    def absolute(self, reference: str) -> str:
+        """``Patient/1`` or a relative URL made absolute against the base (FHIR R4 references.html)."""
+        if urlsplit(reference).scheme:
+            return reference
+        return urljoin(self.base_url + "/", reference)
+
+    def _same_origin(self, url: str) -> bool:
+        return _origin(url) == _origin(self.base_url)
+
+    # -- the one request loop ----------------------------------------------------------------------
+
+    async def _send(self, method: str, url: str, *, params: Mapping[str, str] | None = None,
+                    accept: str = FHIR_JSON, stream: bool = False) -> httpx.Response:
+        """Send with retries; returns a response whose status is not retryable (caller closes it when streaming)."""
+        deadline = time.monotonic() + self._settings.total_deadline
+        attempt = 0
+        while True:
+            attempt += 1
+            headers = {"Accept": accept}
+            if self._auth is not None and self._same_origin(url):
+                headers.update(await self._auth.headers())
+            retry_after: str | None = None
+            try:
+                async with self._slots:
+                    self.requests_made += 1
+                    request = self._http.build_request(method, url, params=params, headers=headers)
+                    response = await self._http.send(request, stream=stream)
+                if not self._policy.should_retry_status(response.status_code):
+                    return response
+                retry_after = response.headers.get("Retry-After")
+                problem = f"HTTP {response.status_code}"
+                await response.aclose()
+            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                problem = type(exc).__name__
+            if not self._policy.can_retry(attempt):
+                raise SourceUnavailable(
+                    f"source did not answer after {attempt} tries ({problem}) at {redact(url)}", url=redact(url)
+                )
+            wait = self._policy.delay(attempt, retry_after)
+            if time.monotonic() + wait > deadline:
+                raise SourceUnavailable(
+                    f"source still failing ({problem}) when the {self._settings.total_deadline:g} s deadline "
+                    f"came, at {redact(url)}",
+                    url=redact(url),
+                )
+            log.info("source.retry", url=redact(url), problem=problem, attempt=attempt, wait=round(wait, 3))
+            await asyncio.sleep(wait)
+
+    async def _get_json(self, url: str, params: Mapping[str, str] | None = None) -> Resource:
+        response = await self._send("GET", url, params=params, stream=True)
+        try:
+            body = await self._read_capped(response, self._settings.max_json_bytes)
+        finally:
+            await response.aclose()
+        content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        is_json = content_type in _JSON_TYPES
+        parsed: Any = None
+        if is_json:
+            try:
+                parsed = loads(body)
+            except SourceError:
+                raise
+            except Exception:
+                parsed = None
+        if response.status_code >= 400:
+            outcome = parsed if isinstance(parsed, dict) and parsed.get("resourceType") == "OperationOutcome" else None
+            if outcome is None and response.status_code in (404, 405, 406):
+                raise NotAFhirSource(
+                    f"{redact(url)} answered HTTP {response.status_code} without an OperationOutcome: "
+                    "not a FHIR R4 endpoint",
+                    status=response.status_code, url=redact(url),
+                )
+            raise SourceRejected(
+                f"source refused the request: HTTP {response.status_code} at {redact(url)}"
+                + (f" ({_outcome_text(outcome)})" if outcome else ""),
+                status=response.status_code, outcome=outcome, url=redact(url),
+            )
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("resourceType"), str):
+            raise NotAFhirSource(
+                f"{redact(url)} did not answer FHIR JSON (Content-Type {content_type or 'none'})",
+                status=response.status_code, url=redact(url),
+            )
+        return parsed
+
+    async def _read_capped(self, response: httpx.Response, cap: int) -> bytes:
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            async for chunk in response.aiter_bytes(_CHUNK):
+                total += len(chunk)
+                if total > cap:
+                    raise SourceProtocolError(
+                        f"answer from {redact(str(response.url))} is over {cap} bytes", url=redact(str(response.url))
+                    )
+                chunks.append(chunk)
+        except (httpx.TransportError, httpx.TimeoutException) as exc:
+            raise SourceUnavailable(
+                f"connection lost while reading {redact(str(response.url))} ({type(exc).__name__})"
+            ) from None
+        return b"".join(chunks)
+
+    # -- searches -----------------------------------------------------------------------------------
+
+    async def search_pages(self, resource_type: str, params: Mapping[str, str]) -> AsyncIterator[Resource]:
+        """Yield each searchset page, following ``Bundle.link[next]`` (FHIR R4 http.html#paging)."""
+        url = f"{self.base_url}/{resource_type}"
+        page_params: Mapping[str, str] | None = {"_count": str(self._settings.page_size), **params}
+        seen: set[str] = set()
+        pages = 0
+        while True:
+            page = await self._get_json(url, page_params)
+            pages += 1
+            if page.get("resourceType") != "Bundle" or page.get("type") != "searchset":
+                raise SourceProtocolError(
+                    f"a {resource_type} search answered a {page.get('resourceType')} "
+                    f"({page.get('type', 'no type')}) where a searchset Bundle was expected",
+                    url=redact(url),
+                )
+            yield page
+            next_url = next(
+                (link.get("url") for link in page.get("link", []) if link.get("relation") == "next"), None
+            )
+            if not next_url:
+                return
+            next_url = self.absolute(str(next_url))
+            if not self._same_origin(next_url):
+                raise SourceProtocolError("a next link points to another origin; not followed", url=redact(url))
+            if next_url in seen or (page_params is None and next_url == url):
+                raise PagingError(f"the {resource_type} search pages loop: a next link came back", url=redact(url))
+            if pages >= self._settings.max_pages:
+                raise PagingError(
+                    f"the {resource_type} search has more than {self._settings.max_pages} pages "
+                    "(source.max_pages)", url=redact(url),
+                )
+            seen.add(next_url)
+            url, page_params = next_url, None
+
+    async def search(self, resource_type: str, params: Mapping[str, str]) -> tuple[list[Resource], list[Resource]]:
+        """Every match and every ``include`` entry of a search, over all pages."""
+        matches: list[Resource] = []
+        included: list[Resource] = []
+        async for page in self.search_pages(resource_type, params):
+            for entry in page.get("entry", []) or []:
+                resource = entry.get("resource")
+                if not isinstance(resource, dict):
+                    continue
+                mode = (entry.get("search") or {}).get("mode", "match")
+                if resource.get("resourceType") == "OperationOutcome" or mode == "outcome":
+                    continue
+                (included if mode == "include" else matches).append(resource)
+        return matches, included
+
+    async def find_patient(self, identifier: PatientIdentifier) -> Resource:
+        """Resolve the Patient by identifier (PDQm-style ``Patient?identifier=``), verifying the match."""
+        matches, _ = await self.search("Patient", {"identifier": identifier.token})
+        patients = [p for p in matches if p.get("resourceType") == "Patient"]
+        carrying = [p for p in patients if any(identifier.matches(i) for i in p.get("identifier", []) or [])]
+        if len(carrying) > 1:
+            raise AmbiguousPatient("the source has more than one Patient with that identifier")
+        if not carrying:
+            if patients:
+                raise SourceProtocolError("the source answered Patients that do not carry the requested identifier")
+            raise UnknownPatient("no Patient with that identifier at the source")
+        patient = carrying[0]
+        if not isinstance(patient.get("id"), str):
+            raise SourceProtocolError("the source's Patient has no id")
+        return patient
+
+    async def find_document_references(
+        self, patient_id: str, *, extra: Mapping[str, str] | None = None
+    ) -> list[Resource]:
+        """ITI-67 Find Document References: ``patient`` and ``status=current`` (MHD §2:3.67.4.1.2)."""
+        params = {"patient": patient_id, "status": "current", **(extra or {})}
+        matches, _ = await self.search("DocumentReference", params)
+        return [r for r in matches if r.get("resourceType") == "DocumentReference"]
+
+    async def find_imaging_studies(self, patient_id: str) -> tuple[list[Resource], dict[str, Resource]]:
+        """ImagingStudy search with the Endpoints they reference, keyed by absolute reference.
+
+        ``_include=ImagingStudy:endpoint`` is asked for; any endpoint the source did not include is read one
+        by one (servers are free to ignore ``_include``). Contained endpoints (``#id``) need no fetch.
+        """
+        matches, included = await self.search(
+            "ImagingStudy", {"patient": patient_id, "_include": "ImagingStudy:endpoint"}
+        )
+        studies = [r for r in matches if r.get("resourceType") == "ImagingStudy"]
+        endpoints: dict[str, Resource] = {}
+        for resource in included:
+            if resource.get("resourceType") == "Endpoint" and resource.get("id"):
+                endpoints[self.absolute(f"Endpoint/{resource['id']}")] = resource
+        wanted: set[str] = set()
+        for study in studies:
+            refs = list(study.get("endpoint", []) or [])
+            for series in study.get("series", []) or []:
+                refs.extend(series.get("endpoint", []) or [])
+            for ref in refs:
+                text = ref.get("reference") if isinstance(ref, dict) else None
+                if isinstance(text, str) and not text.startswith("#"):
+                    wanted.add(self.absolute(text))
+        missing = sorted(wanted - endpoints.keys())
+        fetched = await asyncio.gather(*(self._read_endpoint(url) for url in missing))
+        for url, endpoint in zip(missing, fetched, strict=True):
+            if endpoint is not None:
+                endpoints[url] = endpoint
+        return studies, endpoints
+
+    async def _read_endpoint(self, url: str) -> Resource | None:
+        if not self._same_origin(url):
+            return None  # an Endpoint elsewhere is kept as an absolute reference, not fetched with our token
+        try:
+            resource = await self._get_json(url)
+        except SourceRejected:
+            return None
+        return resource if resource.get("resourceType") == "Endpoint" else None
+
+    # -- ITI-68 -------------------------------------------------------------------------------------
+
+    async def retrieve(
+        self, url: str, dest: Path, *, expected_size: int | None = None, expected_sha1_b64: str | None = None
+    ) -> RetrievedAttachment:
+        """ITI-68 Retrieve Document: stream to ``dest`` and check size and hash (MHD §2:3.68.4.2)."""
+        url = self.absolute(url)
+        expected_sha1: bytes | None = None
+        if expected_sha1_b64 is not None:
+            try:
+                expected_sha1 = base64.b64decode(expected_sha1_b64, validate=True)
+            except ValueError:
+                raise AttachmentError("attachment.hash is not base64", reason="bad-hash", url=redact(url)) from None
+            if len(expected_sha1) != 20:
+                raise AttachmentError("attachment.hash is not a SHA-1 digest", reason="bad-hash", url=redact(url))
+        cap = self._settings.max_attachment_bytes
+        if expected_size is not None and expected_size > cap:
+            raise AttachmentError(f"declared size {expected_size} is over the {cap} byte limit",
+                                  reason="too-large", url=redact(url))
+        for attempt in range(1, self._settings.max_retries + 2):
+            try:
+                return await self._retrieve_once(url, dest, expected_size, expected_sha1)
+            except SourceUnavailable:
+                if attempt > self._settings.max_retries:
+                    raise
+                await asyncio.sleep(self._policy.backoff(attempt))
+        raise AssertionError("unreachable")
+
+    async def _retrieve_once(
+        self, url: str, dest: Path, expected_size: int | None, expected_sha1: bytes | None
+    ) -> RetrievedAttachment:
+        try:
+            response = await self._send("GET", url, accept="*/*", stream=True)
+        except SourceUnavailable as exc:
+            raise AttachmentError(str(exc), reason="retrieve-failed", url=redact(url)) from None
+        cap = self._settings.max_attachment_bytes
+        limit = min(cap, expected_size) if expected_size is not None else cap
+        sha1, sha256, size = hashlib.sha1(usedforsecurity=False), hashlib.sha256(), 0
+        tmp = dest.with_name(dest.name + f".part{os.getpid()}")
+        try:
+            if response.status_code != 200:
+                raise AttachmentError(
+                    f"retrieve answered HTTP {response.status_code}", reason="retrieve-failed",
+                    status=response.status_code, url=redact(url),
+                )
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("wb") as out:
+                try:
+                    async for chunk in response.aiter_bytes(_CHUNK):
+                        size += len(chunk)
+                        if size > limit:
+                            reason = "too-large" if size > cap else "size-mismatch"
+                            raise AttachmentError(
+                                f"attachment is larger than {'the limit' if reason == 'too-large' else 'declared'}",
+                                reason=reason, url=redact(url),
+                            )
+                        sha1.update(chunk)
+                        sha256.update(chunk)
+                        out.write(chunk)
+                except (httpx.TransportError, httpx.TimeoutException) as exc:
+                    raise SourceUnavailable(f"connection lost during retrieve ({type(exc).__name__})") from None
+            if expected_size is not None and size != expected_size:
+                raise AttachmentError(f"attachment has {size} bytes, {expected_size} declared",
+                                      reason="size-mismatch", url=redact(url))
+            if expected_sha1 is not None and sha1.digest() != expected_sha1:
+                raise AttachmentError("attachment bytes do not match attachment.hash (SHA-1)",
+                                      reason="hash-mismatch", url=redact(url))
+            os.replace(tmp, dest)
+        finally:
+            await response.aclose()
+            tmp.unlink(missing_ok=True)
+        return RetrievedAttachment(
+            url=url, path=dest, size=size, sha1_b64=base64.b64encode(sha1.digest()).decode("ascii"),
+            sha256_hex=sha256.hexdigest(),
+            content_type=response.headers.get("Content-Type", "").split(";")[0].strip() or None,
+        )
+
+
+def _outcome_text(outcome: Mapping[str, Any]) -> str:
+    texts = []
+    for issue in outcome.get("issue", []) or []:
+        text = issue.get("diagnostics") or (issue.get("details") or {}).get("text") or issue.get("code")
+        if text:
+            texts.append(str(text)[:200])
+    return "; ".join(texts[:3]) or "no details"

@@ -1,0 +1,211 @@
+"""The ``fhir-bridge`` command line (click + rich).
+
+Exit codes, the same for every command:
+0 success; 3 done but something was left out (``pull``: listed in problems.json); 2 bad input (a malformed
+identifier, an unknown patient, a URL that is not a FHIR source, bad options); 1 any other failure (the
+source failing or breaking the protocol, an unexpected error); 130 interrupted. Errors are one line on
+stderr, never a traceback (set ``FHIR_BRIDGE_DEBUG=1`` to see one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from fhir_bridge.errors import (
+    AmbiguousPatient,
+    BridgeError,
+    InvalidInput,
+    NotAFhirSource,
+    NotFound,
+)
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def exit_code_for(error: BaseException) -> int:
+    """The one mapping from the error tree to exit codes."""
+    if isinstance(error, InvalidInput | NotFound | NotAFhirSource | AmbiguousPatient):
+        return EXIT_BAD_INPUT
+    return EXIT_FAILURE
+
+
+def fail(message: str, code: int) -> None:
+    click.echo(f"fhir-bridge: error: {message}", err=True)
+    sys.exit(code)
+
+
+def one_line_errors(func: F) -> F:
+    """Turn every error into one line on stderr and its exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except BridgeError as exc:
+            if os.environ.get("FHIR_BRIDGE_DEBUG"):
+                raise
+            fail(str(exc), exit_code_for(exc))
+        except KeyboardInterrupt:
+            fail("interrupted", EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:
+            if os.environ.get("FHIR_BRIDGE_DEBUG"):
+                raise
+            fail(f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", EXIT_FAILURE)
+        return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fhir-bridge")
+def cli() -> None:
+    """fhir-bridge: second opinions over the national health record (IHE MHD / ANS PDSm, FHIR R4)."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: click usage errors become one line with exit code 2."""
+    try:
+        code = cli.main(args=argv, prog_name="fhir-bridge", standalone_mode=False)
+    except click.exceptions.Abort:
+        fail("interrupted", EXIT_INTERRUPTED)
+    except click.UsageError as exc:
+        fail(exc.format_message(), EXIT_BAD_INPUT)
+    except click.ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+@cli.command()
+@click.option("--source", "source_url", required=True, help="FHIR base URL of the MHD/PDSm source.")
+@click.option("--patient", "patient", required=True, help="Patient identifier as SYSTEM|VALUE (INS).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for bundle.json, problems.json and attachments/.")
+@click.option("--concurrency", type=int, default=None, help="Requests in flight to the source (source.concurrency).")
+@click.option("--max-pages", type=int, default=None, help="Most pages accepted for one search (source.max_pages).")
+@click.option("--deadline", type=float, default=None, help="Seconds one request may take with its retries.")
+@one_line_errors
+def pull(source_url: str, patient: str, out_dir: Path, concurrency: int | None, max_pages: int | None,
+         deadline: float | None) -> None:
+    """Pull one patient's documents and studies from an MHD source into a case bundle in OUT.
+
+    Exit 0 when everything was packaged, 3 when the bundle was written but something was left out
+    (see problems.json), 2 on bad input, 1 on any other failure.
+    """
+    from fhir_bridge.identity import parse_patient_identifier
+
+    identifier = parse_patient_identifier(patient)  # before any network call
+    from fhir_bridge.adapters.settings import load_settings
+    from fhir_bridge.logs import configure_logging
+
+    settings = load_settings(source__url=source_url, source__concurrency=concurrency,
+                             source__max_pages=max_pages, source__total_deadline=deadline)
+    configure_logging(os.environ.get("FHIR_BRIDGE_LOG_LEVEL", "WARNING"))
+    summary = asyncio.run(_pull(settings, identifier, out_dir))
+    click.echo(json.dumps(summary, ensure_ascii=False))
+    sys.exit(EXIT_PARTIAL if summary["leftOut"] else EXIT_OK)
+
+
+async def _pull(settings: Any, identifier: Any, out_dir: Path) -> dict[str, Any]:
+    from fhir_bridge.adapters.source_client import SourceClient
+    from fhir_bridge.packaging import build_case_bundle, write_bundle
+    from fhir_bridge.terminology import load_terminology
+    from fhir_bridge.workflow.collect import collect_case
+
+    terminology = load_terminology()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _progress() as progress:
+        async with SourceClient(settings.source.url, settings.source) as source:
+            collected = await collect_case(source, identifier, out_dir / "attachments", terminology,
+                                           progress=progress)
+            bundle = build_case_bundle(collected.content, terminology=terminology, absolute=source.absolute,
+                                       now=datetime.now(UTC))
+    size = await asyncio.to_thread(write_bundle, bundle, out_dir / "bundle.json")
+    problems = [p.to_json() for p in collected.problems]
+    (out_dir / "problems.json").write_text(json.dumps(problems, ensure_ascii=False, indent=2) + "\n", "utf-8")
+    return {
+        "bundle": str(out_dir / "bundle.json"),
+        "bundleBytes": size,
+        "problems": str(out_dir / "problems.json"),
+        "documentsFound": collected.documents_found,
+        "documentsPackaged": len(collected.content.documents),
+        "studiesPackaged": len(collected.content.studies),
+        "leftOut": len(problems),
+        "reasons": _count(p["reason"] for p in problems),
+    }
+
+
+def _count(items: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
+
+
+class _progress:
+    """A rich progress bar on stderr when it is a terminal; silent otherwise."""
+
+    def __enter__(self) -> Callable[[str, int, int], None]:
+        self._bar: Any = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 console=Console(stderr=True), transient=True)
+            self._bar.start()
+            self._tasks: dict[str, Any] = {}
+        return self.update
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        if self._bar is None:
+            return
+        if stage not in self._tasks:
+            self._tasks[stage] = self._bar.add_task(stage, total=total or 1)
+        self._bar.update(self._tasks[stage], completed=done, total=total or 1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8081, show_default=True, type=int)
+@click.option("--patients", default=5, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--seed", default=1, show_default=True, type=int)
+@click.option("--page-cap", default=50, show_default=True, type=click.IntRange(1, 10_000),
+              help="Largest page the sandbox serves, whatever _count asks.")
+@click.option("--latency", "latency_ms", default=0, show_default=True, type=click.IntRange(0, 60_000),
+              help="Milliseconds added to every FHIR request.")
+@click.option("--fault-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Fraction of FHIR requests answered 503/429 with Retry-After.")
+@click.option("--corrupt/--no-corrupt", default=True, show_default=True,
+              help="Serve one attachment whose bytes do not match its hash.")
+@click.option("--big-docs", default=0, show_default=True, type=click.IntRange(0, 100_000),
+              help="Extra large documents for patient 0 (benchmarks).")
+@click.option("--big-total-mb", default=0, show_default=True, type=click.IntRange(0, 1_000_000))
+@one_line_errors
+def sandbox(host: str, port: int, patients: int, seed: int, page_cap: int, latency_ms: int, fault_rate: float,
+            corrupt: bool, big_docs: int, big_total_mb: int) -> None:
+    """Serve the synthetic national-record FHIR source (deterministic French test patients)."""
+    from fhir_bridge.sandbox.app import SandboxConfig
+    from fhir_bridge.sandbox.serve import run
+
+    config = SandboxConfig(seed=seed, patients=patients, page_cap=page_cap, latency_ms=latency_ms,
+                           fault_rate=fault_rate, corrupt=corrupt, big_docs=big_docs,
+                           big_total_bytes=big_total_mb * 1024 * 1024)
+    click.echo(f"sandbox FHIR source on http://{host}:{port}/fhir", err=True)
+    run(config, host, port)

@@ -1,0 +1,1 @@
+"""Use cases of fhir-bridge, talking to the outside only through the ports."""
