@@ -181,6 +181,44 @@ class _progress:
             self._bar.stop()
 
 
+def _settings(**overrides: Any) -> Any:
+    from fhir_bridge.adapters.settings import load_settings
+    from fhir_bridge.logs import configure_logging
+
+    settings = load_settings(**overrides)
+    configure_logging(settings.log_level)
+    return settings
+
+
+@cli.command()
+@click.option("--host", default=None, help="Address to listen on (api.host).")
+@click.option("--port", default=None, type=int, help="Port to listen on (api.port).")
+@one_line_errors
+def serve(host: str | None, port: int | None) -> None:
+    """Serve the FHIR API (starts a private Redis when FHIR_BRIDGE_REDIS_URL is not set)."""
+    import uvicorn
+
+    from fhir_bridge.main import build_app, redis_url_for
+
+    settings = _settings(api__host=host, api__port=port)
+    with redis_url_for(settings, may_start=True) as redis_url:
+        app = build_app(settings, redis_url)
+        uvicorn.run(app, host=settings.api.host, port=settings.api.port, log_level="warning",
+                    access_log=False, lifespan="on")
+
+
+@cli.command()
+@click.option("--name", default=None, help="Consumer name (default: host-pid).")
+@one_line_errors
+def worker(name: str | None) -> None:
+    """Run a job worker (collect and package cases); run as many as you like against one Redis."""
+    from fhir_bridge.main import redis_url_for, run_worker
+
+    settings = _settings()
+    with redis_url_for(settings, may_start=False) as redis_url:
+        asyncio.run(run_worker(settings, redis_url, name))
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8081, show_default=True, type=int)

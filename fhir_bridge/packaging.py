@@ -222,7 +222,6 @@ def _rewrite_references(obj: Any, absolute: Callable[[str], str], by_source: dic
 def write_bundle(bundle: Resource, path: Path) -> int:
     """Write the bundle as canonical JSON, streaming Binary data; atomic (temp file then rename). Returns bytes."""
     tmp = path.with_name(path.name + ".tmp")
-    written = 0
     with tmp.open("w", encoding="utf-8") as out:
         buffer: list[str] = []
         size = 0
@@ -230,8 +229,8 @@ def write_bundle(bundle: Resource, path: Path) -> int:
             buffer.append(chunk)
             size += len(chunk)
             if size >= 1 << 20:
-                written += out.write("".join(buffer))
+                out.write("".join(buffer))
                 buffer, size = [], 0
-        written += out.write("".join(buffer))
+        out.write("".join(buffer))
     os.replace(tmp, path)
-    return written
+    return path.stat().st_size

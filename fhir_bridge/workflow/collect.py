@@ -79,7 +79,7 @@ async def collect_case(
                 expected_sha1_b64=attachment.get("hash"),
             )
         except AttachmentError as exc:
-            return Problem(exc.reason, f"{REASONS.get(exc.reason, exc.reason)}: {exc.message}",
+            return Problem(exc.reason, exc.message or REASONS.get(exc.reason, exc.reason),
                            master_identifier=document_label(doc),
                            source_url=source.absolute(f"DocumentReference/{doc['id']}"))
         finally:

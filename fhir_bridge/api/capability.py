@@ -1,0 +1,56 @@
+"""The CapabilityStatement: built from the same tables the routes and the store use, so it tells the truth.
+
+FHIR R4 capabilitystatement.html; STANDARDS.md §9 ("GET [base]/metadata → CapabilityStatement that tells
+the truth"). A test compares it with the routes actually mounted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fhir_bridge import __version__
+from fhir_bridge.search_index import SEARCH_PARAMS
+
+#: resource type → interactions served (R4 restful-interaction codes)
+INTERACTIONS: dict[str, list[str]] = {
+    "ServiceRequest": ["create", "read", "vread", "history-instance", "search-type"],
+    "Task": ["read", "vread", "history-instance", "search-type"],
+    "Bundle": ["read"],
+    "DiagnosticReport": ["create", "read", "vread", "update", "history-instance", "search-type"],
+}
+CONDITIONAL_CREATE = frozenset({"ServiceRequest", "DiagnosticReport"})
+COMMON_SEARCH = [("_count", "number", "Page size"), ("_offset", "number", "Where the page starts")]
+
+
+def capability_statement(base_url: str, date: str) -> dict[str, Any]:
+    resources = []
+    for rtype, interactions in INTERACTIONS.items():
+        entry: dict[str, Any] = {
+            "type": rtype,
+            "interaction": [{"code": code} for code in interactions],
+            "versioning": "versioned" if "vread" in interactions else "no-version",
+            "readHistory": "history-instance" in interactions,
+            "updateCreate": False,
+        }
+        if rtype in CONDITIONAL_CREATE:
+            entry["conditionalCreate"] = True
+        if "update" in interactions:
+            entry["conditionalUpdate"] = False
+        params = SEARCH_PARAMS.get(rtype)
+        if params and "search-type" in interactions:
+            entry["searchParam"] = [
+                {"name": name, "type": kind, "documentation": doc} for name, (kind, doc) in params.items()
+            ] + [{"name": n, "type": t, "documentation": d} for n, t, d in COMMON_SEARCH]
+        resources.append(entry)
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": date,
+        "publisher": "fhir-bridge",
+        "kind": "instance",
+        "software": {"name": "fhir-bridge", "version": __version__},
+        "implementation": {"description": "fhir-bridge second-opinion exchange", "url": base_url},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "rest": [{"mode": "server", "resource": resources}],
+    }

@@ -1,0 +1,100 @@
+"""FHIR over HTTP: reading bodies and writing resources (FHIR R4 http.html).
+
+* bodies: ``application/fhir+json`` (or ``application/json``), at most ``max_body_bytes`` (413), parsed
+  keeping decimals exact; anything else is 415;
+* answers: ``application/fhir+json; charset=utf-8``, ``ETag: W/"<versionId>"`` and ``Last-Modified`` for a
+  resource (http.html#versioning), ``_format`` overriding ``Accept`` (http.html#mime-type);
+* ``Prefer: return=minimal | representation | OperationOutcome`` on create/update (http.html#ops).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from email.utils import format_datetime
+from typing import Any
+
+from fastapi import Request
+from starlette.responses import Response
+
+from fhir_bridge.errors import NotAcceptable, TooLarge, UnsupportedMediaType
+from fhir_bridge.resources import FHIR_JSON, Resource, dumps, loads, operation_outcome
+
+JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
+_FORMATS = {"json": FHIR_JSON, "application/json": FHIR_JSON, "application/fhir+json": FHIR_JSON,
+            "application/json+fhir": FHIR_JSON}
+
+
+def negotiate(request: Request) -> str:
+    """The answer's media type: ``_format`` first, then ``Accept``; JSON is all we write for now."""
+    wanted = request.query_params.get("_format")
+    if wanted is not None:
+        if wanted.split(";")[0].strip() not in _FORMATS:
+            raise NotAcceptable(f"_format {wanted!r} is not supported; use json")
+        return FHIR_JSON
+    accept = request.headers.get("accept", "")
+    if not accept:
+        return FHIR_JSON
+    for part in accept.split(","):
+        media = part.split(";")[0].strip().lower()
+        if media in JSON_TYPES or media in ("*/*", "application/*"):
+            return FHIR_JSON
+    raise NotAcceptable("only application/fhir+json is served")
+
+
+async def read_body(request: Request, max_bytes: int) -> Any:
+    """The request's JSON body, size-limited while it is read (a lying Content-Length changes nothing)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in JSON_TYPES:
+        raise UnsupportedMediaType(f"Content-Type {content_type or 'none'} is not supported; send "
+                                   "application/fhir+json")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise TooLarge(f"request body over the limit of {max_bytes} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise TooLarge(f"request body over the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return loads(b"".join(chunks))
+
+
+def fhir_response(request: Request | None, body: Any, *, status: int = 200,
+                  headers: dict[str, str] | None = None) -> Response:
+    return Response(dumps(body), status_code=status, media_type=f"{FHIR_JSON}; charset=utf-8", headers=headers)
+
+
+def version_headers(resource: Resource) -> dict[str, str]:
+    meta = resource.get("meta") or {}
+    headers = {}
+    if meta.get("versionId"):
+        headers["ETag"] = f'W/"{meta["versionId"]}"'
+    if meta.get("lastUpdated"):
+        moment = datetime.fromisoformat(str(meta["lastUpdated"]).replace("Z", "+00:00"))
+        headers["Last-Modified"] = format_datetime(moment, usegmt=True)
+    return headers
+
+
+def parse_if_match(value: str | None) -> str | None:
+    """``W/"3"`` or ``"3"`` → ``3`` (http.html#concurrency)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    return value.strip('"') or None
+
+
+def written(request: Request, resource: Resource, *, status: int, location: str | None) -> Response:
+    """The answer to a create/update, honouring ``Prefer: return=…``."""
+    headers = version_headers(resource)
+    if location:
+        headers["Location"] = location
+    prefer = request.headers.get("prefer", "")
+    if "return=minimal" in prefer:
+        return Response(status_code=status, headers=headers)
+    if "return=OperationOutcome" in prefer:
+        outcome = operation_outcome("information", "informational", "created" if status == 201 else "done")
+        return fhir_response(request, outcome, status=status, headers=headers)
+    return fhir_response(request, resource, status=status, headers=headers)

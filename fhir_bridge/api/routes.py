@@ -1,0 +1,199 @@
+"""The FHIR REST surface, registered in a few readable lines (base ``/fhir``).
+
+Routes are thin: read the body, call the :class:`~fhir_bridge.workflow.cases.CaseService`, write the answer.
+Every error is raised and turned into an OperationOutcome in :mod:`fhir_bridge.api.errors`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, Header, Request
+from starlette.responses import Response, StreamingResponse
+
+from fhir_bridge.api.capability import capability_statement
+from fhir_bridge.api.fhir_io import (
+    fhir_response,
+    negotiate,
+    parse_if_match,
+    read_body,
+    version_headers,
+    written,
+)
+from fhir_bridge.errors import InvalidInput
+from fhir_bridge.resources import FHIR_JSON, Resource
+from fhir_bridge.workflow.cases import CaseService, now_instant
+
+router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)])
+READABLE = ("ServiceRequest", "Task", "DiagnosticReport")
+
+
+def cases(request: Request) -> CaseService:
+    service: CaseService = request.app.state.cases
+    return service
+
+
+Cases = Annotated[CaseService, Depends(cases)]
+
+
+def base_url(request: Request) -> str:
+    configured: str = request.app.state.settings.api.public_base_url
+    return (configured.rstrip("/") if configured else str(request.base_url).rstrip("/")) + "/fhir"
+
+
+def max_body(request: Request) -> int:
+    return int(request.app.state.settings.api.max_body_bytes)
+
+
+@router.get("/metadata")
+async def metadata(request: Request) -> Response:
+    return fhir_response(request, capability_statement(base_url(request), now_instant()))
+
+
+@router.post("/ServiceRequest")
+async def create_service_request(
+    request: Request, service: Cases, if_none_exist: Annotated[str | None, Header()] = None
+) -> Response:
+    body = await read_body(request, max_body(request))
+    result = await service.submit_request(body, if_none_exist=if_none_exist)
+    return _created(request, "ServiceRequest", result.resource, result.created)
+
+
+@router.post("/DiagnosticReport")
+async def create_diagnostic_report(
+    request: Request, service: Cases, if_none_exist: Annotated[str | None, Header()] = None
+) -> Response:
+    body = await read_body(request, max_body(request))
+    result = await service.submit_opinion(body, if_none_exist=if_none_exist)
+    return _created(request, "DiagnosticReport", result.resource, result.created)
+
+
+@router.put("/DiagnosticReport/{resource_id}")
+async def update_diagnostic_report(
+    request: Request, resource_id: str, service: Cases, if_match: Annotated[str | None, Header()] = None
+) -> Response:
+    body = await read_body(request, max_body(request))
+    stored = await service.amend_opinion(resource_id, body, if_match=parse_if_match(if_match))
+    return written(request, stored, status=200, location=_location(request, "DiagnosticReport", stored))
+
+
+def _location(request: Request, rtype: str, resource: Resource) -> str:
+    return f"{base_url(request)}/{rtype}/{resource['id']}/_history/{resource['meta']['versionId']}"
+
+
+def _created(request: Request, rtype: str, resource: Resource, created: bool) -> Response:
+    return written(
+        request,
+        resource,
+        status=201 if created else 200,
+        location=_location(request, rtype, resource) if created else None,
+    )
+
+
+@router.get("/Bundle/{resource_id}")
+async def read_bundle(request: Request, resource_id: str, service: Cases) -> Response:
+    stub = await service.store.read("Bundle", resource_id)
+    chunks = service.bundle_chunks(resource_id)
+    return StreamingResponse(chunks, media_type=f"{FHIR_JSON}; charset=utf-8", headers=version_headers(stub))
+
+
+def _register_reads(rtype: str) -> None:
+    async def read(request: Request, resource_id: str, service: Cases) -> Response:
+        resource = await service.store.read(rtype, resource_id)
+        return fhir_response(request, resource, headers=version_headers(resource))
+
+    async def vread(request: Request, resource_id: str, version_id: str, service: Cases) -> Response:
+        resource = await service.store.vread(rtype, resource_id, version_id)
+        return fhir_response(request, resource, headers=version_headers(resource))
+
+    async def history(request: Request, resource_id: str, service: Cases) -> Response:
+        versions = await service.store.history(rtype, resource_id)
+        base = base_url(request)
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "history",
+            "total": len(versions),
+            "link": [{"relation": "self", "url": f"{base}/{rtype}/{resource_id}/_history"}],
+            "entry": [
+                {
+                    "fullUrl": f"{base}/{rtype}/{resource_id}",
+                    "resource": v,
+                    "request": {
+                        "method": "POST" if v["meta"]["versionId"] == "1" else "PUT",
+                        "url": f"{rtype}/{resource_id}" if v["meta"]["versionId"] != "1" else rtype,
+                    },
+                    "response": {
+                        "status": "201" if v["meta"]["versionId"] == "1" else "200",
+                        "etag": f'W/"{v["meta"]["versionId"]}"',
+                        "lastModified": v["meta"]["lastUpdated"],
+                    },
+                }
+                for v in versions
+            ],
+        }
+        return fhir_response(request, bundle)
+
+    async def search(request: Request, service: Cases) -> Response:
+        return await _search(request, service, rtype, list(request.query_params.multi_items()))
+
+    async def search_post(request: Request, service: Cases) -> Response:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip()
+        if content_type != "application/x-www-form-urlencoded":
+            raise InvalidInput("POST _search takes application/x-www-form-urlencoded parameters")
+        form = await request.form()
+        params = [*request.query_params.multi_items(), *((k, str(v)) for k, v in form.multi_items())]
+        return await _search(request, service, rtype, params)
+
+    router.add_api_route(f"/{rtype}", search, methods=["GET"], name=f"search-{rtype}")
+    router.add_api_route(f"/{rtype}/_search", search_post, methods=["POST"], name=f"search-post-{rtype}")
+    router.add_api_route(f"/{rtype}/{{resource_id}}", read, methods=["GET"], name=f"read-{rtype}")
+    router.add_api_route(f"/{rtype}/{{resource_id}}/_history", history, methods=["GET"], name=f"history-{rtype}")
+    router.add_api_route(
+        f"/{rtype}/{{resource_id}}/_history/{{version_id}}", vread, methods=["GET"], name=f"vread-{rtype}"
+    )
+
+
+async def _search(request: Request, service: CaseService, rtype: str, params: list[tuple[str, str]]) -> Response:
+    """A searchset page with self/next/previous links (FHIR R4 http.html#paging, search.html)."""
+    settings = request.app.state.settings.api
+    count = _int_param(params, "_count", settings.page_size, 0, settings.max_page_size)
+    offset = _int_param(params, "_offset", 0, 0, 10_000_000)
+    resources, total = await service.search(rtype, params, count, offset)
+    base = base_url(request)
+    kept = [(k, v) for k, v in params if k not in ("_count", "_offset")]
+
+    def link(relation: str, at: int) -> dict[str, Any]:
+        return {
+            "relation": relation,
+            "url": f"{base}/{rtype}?" + urlencode([*kept, ("_count", str(count)), ("_offset", str(at))]),
+        }
+
+    links = [link("self", offset)]
+    if offset + count < total and count > 0:
+        links.append(link("next", offset + count))
+    if offset > 0:
+        links.append(link("previous", max(0, offset - count)))
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": total,
+        "link": links,
+        "entry": [
+            {"fullUrl": f"{base}/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}} for r in resources
+        ],
+    }
+    return fhir_response(request, bundle)
+
+
+def _int_param(params: list[tuple[str, str]], name: str, default: int, low: int, high: int) -> int:
+    values = [v for k, v in params if k == name]
+    if not values:
+        return default
+    if not values[-1].isdigit():
+        raise InvalidInput(f"{name} must be a non-negative integer", expression=[name])
+    return max(low, min(high, int(values[-1])))
+
+
+for _rtype in READABLE:
+    _register_reads(_rtype)

@@ -1,0 +1,102 @@
+"""The search parameters we serve, and the index terms a stored resource answers to.
+
+FHIR R4 search.html: token parameters match ``system|code`` and ``code``; reference parameters match
+``Type/id``. Terms are computed here, in the core, so the store indexes opaque strings and needs no FHIR
+knowledge. Only the parameters listed in :data:`SEARCH_PARAMS` exist; the CapabilityStatement is built from
+the same table so it can not lie.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from fhir_bridge.errors import InvalidInput
+
+Resource = dict[str, Any]
+
+#: resource type → {parameter: (type, description)}
+SEARCH_PARAMS: dict[str, dict[str, tuple[str, str]]] = {
+    "ServiceRequest": {
+        "identifier": ("token", "A business identifier of the request"),
+        "subject:identifier": ("token", "The patient's identifier (INS)"),
+        "status": ("token", "Request status"),
+    },
+    "Task": {
+        "focus": ("reference", "The ServiceRequest the Task fulfils"),
+        "status": ("token", "Task status"),
+        "business-status": ("token", "Fine-grained case state"),
+    },
+    "DiagnosticReport": {
+        "based-on": ("reference", "The ServiceRequest the opinion answers"),
+        "subject:identifier": ("token", "The patient's identifier (INS)"),
+        "status": ("token", "Report status"),
+    },
+}
+
+
+def _tokens(codings: Iterable[Mapping[str, Any]]) -> list[str]:
+    out: list[str] = []
+    for coding in codings:
+        code = coding.get("code") or coding.get("value")
+        if not code:
+            continue
+        system = coding.get("system")
+        if system:
+            out.append(f"{system}|{code}")
+        out.append(f"{code}")
+    return out
+
+
+def index_terms(resource: Resource) -> dict[str, list[str]]:
+    """Every (parameter → values) a resource answers to, for the store's indexes."""
+    rtype = resource.get("resourceType")
+    terms: dict[str, list[str]] = {}
+    if rtype == "ServiceRequest":
+        terms["identifier"] = _tokens(resource.get("identifier", []) or [])
+        terms["subject:identifier"] = _tokens([(resource.get("subject") or {}).get("identifier") or {}])
+        terms["status"] = [str(resource.get("status", ""))]
+    elif rtype == "Task":
+        focus = (resource.get("focus") or {}).get("reference")
+        terms["focus"] = [focus] if focus else []
+        terms["status"] = [str(resource.get("status", ""))]
+        terms["business-status"] = _tokens((resource.get("businessStatus") or {}).get("coding", []) or [])
+    elif rtype == "DiagnosticReport":
+        terms["based-on"] = [r["reference"] for r in resource.get("basedOn", []) or [] if r.get("reference")]
+        terms["subject:identifier"] = _tokens([(resource.get("subject") or {}).get("identifier") or {}])
+        terms["status"] = [str(resource.get("status", ""))]
+    return {k: [v for v in values if v] for k, values in terms.items()}
+
+
+def parse_criteria(resource_type: str, params: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """Turn query parameters into store criteria: comma = OR within a parameter, repeats = AND.
+
+    Unknown parameters are an error rather than silently ignored (a client filtering on a patient must
+    never get everyone's resources because we did not understand the filter; search.html §3.1.1.1 lets a
+    server refuse them). Result parameters (``_count``, ``_offset``, ``_format``…) are left to the caller.
+    """
+    known = SEARCH_PARAMS.get(resource_type, {})
+    criteria: dict[str, list[str]] = {}
+    for name, value in params:
+        if name.startswith("_"):
+            continue
+        if name not in known:
+            raise InvalidInput(f"search parameter {name!r} is not supported on {resource_type}",
+                               expression=[name])
+        values = [v.strip() for v in value.split(",") if v.strip()]
+        if not values:
+            raise InvalidInput(f"search parameter {name!r} has no value", expression=[name])
+        if known[name][0] == "reference":
+            values = [_normalise_reference(v) for v in values]
+        if name in criteria:  # a repeated parameter ANDs: keep only values in both
+            criteria[name] = [v for v in criteria[name] if v in values]
+        else:
+            criteria[name] = values
+    return criteria
+
+
+def _normalise_reference(value: str) -> str:
+    """``http://host/fhir/ServiceRequest/1`` or ``ServiceRequest/1/_history/2`` → ``ServiceRequest/1``."""
+    value = value.split("/_history/")[0]
+    parts = value.rstrip("/").split("/")
+    return "/".join(parts[-2:]) if len(parts) >= 2 else value

@@ -1,0 +1,359 @@
+"""The second-opinion exchange: submit a request, collect and package the case, take the opinion.
+
+Everything that changes a case goes through here, against the ports only (store, queue, blobs, source).
+Pulling and packaging run as queue jobs, never inside an HTTP request. Writes are ordered so that a crash
+at any point leaves a state a retry repairs, never a duplicate:
+
+* a request is stored under its If-None-Exist key (atomic), its Task under ``task-for:<request>``, and the
+  collect job is enqueued with the Task id as job id (idempotent), so a retried POST re-creates nothing;
+* the case Bundle is created under ``case-bundle:<task>``: a second worker finishing a reclaimed job finds
+  the first one's bundle instead of making another;
+* each Task transition is a compare-and-set on its versionId (If-Match), so two workers can not both move
+  a case, and a transition already made is not made again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from fhir_bridge.errors import (
+    BusinessRuleViolation,
+    InvalidInput,
+    NotFound,
+    PreconditionFailed,
+    SourceError,
+    SourceUnavailable,
+    UnknownPatient,
+)
+from fhir_bridge.intake import check_request
+from fhir_bridge.opinion import based_on_request, check_against_case, check_amendment, check_new_opinion
+from fhir_bridge.packaging import build_case_bundle, write_bundle
+from fhir_bridge.ports import BlobStorePort, Job, JobQueuePort, ResourceStorePort, SourcePort
+from fhir_bridge.resources import Resource
+from fhir_bridge.search_index import index_terms, parse_criteria
+from fhir_bridge.selection import Problem
+from fhir_bridge.tasks import new_task, state_of, transition
+from fhir_bridge.terminology import CANONICAL_BASE, Terminology
+from fhir_bridge.workflow.collect import collect_case
+
+log = structlog.get_logger("fhir_bridge.cases")
+
+COLLECT_JOB = "collect-case"
+BLOB_EXTENSION = f"{CANONICAL_BASE}/StructureDefinition/blob-digest"
+OUTPUT_TYPES = f"{CANONICAL_BASE}/CodeSystem/task-output"
+SourceFactory = Callable[[], AbstractAsyncContextManager[SourcePort]]
+
+
+def now_instant(clock: Callable[[], datetime] | None = None) -> str:
+    moment = clock() if clock else datetime.now(UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Created:
+    resource: Resource
+    created: bool
+
+
+class CaseService:
+    """The use cases of the exchange; one per process, built by the composition root."""
+
+    def __init__(
+        self,
+        *,
+        store: ResourceStorePort,
+        queue: JobQueuePort,
+        blobs: BlobStorePort,
+        source: SourceFactory,
+        terminology: Terminology,
+        work_dir: Path,
+        max_attempts: int = 5,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.store = store
+        self.queue = queue
+        self.blobs = blobs
+        self.source = source
+        self.terminology = terminology
+        self.work_dir = work_dir
+        self.max_attempts = max_attempts
+        self.clock = clock
+
+    # -- reads ----------------------------------------------------------------------------------------
+
+    async def search(
+        self, resource_type: str, params: list[tuple[str, str]], count: int, offset: int
+    ) -> tuple[list[Resource], int]:
+        criteria = parse_criteria(resource_type, params)
+        page = await self.store.search(resource_type, criteria, count=count, offset=offset)
+        return page.resources, page.total
+
+    async def _conditional_match(
+        self, resource_type: str, if_none_exist: str | None
+    ) -> tuple[Resource | None, str | None]:
+        """FHIR R4 http.html#ccreate: 0 matches → create; 1 → that one; more → 412."""
+        if not if_none_exist:
+            return None, None
+        from urllib.parse import parse_qsl
+
+        params = parse_qsl(if_none_exist.lstrip("?"), keep_blank_values=True)
+        if not params:
+            raise InvalidInput("If-None-Exist must be a search query such as identifier=system|value")
+        criteria = parse_criteria(resource_type, params)
+        page = await self.store.search(resource_type, criteria, count=2)
+        if page.total > 1:
+            raise PreconditionFailed("If-None-Exist matches more than one resource")
+        key = f"ine:{resource_type}?" + "&".join(f"{k}={','.join(sorted(v))}" for k, v in sorted(criteria.items()))
+        return (page.resources[0] if page.resources else None), key
+
+    # -- the request ----------------------------------------------------------------------------------
+
+    async def submit_request(self, body: Any, *, if_none_exist: str | None = None) -> Created:
+        """POST ServiceRequest: check, resolve the patient at the source, store, create the Task, enqueue."""
+        request = check_request(body, self.terminology)
+        existing, unique_key = await self._conditional_match("ServiceRequest", if_none_exist)
+        if existing is not None:
+            await self._ensure_case(existing, request.deadline)
+            return Created(existing, False)
+        await self._check_patient_known(request.patient)
+        sr = dict(body)
+        sr.pop("meta", None)
+        sr.pop("id", None)
+        sr["authoredOn"] = sr.get("authoredOn") or now_instant(self.clock)
+        stored, created = await self.store.create(sr, index=index_terms(sr), unique_key=unique_key)
+        await self._ensure_case(stored, request.deadline)
+        return Created(stored, created)
+
+    async def _check_patient_known(self, patient: Any) -> None:
+        """A patient the source does not know is refused now (422) rather than failing later.
+
+        One Patient search is cheap; pulling documents still happens in the worker. When the source is
+        down, the request is accepted and the worker resolves the patient when it can.
+        """
+        try:
+            async with self.source() as source:
+                await source.find_patient(patient)
+        except UnknownPatient:
+            raise BusinessRuleViolation(
+                "the source has no patient with that identifier", expression=["subject.identifier"]
+            ) from None
+        except SourceUnavailable:
+            log.warning("intake.source_unavailable")
+
+    async def _ensure_case(self, sr: Resource, deadline: str | None) -> Resource:
+        task = new_task(sr, now_instant(self.clock), deadline, self.terminology)
+        stored, _ = await self.store.create(
+            task, index=index_terms(task), unique_key=f"task-for:ServiceRequest/{sr['id']}"
+        )
+        await self.queue.enqueue(COLLECT_JOB, {"task": stored["id"]}, job_id=f"collect:{stored['id']}")
+        return stored
+
+    async def task_for(self, request_id: str) -> Resource:
+        page = await self.store.search("Task", {"focus": [f"ServiceRequest/{request_id}"]}, count=1)
+        if not page.resources:
+            raise NotFound("no case for that ServiceRequest")
+        return page.resources[0]
+
+    # -- the collect job ------------------------------------------------------------------------------
+
+    async def run_collect_job(self, job: Job) -> None:
+        """Pull, screen and package the case of ``job.payload['task']``; see the module docstring."""
+        task = await self.store.read("Task", job.payload["task"])
+        if task["status"] not in ("requested", "in-progress"):
+            return  # already done by an earlier run of this job
+        request = await self.store.read("ServiceRequest", task["focus"]["reference"].split("/")[-1])
+        if task["status"] == "requested":
+            task = await self._move(task, "in-progress", "collecting")
+        checked = check_request(request, self.terminology)
+        work = Path(tempfile.mkdtemp(prefix=f"case-{task['id']}-", dir=self._ensure_work_dir()))
+        try:
+            async with self.source() as source:
+                collected = await collect_case(source, checked.patient, work / "attachments", self.terminology)
+                bundle = build_case_bundle(
+                    collected.content, terminology=self.terminology, absolute=source.absolute, now=self._now()
+                )
+            path = work / "bundle.json"
+            await asyncio.to_thread(write_bundle, bundle, path)
+            for document in collected.content.documents:
+                await self.blobs.put_file(document.path)
+            blob = await self.blobs.put_file(path)
+        except SourceError as exc:
+            if isinstance(exc, SourceUnavailable) and job.attempt < self.max_attempts:
+                raise  # the queue retries with backoff
+            await self._fail(task, f"{type(exc).__name__}: {exc.message}")
+            return
+        except (InvalidInput, NotFound, BusinessRuleViolation) as exc:
+            await self._fail(task, exc.message)
+            return
+        finally:
+            await asyncio.to_thread(shutil.rmtree, work, True)
+        stub: Resource = {
+            "resourceType": "Bundle",
+            "identifier": bundle["identifier"],
+            "type": "document",
+            "timestamp": bundle["timestamp"],
+            "extension": [{"url": BLOB_EXTENSION, "valueString": blob.digest}],
+        }
+        stored, _ = await self.store.create(stub, index={}, unique_key=f"case-bundle:Task/{task['id']}")
+        await self._ready(task, stored, collected.problems)
+
+    def _ensure_work_dir(self) -> Path:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        return self.work_dir
+
+    def _now(self) -> datetime:
+        return self.clock() if self.clock else datetime.now(UTC)
+
+    async def _move(
+        self,
+        task: Resource,
+        status: str,
+        state: str,
+        *,
+        reason: str | None = None,
+        output: list[Resource] | None = None,
+        contained: list[Resource] | None = None,
+    ) -> Resource:
+        """Compare-and-set transition; if another writer moved the Task first, re-read and re-decide."""
+        for _ in range(5):
+            if task["status"] == status and state_of(task) == state:
+                return task
+            moved = transition(task, status, state, now_instant(self.clock), self.terminology, reason=reason)
+            if output is not None:
+                moved["output"] = [*(task.get("output") or []), *output]
+            if contained is not None:
+                moved["contained"] = contained
+            try:
+                return await self.store.update(moved, index=index_terms(moved), if_match=task["meta"]["versionId"])
+            except PreconditionFailed:
+                task = await self.store.read("Task", task["id"])
+        raise PreconditionFailed("the case kept changing under us; try again")
+
+    async def _fail(self, task: Resource, reason: str) -> None:
+        log.warning("case.failed", task=task["id"], reason=reason)
+        current = await self.store.read("Task", task["id"])
+        if current["status"] in ("requested", "in-progress", "ready"):
+            await self._move(current, "failed", "failed", reason=reason)
+
+    async def _ready(self, task: Resource, bundle: Resource, problems: list[Problem]) -> None:
+        current = await self.store.read("Task", task["id"])
+        if current["status"] != "in-progress":
+            return
+        outcome = problems_outcome(problems)
+        output = [
+            {
+                "type": _output_type("case-bundle", "Case bundle"),
+                "valueReference": {"reference": f"Bundle/{bundle['id']}"},
+            },
+            {
+                "type": _output_type("left-out", "Items left out of the case"),
+                "valueReference": {"reference": "#left-out"},
+            },
+        ]
+        await self._move(current, "ready", "triaged-ready", output=output, contained=[outcome])
+
+    # -- the bundle -----------------------------------------------------------------------------------
+
+    async def bundle_chunks(self, bundle_id: str) -> AsyncIterator[bytes]:
+        """The case bundle as stored (canonical JSON) with ``id`` and ``meta`` put in front."""
+        stub = await self.store.read("Bundle", bundle_id)
+        digest = next(e["valueString"] for e in stub.get("extension", []) if e.get("url") == BLOB_EXTENSION)
+        from fhir_bridge.resources import dumps
+
+        head = dumps({"id": stub["id"], "meta": stub["meta"]})[:-1] + b","
+        first = True
+        async for chunk in self.blobs.open_chunks(digest):
+            if first:
+                chunk = head + chunk[1:]  # the blob starts with "{"
+                first = False
+            yield chunk
+
+    # -- the opinion ----------------------------------------------------------------------------------
+
+    async def submit_opinion(self, body: Any, *, if_none_exist: str | None = None) -> Created:
+        """POST DiagnosticReport: the reviewer's opinion (preliminary or final) on a ready case."""
+        report = check_new_opinion(body)
+        request_id = based_on_request(report)
+        try:
+            request = await self.store.read("ServiceRequest", request_id)
+        except NotFound:
+            raise BusinessRuleViolation("basedOn names an unknown ServiceRequest", expression=["basedOn"]) from None
+        task = await self.task_for(request_id)
+        check_against_case(report, request, task)
+        existing, unique_key = await self._conditional_match("DiagnosticReport", if_none_exist)
+        if existing is not None:
+            return Created(existing, False)
+        report = dict(report)
+        report.pop("id", None)
+        report.pop("meta", None)
+        report["basedOn"] = [{"reference": f"ServiceRequest/{request_id}"}]
+        report.setdefault("issued", now_instant(self.clock))
+        stored, created = await self.store.create(report, index=index_terms(report), unique_key=unique_key)
+        await self._after_opinion(task, stored)
+        return Created(stored, created)
+
+    async def amend_opinion(self, report_id: str, body: Any, *, if_match: str | None) -> Resource:
+        """PUT DiagnosticReport/{id}: a new version (amended, corrected, final…); If-Match guards it."""
+        current = await self.store.read("DiagnosticReport", report_id)
+        report = dict(check_amendment(body, current))
+        if report.get("id") not in (None, report_id):
+            raise InvalidInput("the resource id does not match the URL", expression=["id"])
+        report["id"] = report_id
+        report["meta"] = current["meta"]
+        report["basedOn"] = current["basedOn"]
+        stored = await self.store.update(report, index=index_terms(report), if_match=if_match)
+        task = await self.task_for(based_on_request(stored))
+        await self._after_opinion(task, stored)
+        return stored
+
+    async def _after_opinion(self, task: Resource, report: Resource) -> None:
+        reference = {"reference": f"DiagnosticReport/{report['id']}"}
+        if report["status"] == "preliminary":
+            if task["status"] == "ready":
+                await self._move(task, "in-progress", "in-review")
+            return
+        if report["status"] == "entered-in-error":
+            return
+        task = await self.store.read("Task", task["id"])
+        known = any((o.get("valueReference") or {}) == reference for o in task.get("output") or [])
+        output = [] if known else [{"type": _output_type("opinion", "Opinion"), "valueReference": reference}]
+        if task["status"] != "completed":
+            await self._move(task, "completed", "opinion-final", output=output)
+        elif output:
+            updated = dict(task, output=[*(task.get("output") or []), *output])
+            await self.store.update(updated, index=index_terms(updated), if_match=task["meta"]["versionId"])
+
+
+def _output_type(code: str, display: str) -> Resource:
+    return {"coding": [{"system": OUTPUT_TYPES, "code": code, "display": display}], "text": display}
+
+
+def problems_outcome(problems: list[Problem]) -> Resource:
+    """The left-out items as a contained OperationOutcome the requester can read (one issue each)."""
+    issues = []
+    for problem in problems:
+        issue: Resource = {
+            "severity": "warning",
+            "code": "informational",
+            "details": {
+                "coding": [{"system": f"{CANONICAL_BASE}/CodeSystem/left-out-reason", "code": problem.reason}],
+                "text": problem.text,
+            },
+        }
+        where = problem.master_identifier or problem.source_url
+        if where:
+            issue["diagnostics"] = f"{problem.resource_type} {where}"
+        issues.append(issue)
+    if not issues:
+        issues = [{"severity": "information", "code": "informational", "diagnostics": "nothing was left out"}]
+    return {"resourceType": "OperationOutcome", "id": "left-out", "issue": issues}
