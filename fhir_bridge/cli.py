@@ -247,3 +247,27 @@ def sandbox(host: str, port: int, patients: int, seed: int, page_cap: int, laten
                            big_total_bytes=big_total_mb * 1024 * 1024)
     click.echo(f"sandbox FHIR source on http://{host}:{port}/fhir", err=True)
     run(config, host, port)
+
+
+@cli.command()
+@click.option("--out", "out_dir", default="out/demo", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Where the bundle, report and logs go.")
+@one_line_errors
+def demo(out_dir: Path) -> None:
+    """Run the whole path on embedded defaults (private Redis, sandbox, API, worker, a scripted reviewer)."""
+    from rich.console import Console
+
+    from fhir_bridge.demo import run_demo
+
+    console = Console(stderr=False)
+    result = run_demo(out_dir.resolve(), console)
+    console.print()
+    console.print(f"[bold green]done[/] in {result.seconds:.1f} s")
+    console.print(f"  documents packaged: {result.documents}, imaging studies: {result.studies}")
+    console.print(f"  left out: {len(result.left_out)}")
+    for reason, where in result.left_out:
+        console.print(f"    - {reason}: {where}")
+    console.print(f"  conclusion: {result.conclusion}")
+    console.print(f"  case bundle: {result.bundle_path}")
+    console.print(f"  opinion:     {result.report_path}")
+    console.print(f"  logs:        {result.out_dir / 'logs'}")
