@@ -221,7 +221,7 @@ class SourceClient:
             )
         if not isinstance(parsed, dict) or not isinstance(parsed.get("resourceType"), str):
             raise NotAFhirSource(
-                f"{redact(url)} did not answer FHIR JSON (Content-Type {content_type or 'none'})",
+                f"{redact(url)} did not answer FHIR JSON (Content-Type {content_type or 'none'}): not a FHIR source",
                 status=response.status_code, url=redact(url),
             )
         return parsed
@@ -252,7 +252,15 @@ class SourceClient:
         seen: set[str] = set()
         pages = 0
         while True:
-            page = await self._get_json(url, page_params)
+            try:
+                page = await self._get_json(url, page_params)
+            except SourceRejected as exc:
+                if exc.status in (404, 405) and pages == 0:  # no such type-level search at this base
+                    raise NotAFhirSource(
+                        f"{redact(url)} has no {resource_type} search (HTTP {exc.status}): not an MHD source base",
+                        status=exc.status, outcome=exc.outcome, url=redact(url),
+                    ) from None
+                raise
             pages += 1
             if page.get("resourceType") != "Bundle" or page.get("type") != "searchset":
                 raise SourceProtocolError(

@@ -1,0 +1,78 @@
+"""End-to-end fixtures: real processes on free ports (redis-server, sandbox, API, workers)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from fhir_bridge.adapters.redis_server import EmbeddedRedis
+from fhir_bridge.processes import ProcessGroup, free_port
+
+
+@dataclass
+class Sandbox:
+    url: str  # FHIR base
+    root: str
+
+    def world(self) -> dict[str, Any]:
+        return httpx.get(f"{self.root}/_sandbox/world", timeout=10).raise_for_status().json()
+
+
+def start_sandbox(group: ProcessGroup, name: str, *args: str) -> Sandbox:
+    port = free_port()
+    group.start(name, ["sandbox", "--port", str(port), *args], health_url=f"http://127.0.0.1:{port}/healthz")
+    return Sandbox(url=f"http://127.0.0.1:{port}/fhir", root=f"http://127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="session")
+def processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessGroup]:
+    with ProcessGroup(tmp_path_factory.mktemp("logs")) as group:
+        yield group
+
+
+@pytest.fixture(scope="session")
+def sandbox(processes: ProcessGroup) -> Sandbox:
+    """The sandbox with small pages (3) so every search pages, corrupted attachments on."""
+    return start_sandbox(processes, "sandbox", "--patients", "4", "--page-cap", "3")
+
+
+@dataclass
+class Bridge:
+    api: str
+    redis_url: str
+    data_dir: Path
+    env: dict[str, str]
+    group: ProcessGroup
+
+    def start_worker(self, name: str, **env: str) -> Any:
+        return self.group.start(name, ["worker", "--name", name], extra_env={**self.env, **env})
+
+
+def start_bridge(group: ProcessGroup, redis: EmbeddedRedis, source: str, data_dir: Path, name: str,
+                 **env: str) -> Bridge:
+    port = free_port()
+    full_env = {"FHIR_BRIDGE_REDIS_URL": redis.url, "FHIR_BRIDGE_SOURCE_URL": source,
+                "FHIR_BRIDGE_DATA_DIR": str(data_dir), "FHIR_BRIDGE_LOG_LEVEL": "INFO",
+                "FHIR_BRIDGE_SOURCE__BACKOFF_INITIAL": "0.05", **env}
+    group.start(f"{name}-api", ["serve", "--port", str(port)], health_url=f"http://127.0.0.1:{port}/readyz",
+                extra_env=full_env)
+    return Bridge(api=f"http://127.0.0.1:{port}/fhir", redis_url=redis.url, data_dir=data_dir, env=full_env,
+                  group=group)
+
+
+@pytest.fixture(scope="module")
+def bridge(tmp_path_factory: pytest.TempPathFactory, sandbox: Sandbox) -> Iterator[Bridge]:
+    """Redis, the API and one worker against the session sandbox."""
+    data_dir = tmp_path_factory.mktemp("bridge")
+    with EmbeddedRedis(data_dir) as redis, ProcessGroup(data_dir / "logs") as group:
+        bridge = start_bridge(group, redis, sandbox.url, data_dir, "main")
+        bridge.start_worker("worker-1")
+        yield bridge
+
+
+from tests.liar_source import liar  # noqa: E402,F401  (a fixture)
