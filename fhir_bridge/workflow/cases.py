@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -175,7 +174,11 @@ class CaseService:
         if task["status"] == "requested":
             task = await self._move(task, "in-progress", "collecting")
         checked = check_request(request, self.terminology)
-        work = Path(tempfile.mkdtemp(prefix=f"case-{task['id']}-", dir=self._ensure_work_dir()))
+        # One work directory per case: a reclaimed job first removes what a killed worker left (patient data
+        # must not linger on disk); the queue's claim heartbeat means no two workers run the job at once.
+        work = self._ensure_work_dir() / f"case-{task['id']}"
+        await asyncio.to_thread(shutil.rmtree, work, True)
+        work.mkdir()
         try:
             async with self.source() as source:
                 collected = await collect_case(source, checked.patient, work / "attachments", self.terminology)
