@@ -88,10 +88,12 @@ def parse_criteria(resource_type: str, params: Iterable[tuple[str, str]]) -> dic
             raise InvalidInput(f"search parameter {name!r} has no value", expression=[name])
         if known[name][0] == "reference":
             values = [_normalise_reference(v) for v in values]
-        if name in criteria:  # a repeated parameter ANDs: keep only values in both
-            criteria[name] = [v for v in criteria[name] if v in values]
-        else:
-            criteria[name] = values
+        if name in criteria:
+            # R4 search.html: a repeat ANDs per resource (a resource answering to both); our index can not say
+            # that, and answering a narrower or wider set would be wrong, so the query is refused.
+            raise InvalidInput(f"search parameter {name!r} repeated: not supported; use one with comma-separated "
+                               "values for OR", expression=[name])
+        criteria[name] = values
     return criteria
 
 

@@ -18,7 +18,7 @@ TASK_CODES = "http://hl7.org/fhir/CodeSystem/task-code"
 #: Task.status transitions we make (a subset of the R4 state machine)
 TRANSITIONS: dict[str, frozenset[str]] = {
     "requested": frozenset({"in-progress", "failed", "cancelled", "rejected"}),
-    "in-progress": frozenset({"ready", "failed", "cancelled", "in-progress"}),
+    "in-progress": frozenset({"ready", "completed", "failed", "cancelled", "in-progress"}),
     "ready": frozenset({"in-progress", "completed", "cancelled", "failed"}),
     "completed": frozenset({"completed"}),
     "failed": frozenset(),

@@ -106,8 +106,9 @@ class CaseService:
         from urllib.parse import parse_qsl
 
         params = parse_qsl(if_none_exist.lstrip("?"), keep_blank_values=True)
-        if not params:
-            raise InvalidInput("If-None-Exist must be a search query such as identifier=system|value")
+        if not params or any(name.startswith("_") for name, _ in params):
+            raise InvalidInput("If-None-Exist must be a search on this type's parameters, such as "
+                               "identifier=system|value")
         criteria = parse_criteria(resource_type, params)
         page = await self.store.search(resource_type, criteria, count=2)
         if page.total > 1:
@@ -128,6 +129,9 @@ class CaseService:
         sr = dict(body)
         sr.pop("meta", None)
         sr.pop("id", None)
+        # store the INS as checked (a NIR may arrive with spaces): searches and opinions match the normal form
+        sr["subject"] = {**sr["subject"], "identifier": {**sr["subject"]["identifier"],
+                                                         "value": request.patient.value}}
         sr["authoredOn"] = sr.get("authoredOn") or now_instant(self.clock)
         stored, created = await self.store.create(sr, index=index_terms(sr), unique_key=unique_key)
         await self._ensure_case(stored, request.deadline)
@@ -168,8 +172,9 @@ class CaseService:
     async def run_collect_job(self, job: Job) -> None:
         """Pull, screen and package the case of ``job.payload['task']``; see the module docstring."""
         task = await self.store.read("Task", job.payload["task"])
-        if task["status"] not in ("requested", "in-progress"):
-            return  # already done by an earlier run of this job
+        collecting = task["status"] == "in-progress" and state_of(task) == "collecting"
+        if task["status"] != "requested" and not collecting:
+            return  # already done by an earlier run of this job (or the case moved on to review)
         request = await self.store.read("ServiceRequest", task["focus"]["reference"].split("/")[-1])
         if task["status"] == "requested":
             task = await self._move(task, "in-progress", "collecting")
