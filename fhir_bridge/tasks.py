@@ -2,7 +2,8 @@
 
 Task.status follows the FHIR R4 Task state machine (task.html#statemachine); the finer case state is in
 ``businessStatus`` (our case-codes): requested → collecting → triaged-ready (or waiting-for-documents) →
-in-review → opinion-final → delivered; also rejected, cancelled, failed.
+in-review → opinion-final → delivered; also rejected, cancelled, failed. A case waiting for documents is
+``on-hold`` (started, then held until the source has what triage asked for).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ TASK_CODES = "http://hl7.org/fhir/CodeSystem/task-code"
 #: Task.status transitions we make (a subset of the R4 state machine)
 TRANSITIONS: dict[str, frozenset[str]] = {
     "requested": frozenset({"in-progress", "failed", "cancelled", "rejected"}),
-    "in-progress": frozenset({"ready", "completed", "failed", "cancelled", "in-progress"}),
-    "ready": frozenset({"in-progress", "completed", "cancelled", "failed"}),
+    "in-progress": frozenset({"ready", "on-hold", "completed", "failed", "cancelled", "in-progress"}),
+    "ready": frozenset({"in-progress", "on-hold", "completed", "cancelled", "failed"}),
+    "on-hold": frozenset({"in-progress", "cancelled", "failed"}),
     "completed": frozenset({"completed"}),
     "failed": frozenset(),
     "cancelled": frozenset(),

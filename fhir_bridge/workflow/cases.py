@@ -6,8 +6,11 @@ at any point leaves a state a retry repairs, never a duplicate:
 
 * a request is stored under its If-None-Exist key (atomic), its Task under ``task-for:<request>``, and the
   collect job is enqueued with the Task id as job id (idempotent), so a retried POST re-creates nothing;
-* the case Bundle is created under ``case-bundle:<task>``: a second worker finishing a reclaimed job finds
-  the first one's bundle instead of making another;
+* the case Bundle is created under ``case-bundle:<task>:<generation>``: a second worker finishing a
+  reclaimed job finds the first one's bundle instead of making another; a refresh is a new generation;
+* after packaging, triage (:mod:`fhir_bridge.triage`, rules in ``mappings/``) decides: a blocking finding
+  puts the case on hold (``waiting-for-documents``, what is missing in ``statusReason``), otherwise it is
+  ready and routed to a reviewer or panel (:mod:`fhir_bridge.workflow.assignment`);
 * each Task transition is a compare-and-set on its versionId (If-Match), so two workers can not both move
   a case, and a transition already made is not made again.
 """
@@ -25,6 +28,7 @@ from typing import Any
 
 import structlog
 
+from fhir_bridge.deadlines import DeadlinePolicy, due_date, load_deadline_policy, parse_fhir_datetime
 from fhir_bridge.errors import (
     BusinessRuleViolation,
     InvalidInput,
@@ -39,23 +43,24 @@ from fhir_bridge.opinion import based_on_request, check_against_case, check_amen
 from fhir_bridge.packaging import build_case_bundle, write_bundle
 from fhir_bridge.ports import BlobStorePort, Job, JobQueuePort, ResourceStorePort, SourcePort
 from fhir_bridge.resources import Resource
+from fhir_bridge.routing import ReviewerRegistry, load_registry
 from fhir_bridge.search_index import index_terms, parse_criteria
 from fhir_bridge.selection import Problem
-from fhir_bridge.tasks import new_task, state_of, transition
+from fhir_bridge.tasks import new_task, state_of
 from fhir_bridge.terminology import CANONICAL_BASE, Terminology
+from fhir_bridge.triage import findings_outcome, missing_summary, triage_case
+from fhir_bridge.triage_rules import TriageRules, load_triage_rules
+from fhir_bridge.workflow.assignment import Assignments
 from fhir_bridge.workflow.collect import collect_case
+from fhir_bridge.workflow.taskbook import TaskBook, extension_value, now_instant, output_type, set_extension
 
 log = structlog.get_logger("fhir_bridge.cases")
 
 COLLECT_JOB = "collect-case"
 BLOB_EXTENSION = f"{CANONICAL_BASE}/StructureDefinition/blob-digest"
-OUTPUT_TYPES = f"{CANONICAL_BASE}/CodeSystem/task-output"
+GENERATION = f"{CANONICAL_BASE}/StructureDefinition/collect-generation"
 SourceFactory = Callable[[], AbstractAsyncContextManager[SourcePort]]
-
-
-def now_instant(clock: Callable[[], datetime] | None = None) -> str:
-    moment = clock() if clock else datetime.now(UTC)
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+__all__ = ["COLLECT_JOB", "CaseService", "Created", "now_instant"]
 
 
 @dataclass
@@ -78,6 +83,9 @@ class CaseService:
         work_dir: Path,
         max_attempts: int = 5,
         clock: Callable[[], datetime] | None = None,
+        triage_rules: TriageRules | None = None,
+        registry: ReviewerRegistry | None = None,
+        deadlines: DeadlinePolicy | None = None,
     ) -> None:
         self.store = store
         self.queue = queue
@@ -87,6 +95,10 @@ class CaseService:
         self.work_dir = work_dir
         self.max_attempts = max_attempts
         self.clock = clock
+        self.triage_rules = triage_rules or load_triage_rules()
+        self.deadlines = deadlines or load_deadline_policy()
+        self.book = TaskBook(store, terminology, clock)
+        self.assignments = Assignments(self.book, store, registry or load_registry(), self.deadlines, clock)
 
     # -- reads ----------------------------------------------------------------------------------------
 
@@ -107,8 +119,9 @@ class CaseService:
 
         params = parse_qsl(if_none_exist.lstrip("?"), keep_blank_values=True)
         if not params or any(name.startswith("_") for name, _ in params):
-            raise InvalidInput("If-None-Exist must be a search on this type's parameters, such as "
-                               "identifier=system|value")
+            raise InvalidInput(
+                "If-None-Exist must be a search on this type's parameters, such as identifier=system|value"
+            )
         criteria = parse_criteria(resource_type, params)
         page = await self.store.search(resource_type, criteria, count=2)
         if page.total > 1:
@@ -130,8 +143,7 @@ class CaseService:
         sr.pop("meta", None)
         sr.pop("id", None)
         # store the INS as checked (a NIR may arrive with spaces): searches and opinions match the normal form
-        sr["subject"] = {**sr["subject"], "identifier": {**sr["subject"]["identifier"],
-                                                         "value": request.patient.value}}
+        sr["subject"] = {**sr["subject"], "identifier": {**sr["subject"]["identifier"], "value": request.patient.value}}
         sr["authoredOn"] = sr.get("authoredOn") or now_instant(self.clock)
         stored, created = await self.store.create(sr, index=index_terms(sr), unique_key=unique_key)
         await self._ensure_case(stored, request.deadline)
@@ -154,7 +166,10 @@ class CaseService:
             log.warning("intake.source_unavailable")
 
     async def _ensure_case(self, sr: Resource, deadline: str | None) -> Resource:
-        task = new_task(sr, now_instant(self.clock), deadline, self.terminology)
+        authored = parse_fhir_datetime(str(sr.get("authoredOn") or "")) or self._now()
+        requested = parse_fhir_datetime(deadline, end=True) if deadline else None
+        due = due_date(authored, sr.get("priority"), requested, self.deadlines)
+        task = new_task(sr, now_instant(self.clock), now_instant(lambda: due), self.terminology)
         stored, _ = await self.store.create(
             task, index=index_terms(task), unique_key=f"task-for:ServiceRequest/{sr['id']}"
         )
@@ -170,14 +185,15 @@ class CaseService:
     # -- the collect job ------------------------------------------------------------------------------
 
     async def run_collect_job(self, job: Job) -> None:
-        """Pull, screen and package the case of ``job.payload['task']``; see the module docstring."""
+        """Pull, screen, package and triage the case of ``job.payload['task']``; see the module docstring."""
         task = await self.store.read("Task", job.payload["task"])
+        generation = int(job.payload.get("generation", 1))
         collecting = task["status"] == "in-progress" and state_of(task) == "collecting"
-        if task["status"] != "requested" and not collecting:
-            return  # already done by an earlier run of this job (or the case moved on to review)
+        if (task["status"] != "requested" and not collecting) or _generation(task) != generation:
+            return  # done by an earlier run of this job, superseded by a refresh, or the case moved on
         request = await self.store.read("ServiceRequest", task["focus"]["reference"].split("/")[-1])
         if task["status"] == "requested":
-            task = await self._move(task, "in-progress", "collecting")
+            task = await self.book.move(task, "in-progress", "collecting")
         checked = check_request(request, self.terminology)
         # One work directory per case: a reclaimed job first removes what a killed worker left (patient data
         # must not linger on disk); the queue's claim heartbeat means no two workers run the job at once.
@@ -190,6 +206,16 @@ class CaseService:
                 bundle = build_case_bundle(
                     collected.content, terminology=self.terminology, absolute=source.absolute, now=self._now()
                 )
+            findings = triage_case(
+                bundle,
+                specialty=checked.specialty,
+                kind=checked.kind,
+                patient_identifier=checked.patient,
+                problems=collected.problems,
+                rules=self.triage_rules,
+                now=self._now(),
+                left_out=collected.unreadable,
+            )
             path = work / "bundle.json"
             await asyncio.to_thread(write_bundle, bundle, path)
             for document in collected.content.documents:
@@ -198,10 +224,10 @@ class CaseService:
         except SourceError as exc:
             if isinstance(exc, SourceUnavailable) and job.attempt < self.max_attempts:
                 raise  # the queue retries with backoff
-            await self._fail(task, f"{type(exc).__name__}: {exc.message}")
+            await self.book.fail(task, f"{type(exc).__name__}: {exc.message}")
             return
         except (InvalidInput, NotFound, BusinessRuleViolation) as exc:
-            await self._fail(task, exc.message)
+            await self.book.fail(task, exc.message)
             return
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
@@ -212,8 +238,65 @@ class CaseService:
             "timestamp": bundle["timestamp"],
             "extension": [{"url": BLOB_EXTENSION, "valueString": blob.digest}],
         }
-        stored, _ = await self.store.create(stub, index={}, unique_key=f"case-bundle:Task/{task['id']}")
-        await self._ready(task, stored, collected.problems)
+        stored, _ = await self.store.create(stub, index={}, unique_key=f"case-bundle:Task/{task['id']}:{generation}")
+        current = await self.store.read("Task", task["id"])
+        if current["status"] != "in-progress" or _generation(current) != generation:
+            return
+        output = [
+            {
+                "type": output_type("case-bundle", "Case bundle"),
+                "valueReference": {"reference": f"Bundle/{stored['id']}"},
+            },
+            {
+                "type": output_type("left-out", "Items left out of the case"),
+                "valueReference": {"reference": "#left-out"},
+            },
+            {"type": output_type("triage", "Triage findings"), "valueReference": {"reference": "#triage"}},
+        ]
+        contained = [problems_outcome(collected.problems), {**findings_outcome(findings), "id": "triage"}]
+        if any(f.severity == "blocking" for f in findings):
+            await self.book.move(
+                current,
+                "on-hold",
+                "waiting-for-documents",
+                reason=missing_summary(findings),
+                output=output,
+                replace_output=True,
+                contained=contained,
+            )
+            return
+        assign = await self.assignments.assignment_for(current, request, checked.specialty, checked.kind)
+        await self.book.move(current, "ready", "triaged-ready", output=output, replace_output=True,
+                             contained=contained, change=assign)
+
+    async def refresh(self, task_id: str) -> Resource:
+        """Pull the case again (new documents at the source): a new generation, triaged again.
+
+        Allowed while the case waits for documents or waits for its review; the reviewer keeps the case.
+        """
+        task = await self.book.read(task_id)
+        if task["status"] not in ("on-hold", "ready"):
+            raise BusinessRuleViolation("only a case waiting for documents or for its review can be refreshed")
+        generation = _generation(task) + 1
+        moved = await self.book.move(
+            task, "in-progress", "collecting", change=lambda t: set_extension(t, GENERATION, generation, "valueInteger")
+        )
+        await self.queue.enqueue(
+            COLLECT_JOB, {"task": task_id, "generation": generation}, job_id=f"collect:{task_id}:{generation}"
+        )
+        return moved
+
+    async def decline(self, task_id: str, reviewer: str, reason: str) -> Resource:
+        task = await self.book.read(task_id)
+        request = await self.store.read("ServiceRequest", task["focus"]["reference"].split("/")[-1])
+        checked = check_request(request, self.terminology)
+        return await self.assignments.decline(task_id, reviewer, reason, request, checked.specialty, checked.kind)
+
+    async def request_documents(self, task_id: str, reviewer: str, text: str) -> Resource:
+        return await self.assignments.request_documents(task_id, reviewer, text)
+
+    async def scan_overdue(self) -> list[Resource]:
+        return await self.assignments.scan_overdue()
 
     def _ensure_work_dir(self) -> Path:
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -221,54 +304,6 @@ class CaseService:
 
     def _now(self) -> datetime:
         return self.clock() if self.clock else datetime.now(UTC)
-
-    async def _move(
-        self,
-        task: Resource,
-        status: str,
-        state: str,
-        *,
-        reason: str | None = None,
-        output: list[Resource] | None = None,
-        contained: list[Resource] | None = None,
-    ) -> Resource:
-        """Compare-and-set transition; if another writer moved the Task first, re-read and re-decide."""
-        for _ in range(5):
-            if task["status"] == status and state_of(task) == state:
-                return task
-            moved = transition(task, status, state, now_instant(self.clock), self.terminology, reason=reason)
-            if output is not None:
-                moved["output"] = [*(task.get("output") or []), *output]
-            if contained is not None:
-                moved["contained"] = contained
-            try:
-                return await self.store.update(moved, index=index_terms(moved), if_match=task["meta"]["versionId"])
-            except PreconditionFailed:
-                task = await self.store.read("Task", task["id"])
-        raise PreconditionFailed("the case kept changing under us; try again")
-
-    async def _fail(self, task: Resource, reason: str) -> None:
-        log.warning("case.failed", task=task["id"], reason=reason)
-        current = await self.store.read("Task", task["id"])
-        if current["status"] in ("requested", "in-progress", "ready"):
-            await self._move(current, "failed", "failed", reason=reason)
-
-    async def _ready(self, task: Resource, bundle: Resource, problems: list[Problem]) -> None:
-        current = await self.store.read("Task", task["id"])
-        if current["status"] != "in-progress":
-            return
-        outcome = problems_outcome(problems)
-        output = [
-            {
-                "type": _output_type("case-bundle", "Case bundle"),
-                "valueReference": {"reference": f"Bundle/{bundle['id']}"},
-            },
-            {
-                "type": _output_type("left-out", "Items left out of the case"),
-                "valueReference": {"reference": "#left-out"},
-            },
-        ]
-        await self._move(current, "ready", "triaged-ready", output=output, contained=[outcome])
 
     # -- the bundle -----------------------------------------------------------------------------------
 
@@ -328,22 +363,22 @@ class CaseService:
         reference = {"reference": f"DiagnosticReport/{report['id']}"}
         if report["status"] == "preliminary":
             if task["status"] == "ready":
-                await self._move(task, "in-progress", "in-review")
+                await self.book.move(task, "in-progress", "in-review")
             return
         if report["status"] == "entered-in-error":
             return
         task = await self.store.read("Task", task["id"])
         known = any((o.get("valueReference") or {}) == reference for o in task.get("output") or [])
-        output = [] if known else [{"type": _output_type("opinion", "Opinion"), "valueReference": reference}]
+        output = [] if known else [{"type": output_type("opinion", "Opinion"), "valueReference": reference}]
         if task["status"] != "completed":
-            await self._move(task, "completed", "opinion-final", output=output)
+            await self.book.move(task, "completed", "opinion-final", output=output)
         elif output:
             updated = dict(task, output=[*(task.get("output") or []), *output])
             await self.store.update(updated, index=index_terms(updated), if_match=task["meta"]["versionId"])
 
 
-def _output_type(code: str, display: str) -> Resource:
-    return {"coding": [{"system": OUTPUT_TYPES, "code": code, "display": display}], "text": display}
+def _generation(task: Resource) -> int:
+    return int(extension_value(task, GENERATION, "valueInteger") or 1)
 
 
 def problems_outcome(problems: list[Problem]) -> Resource:

@@ -14,6 +14,7 @@ import mimetypes
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fhir_bridge.errors import AttachmentError
 from fhir_bridge.identity import PatientIdentifier
@@ -37,6 +38,8 @@ class CollectedCase:
     content: CaseContent
     problems: list[Problem] = field(default_factory=list)
     documents_found: int = 0
+    #: documents screened in whose bytes could not be used (triage needs their type to say what is missing)
+    unreadable: list[dict[str, Any]] = field(default_factory=list)
 
 
 async def collect_case(
@@ -91,12 +94,13 @@ async def collect_case(
     results = await asyncio.gather(*(fetch(i, d) for i, d in enumerate(screened_docs.kept, start=1)))
     packaged = [r for r in results if isinstance(r, PackagedDocument)]
     problems.extend(r for r in results if isinstance(r, Problem))
+    unreadable = [doc for doc, r in zip(screened_docs.kept, results, strict=True) if isinstance(r, Problem)]
     used = {r.path for r in packaged}
     for stray in attachments_dir.glob("doc-*"):  # nothing refused, or left from an earlier pull, stays
         if stray not in used:
             stray.unlink()
     content = CaseContent(patient=patient, documents=packaged, studies=screened_studies.kept, endpoints=endpoints)
-    return CollectedCase(content=content, problems=problems, documents_found=len(docs))
+    return CollectedCase(content=content, problems=problems, documents_found=len(docs), unreadable=unreadable)
 
 
 def guess_extension(content_type: str) -> str:

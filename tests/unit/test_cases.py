@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,12 @@ from fhir_bridge.identity import INS_NIR_TEST, nir_key
 from fhir_bridge.ports import Job
 from fhir_bridge.resources import loads, validate
 from fhir_bridge.terminology import load_terminology
+from fhir_bridge.triage_rules import load_triage_rules
 from fhir_bridge.workflow.cases import COLLECT_JOB, CaseService
 from tests.fakes import FakeSource, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory
 
 TERMS = load_terminology()
+LAB_ONLY_RULES = load_triage_rules(extra=[Path(__file__).parent.parent / "data" / "triage-rules-lab-only.json"])
 MAX_ATTEMPTS = 3
 MASK = "https://mos.esante.gouv.fr/NOS/TRE_A07-StatutVisibiliteDocument/FHIR/TRE-A07-StatutVisibiliteDocument"
 NIR = "295109912611193"
@@ -97,7 +100,8 @@ def bridge(tmp_path: Path) -> Bridge:
     store, queue, blobs = InMemoryStore(), InMemoryQueue(max_attempts=MAX_ATTEMPTS), InMemoryBlobs()
     source = FakeSource(world())
     service = CaseService(store=store, queue=queue, blobs=blobs, source=fake_source_factory(source),
-                          terminology=TERMS, work_dir=tmp_path / "work", max_attempts=MAX_ATTEMPTS)
+                          terminology=TERMS, work_dir=tmp_path / "work", max_attempts=MAX_ATTEMPTS,
+                          triage_rules=LAB_ONLY_RULES)
     return Bridge(service, store, queue, blobs, source)
 
 
@@ -130,7 +134,11 @@ async def test_a_valid_request_creates_the_request_one_task_and_one_collect_job(
     assert task["code"]["coding"] == [{"system": "http://hl7.org/fhir/CodeSystem/task-code", "code": "fulfill"}]
     assert task["focus"] == {"reference": f"ServiceRequest/{request['id']}"}
     assert task["for"] == {"identifier": PATIENT["identifier"]}
-    assert task["restriction"] == {"period": {"end": "2026-12-31T12:00:00Z"}}
+    # due: the earlier of the requester's deadline and authoredOn + 48 h (routine, config/deadlines.json)
+    authored = datetime.fromisoformat(request["authoredOn"].replace("Z", "+00:00"))
+    expected = min(authored + timedelta(hours=48), datetime(2026, 12, 31, 12, tzinfo=UTC))
+    due = datetime.fromisoformat(task["restriction"]["period"]["end"].replace("Z", "+00:00"))
+    assert abs((due - expected).total_seconds()) < 1
     validate(task)
     assert await bridge.total("Task") == 1
     assert [(j.kind, j.payload) for j in bridge.queue.enqueued] == [(COLLECT_JOB, {"task": task["id"]})]
@@ -205,9 +213,11 @@ async def test_the_collect_job_makes_the_task_ready_with_the_bundle_and_the_left
     assert bundle_ref.startswith("Bundle/")
     await bridge.store.read("Bundle", bundle_ref.split("/")[1])
     assert output_reference(task, "left-out") == "#left-out"
-    [outcome] = task["contained"]
+    outcome, triage = task["contained"]
     assert outcome["resourceType"] == "OperationOutcome" and outcome["id"] == "left-out"
     assert [i["details"]["coding"][0]["code"] for i in outcome["issue"]] == ["masked"]
+    assert output_reference(task, "triage") == "#triage" and triage["id"] == "triage"
+    assert all(i["severity"] != "error" for i in triage["issue"])
     validate(task)
     assert [state(v)[1] for v in await bridge.store.history("Task", task["id"])] == [
         "triaged-ready", "collecting", "requested"]
@@ -247,11 +257,18 @@ async def test_an_attachment_failing_retrieval_is_left_out_with_its_reason(
     bridge: Bridge, attachments: dict[str, bytes], reason: str
 ) -> None:
     bridge.source.attachments = {bridge.source.absolute(k): v for k, v in attachments.items()}
-    _, task = await bridge.ready_case()
+    request = (await bridge.submit()).resource
+    await bridge.queue.drain(bridge.service.run_collect_job)
+    task = await bridge.service.task_for(request["id"])
     codes = [i["details"]["coding"][0]["code"] for i in task["contained"][0]["issue"]]
     assert sorted(codes) == sorted(["masked", reason])
     bundle = json.loads(await bridge.bundle_bytes(task))
     assert not [e for e in bundle["entry"] if e["resource"]["resourceType"] in ("Binary", "DocumentReference")]
+    # the unreadable document was the required laboratory report: the case waits, saying why
+    assert state(task) == ("on-hold", "waiting-for-documents")
+    assert "laboratory report" in task["statusReason"]["text"] and reason in task["statusReason"]["text"]
+    triage = {i["details"]["coding"][0]["code"]: i["severity"] for i in task["contained"][1]["issue"]}
+    assert triage.get("required-document-unreadable") == "error"
 
 
 async def test_running_the_collect_job_twice_makes_one_bundle_and_no_extra_task_versions(bridge: Bridge) -> None:
@@ -269,11 +286,15 @@ async def test_a_reclaimed_job_reuses_the_bundle_a_crashed_worker_already_stored
     request = (await bridge.submit()).resource
     task = await bridge.service.task_for(request["id"])
 
-    async def crash(*args: Any) -> None:
-        raise RuntimeError("worker killed after storing the bundle")
+    real_move = bridge.service.book.move
+
+    async def crash(task: dict[str, Any], status: str, *args: Any, **kwargs: Any) -> Any:
+        if status in ("ready", "on-hold"):
+            raise RuntimeError("worker killed after storing the bundle")
+        return await real_move(task, status, *args, **kwargs)
 
     with monkeypatch.context() as patched:
-        patched.setattr(bridge.service, "_ready", crash)
+        patched.setattr(bridge.service.book, "move", crash)
         with pytest.raises(RuntimeError):
             await bridge.service.run_collect_job(collect_job(task))
     first_bundle = (await bridge.store.search("Bundle", {}, count=10)).resources
