@@ -271,3 +271,25 @@ def demo(out_dir: Path) -> None:
     console.print(f"  case bundle: {result.bundle_path}")
     console.print(f"  opinion:     {result.report_path}")
     console.print(f"  logs:        {result.out_dir / 'logs'}")
+
+
+@cli.group()
+def sync() -> None:
+    """Batch work for hospital IT."""
+
+
+@sync.command("overdue")
+@one_line_errors
+def sync_overdue() -> None:
+    """Flag every open case past its due date (Task extension ``overdue`` and a note); print how many."""
+    from fhir_bridge.main import open_runtime, redis_url_for
+
+    settings = _settings()
+
+    async def scan(redis_url: str) -> int:
+        async with open_runtime(settings, redis_url) as runtime:
+            return len(await runtime.cases.scan_overdue())
+
+    with redis_url_for(settings, may_start=False) as redis_url:
+        flagged = asyncio.run(scan(redis_url))
+    click.echo(json.dumps({"flagged": flagged}))

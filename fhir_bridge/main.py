@@ -87,8 +87,6 @@ def _answers(url: str) -> bool:
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings, redis_url: str) -> AsyncIterator[Runtime]:
     """Open every adapter once for this process, and close them at the end."""
-    if not settings.source.url:
-        raise InvalidInput("no source: set FHIR_BRIDGE_SOURCE_URL or [source] url in the configuration")
     redis = Redis.from_url(redis_url)
     queue = RedisJobQueue.from_url(
         redis_url,
@@ -97,10 +95,12 @@ async def open_runtime(settings: Settings, redis_url: str) -> AsyncIterator[Runt
         backoff_initial=settings.worker.retry_backoff_initial,
         backoff_max=settings.worker.retry_backoff_max,
     )
-    source = SourceClient(settings.source.url, settings.source)
+    source = SourceClient(settings.source.url, settings.source) if settings.source.url else None
 
     @contextlib.asynccontextmanager
     async def shared_source() -> AsyncIterator[SourcePort]:
+        if source is None:
+            raise InvalidInput("no source: set FHIR_BRIDGE_SOURCE_URL or [source] url in the configuration")
         yield source  # one pooled client per process; closed with the runtime
 
     cases = CaseService(
@@ -115,7 +115,8 @@ async def open_runtime(settings: Settings, redis_url: str) -> AsyncIterator[Runt
     try:
         yield Runtime(settings=settings, redis=redis, queue=queue, cases=cases)
     finally:
-        await source.aclose()
+        if source is not None:
+            await source.aclose()
         await queue.aclose()
         await redis.aclose()
 
@@ -131,6 +132,7 @@ def build_app(settings: Settings, redis_url: str) -> FastAPI:
         async with open_runtime(settings, redis_url) as runtime:
             holder["runtime"] = runtime
             app.state.cases = runtime.cases
+            app.state.queue = runtime.queue
             yield
 
     async def ready() -> None:

@@ -15,7 +15,8 @@ from starlette.responses import JSONResponse, Response
 
 from fhir_bridge.adapters.settings import Settings
 from fhir_bridge.api.errors import install_error_handlers
-from fhir_bridge.api.routes import router
+from fhir_bridge.api.metrics import router as metrics_router
+from fhir_bridge.api.operations import router  # routes plus the Task operations
 from fhir_bridge.workflow.cases import CaseService
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
@@ -33,6 +34,7 @@ def create_app(settings: Settings, cases: CaseService | None, *, lifespan: Lifes
     app.state.cases = cases
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(metrics_router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> Response:

@@ -10,6 +10,7 @@ from typing import Any
 
 from fhir_bridge import __version__
 from fhir_bridge.search_index import SEARCH_PARAMS
+from fhir_bridge.terminology import CANONICAL_BASE
 
 #: resource type → interactions served (R4 restful-interaction codes)
 INTERACTIONS: dict[str, list[str]] = {
@@ -19,6 +20,8 @@ INTERACTIONS: dict[str, list[str]] = {
     "DiagnosticReport": ["create", "read", "vread", "update", "history-instance", "search-type"],
 }
 CONDITIONAL_CREATE = frozenset({"ServiceRequest", "DiagnosticReport"})
+#: resource type → instance operations served (``POST [type]/{id}/$name``)
+OPERATIONS: dict[str, dict[str, str]] = {}
 COMMON_SEARCH = [("_count", "number", "Page size"), ("_offset", "number", "Where the page starts")]
 
 
@@ -36,6 +39,12 @@ def capability_statement(base_url: str, date: str) -> dict[str, Any]:
             entry["conditionalCreate"] = True
         if "update" in interactions:
             entry["conditionalUpdate"] = False
+        if OPERATIONS.get(rtype):
+            entry["operation"] = [
+                {"name": name, "definition": f"{CANONICAL_BASE}/OperationDefinition/{rtype}-{name}",
+                 "documentation": text}
+                for name, text in OPERATIONS[rtype].items()
+            ]
         params = SEARCH_PARAMS.get(rtype)
         if params and "search-type" in interactions:
             entry["searchParam"] = [

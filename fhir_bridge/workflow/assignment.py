@@ -58,10 +58,10 @@ class Assignments:
         self.deadlines = deadlines
         self.clock = clock
 
-    def _now(self) -> datetime:
+    def now(self) -> datetime:
         return self.clock() if self.clock else datetime.now(UTC)
 
-    async def _open_tasks(self) -> list[Resource]:
+    async def open_tasks(self) -> list[Resource]:
         tasks: list[Resource] = []
         offset = 0
         while True:
@@ -77,12 +77,12 @@ class Assignments:
         to apply in the same write that makes the case ready."""
         if task.get("owner"):
             return lambda t: None
-        load = load_from_tasks(await self._open_tasks(), self.registry)
+        load = load_from_tasks(await self.open_tasks(), self.registry)
         due = parse_fhir_datetime(str(((task.get("restriction") or {}).get("period") or {}).get("end") or ""),
                                   end=True)
         assignment = route(RoutingRequest(specialty=specialty, kind=kind, language=request_language(request),
                                           deadline=due, excluded=frozenset(declined_by(task))),
-                           self.registry, load, now=self._now())
+                           self.registry, load, now=self.now())
         return lambda t: self._assign(t, assignment)
 
     async def route(self, task: Resource, request: Resource, specialty: str, kind: str) -> Resource:
@@ -137,7 +137,7 @@ class Assignments:
     async def scan_overdue(self) -> list[Resource]:
         """Flag every open case past its due date (once); returns the Tasks newly flagged."""
         flagged = []
-        for task in overdue_tasks(await self._open_tasks(), self._now()):
+        for task in overdue_tasks(await self.open_tasks(), self.now()):
             if task.get("status") in DONE_STATUSES or extension_value(task, OVERDUE, "valueBoolean"):
                 continue
 

@@ -7,7 +7,7 @@ from fastapi.routing import APIRoute
 from fhir_bridge.adapters.settings import Settings
 from fhir_bridge.api.app import create_app
 from fhir_bridge.api.capability import capability_statement
-from fhir_bridge.api.routes import router
+from fhir_bridge.api.operations import router
 from fhir_bridge.resources import validate
 from fhir_bridge.search_index import SEARCH_PARAMS
 
@@ -31,6 +31,9 @@ def served_interactions() -> dict[str, set[str]]:
         rtype = route.path.split("/")[2]
         shape = route.path.replace(f"/fhir/{rtype}", "/fhir/{T}", 1)
         for method in route.methods:
+            if "/$" in shape:
+                served.setdefault(rtype, set()).add("$" + shape.rsplit("/$", 1)[1])
+                continue
             served.setdefault(rtype, set()).add(SHAPES[(method, shape)])
     return served
 
@@ -38,7 +41,8 @@ def served_interactions() -> dict[str, set[str]]:
 def test_capability_statement_lists_exactly_the_routes() -> None:
     statement = capability_statement("http://bridge.test/fhir", "2026-11-21T00:00:00Z")
     validate(statement)
-    declared = {r["type"]: {i["code"] for i in r["interaction"]} for r in statement["rest"][0]["resource"]}
+    declared = {r["type"]: {i["code"] for i in r["interaction"]} | {"$" + o["name"] for o in r.get("operation", [])}
+                for r in statement["rest"][0]["resource"]}
     assert declared == served_interactions()
 
 

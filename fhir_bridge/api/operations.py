@@ -1,0 +1,75 @@
+"""Task operations where FHIR has no interaction (R4 operations.html: ``POST [base]/Task/{id}/$name``).
+
+* ``$refresh``: pull the case again from the source and triage it again (new documents appeared);
+* ``$decline``: the assigned reviewer declines, the case is re-routed (Parameters: ``reviewer``, ``reason``);
+* ``$request-documents``: the reviewer needs more, the case waits (Parameters: ``reviewer``, ``text``).
+
+Bodies are ``Parameters`` resources; each answers the updated Task.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from fhir_bridge.api.capability import OPERATIONS
+from fhir_bridge.api.fhir_io import fhir_response, read_body, version_headers
+from fhir_bridge.api.routes import Cases, max_body, router
+from fhir_bridge.errors import InvalidInput
+from fhir_bridge.resources import check_resource_type
+
+__all__ = ["TASK_OPERATIONS", "parameter", "router"]
+
+#: operation name → what the CapabilityStatement says of it
+TASK_OPERATIONS = {
+    "refresh": "Pull the case again from the source and triage it again",
+    "decline": "The assigned reviewer declines the case; it is routed to someone else",
+    "request-documents": "The reviewer asks for more documents; the case waits for them",
+}
+
+
+def parameter(parameters: dict[str, Any], name: str, *, required: bool = True) -> str:
+    """A ``valueString``/``valueCode`` parameter of a Parameters resource (R4 parameters.html)."""
+    for item in parameters.get("parameter", []) or []:
+        if item.get("name") == name:
+            value = item.get("valueString", item.get("valueCode"))
+            if isinstance(value, str):
+                return value
+    if required:
+        raise InvalidInput(f"parameter {name!r} is required", expression=[f"Parameters.parameter[{name}]"])
+    return ""
+
+
+async def _parameters(request: Request) -> dict[str, Any]:
+    if not int(request.headers.get("content-length") or 0) and "transfer-encoding" not in request.headers:
+        return {"resourceType": "Parameters"}
+    return check_resource_type(await read_body(request, max_body(request)), "Parameters")
+
+
+def _answer(request: Request, task: dict[str, Any]) -> Response:
+    return fhir_response(request, task, headers=version_headers(task))
+
+
+def register(target: APIRouter) -> None:
+    async def refresh(request: Request, resource_id: str, service: Cases) -> Response:
+        await _parameters(request)
+        return _answer(request, await service.refresh(resource_id))
+
+    async def decline(request: Request, resource_id: str, service: Cases) -> Response:
+        body = await _parameters(request)
+        reason = parameter(body, "reason", required=False)
+        return _answer(request, await service.decline(resource_id, parameter(body, "reviewer"), reason))
+
+    async def request_documents(request: Request, resource_id: str, service: Cases) -> Response:
+        body = await _parameters(request)
+        task = await service.request_documents(resource_id, parameter(body, "reviewer"), parameter(body, "text"))
+        return _answer(request, task)
+
+    for name, handler in (("refresh", refresh), ("decline", decline), ("request-documents", request_documents)):
+        target.add_api_route(f"/Task/{{resource_id}}/${name}", handler, methods=["POST"], name=f"task-{name}")
+
+
+register(router)
+OPERATIONS["Task"] = TASK_OPERATIONS

@@ -1,0 +1,98 @@
+"""Triage and routing end to end: real processes, the sandbox as the source, config/reviewers.json as data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from fhir_bridge.demo import second_opinion_request
+from fhir_bridge.resources import validate
+from fhir_bridge.routing import load_registry
+from tests.e2e.conftest import Bridge, Sandbox
+from tests.e2e.test_exchange import post, wait_task
+
+pytestmark = pytest.mark.e2e
+REGISTRY = load_registry()
+
+
+def op(bridge: Bridge, task_id: str, name: str, **params: str) -> httpx.Response:
+    body = {"resourceType": "Parameters", "parameter": [{"name": k, "valueString": v} for k, v in params.items()]}
+    return post(bridge.api, f"Task/{task_id}/${name}", body)
+
+
+def owner(task: dict[str, Any]) -> str:
+    return str(task["owner"]["reference"]).rsplit("/", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def routed_case(bridge: Bridge, sandbox: Sandbox) -> dict[str, Any]:
+    patient = sandbox.world()["patients"][0]
+    answer = post(bridge.api, "ServiceRequest", second_opinion_request(patient, "ROUTE-1"))
+    assert answer.status_code == 201, answer.text
+    task = wait_task(bridge.api, answer.json()["id"])
+    assert task["status"] == "ready", task.get("statusReason")
+    return {"patient": patient, "sr": answer.json(), "task": task}
+
+
+def test_a_ready_case_is_routed_to_a_reviewer_of_its_specialty(routed_case: dict[str, Any]) -> None:
+    task = routed_case["task"]
+    validate(task)
+    assert task["owner"]["reference"].startswith("PractitionerRole/")
+    assert "oncology" in REGISTRY.reviewers[owner(task)].specialties
+    triage = next(c for c in task["contained"] if c["id"] == "triage")
+    assert all(issue["severity"] != "error" for issue in triage["issue"])
+    assert task["restriction"]["period"]["end"]
+
+
+def test_a_decline_re_routes_to_someone_else(bridge: Bridge, routed_case: dict[str, Any]) -> None:
+    task = routed_case["task"]
+    first = owner(task)
+    answer = op(bridge, task["id"], "decline", reviewer=first, reason="conflit d'intérêts")
+    assert answer.status_code == 200, answer.text
+    declined = answer.json()
+    assert first in [e["valueString"] for e in declined["extension"] if e["url"].endswith("declined-by")]
+    if declined.get("owner"):
+        assert owner(declined) != first
+        assert "oncology" in REGISTRY.reviewers[owner(declined)].specialties
+    routed_case["task"] = declined
+
+
+def test_only_the_assigned_reviewer_may_decline(bridge: Bridge, routed_case: dict[str, Any]) -> None:
+    answer = op(bridge, routed_case["task"]["id"], "decline", reviewer="cardio-fr-1")
+    assert answer.status_code == 403 and answer.json()["resourceType"] == "OperationOutcome"
+
+
+def test_a_request_for_documents_holds_the_case_and_a_refresh_brings_it_back(
+    bridge: Bridge, routed_case: dict[str, Any]
+) -> None:
+    task = httpx.get(f"{bridge.api}/Task/{routed_case['task']['id']}").json()
+    reviewer = owner(task)
+    text = "Merci de joindre le compte rendu de TEP le plus récent"
+    held = op(bridge, task["id"], "request-documents", reviewer=reviewer, text=text)
+    assert held.status_code == 200, held.text
+    held_task = held.json()
+    assert held_task["status"] == "on-hold"
+    assert held_task["businessStatus"]["coding"][0]["code"] == "waiting-for-documents"
+    assert held_task["statusReason"]["text"] == text and held_task["note"][-1]["text"] == text
+    refreshed = op(bridge, task["id"], "refresh")
+    assert refreshed.status_code == 200 and refreshed.json()["status"] == "in-progress"
+    back = wait_task(bridge.api, routed_case["sr"]["id"])
+    assert back["status"] == "ready" and owner(back) == reviewer  # the reviewer who asked keeps the case
+    bundles = [o for o in back["output"] if o["type"]["coding"][0]["code"] == "case-bundle"]
+    assert len(bundles) == 1 and bundles[0]["valueReference"] != task["output"][0]["valueReference"]
+
+
+def test_operations_refuse_what_does_not_fit(bridge: Bridge, routed_case: dict[str, Any]) -> None:
+    task_id = routed_case["task"]["id"]
+    assert op(bridge, task_id, "request-documents", reviewer="x").status_code == 400  # text missing
+    assert op(bridge, "no-such-task", "refresh").status_code == 404
+    wrong = post(bridge.api, f"Task/{task_id}/$decline", {"resourceType": "Patient"})
+    assert wrong.status_code == 400
+
+
+def test_metrics_show_cases_and_the_queue(bridge: Bridge, routed_case: dict[str, Any]) -> None:
+    text = httpx.get(bridge.api.removesuffix("/fhir") + "/metrics").text
+    assert 'fhir_bridge_cases_open{status="ready"}' in text
+    assert "fhir_bridge_jobs_waiting" in text and "fhir_bridge_cases_overdue" in text
