@@ -469,3 +469,26 @@ async def test_an_amended_opinion_is_listed_once_in_the_task_output(bridge: Brid
     assert state(task) == ("completed", "opinion-final")
     assert [o["valueReference"] for o in task["output"] if o["type"]["coding"][0]["code"] == "opinion"] == [
         {"reference": f"DiagnosticReport/{report['id']}"}]
+
+
+# -- deadlines ------------------------------------------------------------------------------------------
+
+
+async def test_the_overdue_scan_flags_a_late_open_case_once_with_an_injected_clock(tmp_path: Path) -> None:
+    now = [datetime(2026, 11, 2, 9, 0, tzinfo=UTC)]
+    store, queue = InMemoryStore(clock=lambda: now[0]), InMemoryQueue(max_attempts=MAX_ATTEMPTS)
+    service = CaseService(store=store, queue=queue, blobs=InMemoryBlobs(),
+                          source=fake_source_factory(FakeSource(world())), terminology=TERMS,
+                          work_dir=tmp_path / "work", triage_rules=LAB_ONLY_RULES, clock=lambda: now[0])
+    body = second_opinion_request(PATIENT, "LATE-1")
+    body["occurrenceDateTime"] = "2027-01-01T00:00:00Z"  # the requester's own deadline is later: 48 h rules
+    request = (await service.submit_request(body)).resource
+    task = await service.task_for(request["id"])
+    assert task["restriction"]["period"]["end"] == "2026-11-04T09:00:00.000Z"
+    now[0] += timedelta(hours=47)
+    assert await service.scan_overdue() == []
+    now[0] += timedelta(hours=2)
+    [flagged] = await service.scan_overdue()
+    assert any(e["url"].endswith("/overdue") and e["valueBoolean"] for e in flagged["extension"])
+    assert "deadline" in flagged["note"][-1]["text"]
+    assert await service.scan_overdue() == []  # flagged once
