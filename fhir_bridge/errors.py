@@ -16,6 +16,7 @@ Drawn the way httpx draws its own (``_exceptions.py``)::
     ├── Unsupported                  "not-supported"
     ├── Forbidden                    "forbidden"
     ├── Unauthenticated              "login"
+    ├── BlobUnreadable               "exception" our stored bytes fail decryption/authentication (500)
     └── SourceError                  "exception" (the national-record source misbehaved)
         ├── NotAFhirSource           "invalid"   the URL does not answer FHIR at all
         ├── SourceProtocolError      "invalid"   a FHIR answer that breaks the protocol (page not a Bundle…)
@@ -172,6 +173,15 @@ class SourceRejected(SourceError):
 class SourceUnavailable(SourceError):
     issue_type = "transient"
     code = "source-unavailable"
+
+
+class BlobUnreadable(BridgeError):
+    """A stored blob cannot be turned back into its plaintext: damaged, cut, tampered with, or its key is gone.
+
+    Our own storage failing, not the caller's mistake: the API answers 500 and the message names no content.
+    """
+
+    code = "blob-unreadable"
 
 
 class AttachmentError(SourceError):
