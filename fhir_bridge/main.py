@@ -20,7 +20,7 @@ import structlog
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from fhir_bridge.adapters.blobstore import FileBlobStore
+from fhir_bridge.adapters.blobstore import BlobKeyring, FileBlobStore
 from fhir_bridge.adapters.queue import RedisJobQueue
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.adapters.redis_store import RedisResourceStore
@@ -106,7 +106,9 @@ async def open_runtime(settings: Settings, redis_url: str) -> AsyncIterator[Runt
     cases = CaseService(
         store=RedisResourceStore(redis),
         queue=queue,
-        blobs=FileBlobStore(settings.data_dir / "blobs"),
+        # attachments and case bundles are encrypted at rest (AES-256-GCM, key id stored with each blob)
+        blobs=FileBlobStore(settings.data_dir / "blobs",
+                            BlobKeyring.load_or_create(settings.data_dir / "keys" / "blob-keys.json")),
         source=shared_source,
         terminology=load_terminology(),
         work_dir=settings.data_dir / "work",

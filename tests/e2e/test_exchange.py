@@ -184,3 +184,12 @@ def test_capability_statement_is_valid(bridge: Bridge) -> None:
     capability = httpx.get(f"{bridge.api}/metadata").json()
     validate(capability)
     assert capability["fhirVersion"] == "4.0.1"
+
+
+def test_blobs_on_disk_are_encrypted(bridge: Bridge, ready_case: dict[str, Any]) -> None:
+    blobs = [p for p in (bridge.data_dir / "blobs").rglob("*") if p.is_file() and ".incoming" not in p.parts]
+    assert blobs
+    for path in blobs:
+        data = path.read_bytes()
+        assert data.startswith(b"FHIRBLOB")
+        assert b"%PDF" not in data and b"ClinicalDocument" not in data and b"resourceType" not in data
