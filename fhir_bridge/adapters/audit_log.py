@@ -1,0 +1,367 @@
+"""The audit log in Redis: AuditEvents hash-chained in one sequence, indexed for auditors, checkpointed, exportable.
+
+Keys (``P`` is the configurable prefix, default ``fhir-bridge:``; ``<m>`` is an event's seq on 15 digits, so that
+the lexical order of members is their seq order)::
+
+    P{audit}:head            hash: seq, hash (the chain's end); cps, cpt (last checkpoint's seq and time in ms);
+                             fseq, fhash, fcp (the retention floor: last purged seq, its hash, its signed checkpoint)
+    P{audit}:ev              hash: <m> → the stored AuditEvent (canonical JSON, chain extension included)
+    P{audit}:t               zset: <m> scored by ``recorded`` in ms since the epoch
+    P{audit}:cp              hash: <m> → signed checkpoint JSON of the chain at that event
+    P{audit}:ix:<param>=<v>  set: the <m> answering to a search token (``fhir_bridge.audit.index_terms``)
+
+Every key shares the ``{audit}`` hash tag: an append writes the event, its indexes and the new chain end in one
+Lua script (``fhir_bridge.adapters.audit_scripts``), so a search or a verification never sees half an event.
+The chain hash is SHA-256, which Redis Lua lacks (it has only SHA-1), so an append is a compare-and-set: read
+the chain's end, seal the event in Python (``fhir_bridge.audit_chain.seal``), and let the script store it only
+if the end has not moved; else retry.
+
+Fail closed: :meth:`RedisAuditLog.append` raises :class:`~fhir_bridge.audit.AuditUnavailable` on any Redis or
+network error, and the caller refuses the exchange. Durability is Redis's: the embedded server runs with
+``appendfsync always`` for the audit (an append returns once it is on disk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from fhir_bridge.adapters import audit_scripts as scripts
+from fhir_bridge.audit import AuditUnavailable, index_terms, instant
+from fhir_bridge.audit_chain import (
+    GENESIS,
+    AuditIntegrityError,
+    ChainLink,
+    ChainVerifier,
+    Checkpoint,
+    Manifest,
+    SignatureVerifier,
+    Signer,
+    VerifyResult,
+    chain_link,
+    seal,
+    sign_checkpoint,
+)
+from fhir_bridge.errors import Conflict, InvalidInput
+from fhir_bridge.resources import dumps, loads
+
+Resource = dict[str, Any]
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_APPEND_ATTEMPTS = 200  # compare-and-set rounds lost to other writers before the append is refused
+_BATCH = 512  # events per round trip when streaming the chain
+_STRAGGLERS = 1000  # how far out of time order an event may sit by seq at a date boundary (see _seq_range)
+
+
+@dataclass(frozen=True, slots=True)
+class ChainState:
+    """The chain's end (``seq`` 0 and the genesis hash when empty), the last checkpointed seq, the retention
+    anchor (the signed link of the last purged event; None before any purge)."""
+
+    seq: int
+    hash: str
+    checkpoint_seq: int
+    floor: Checkpoint | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Head:
+    seq: int
+    hash: str  # GENESIS before the first event
+    stored_hash: str  # what the head key holds ('' when nothing): the compare-and-set expects it
+    cps: int
+    cpt: int
+    floor: Checkpoint | None
+
+
+class RedisAuditLog:
+    """The hash-chained AuditEvent log; see the module docstring for the keys and ``fhir_bridge.audit_chain``
+    for the chain. ``signer`` signs checkpoints (every ``checkpoint_every`` events or ``checkpoint_seconds``,
+    whichever comes first) and export manifests; ``verifier`` checks them (default: the signer, which knows
+    only its own key: pass a verifier holding the old public keys after a rotation)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        signer: Signer,
+        prefix: str = "fhir-bridge:",
+        checkpoint_every: int = 1000,
+        checkpoint_seconds: float = 60.0,
+        clock: Callable[[], datetime] | None = None,
+        verifier: SignatureVerifier | None = None,
+    ) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("the key prefix must not contain braces: they would change the Cluster hash tag")
+        if checkpoint_every < 1 or checkpoint_seconds <= 0:
+            raise ValueError("checkpoints need a positive interval")
+        self._redis = redis
+        self._prefix = prefix
+        self._signer = signer
+        self._verifier: SignatureVerifier = verifier or signer
+        self._every = checkpoint_every
+        self._interval_ms = int(checkpoint_seconds * 1000)
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._head_key, self._events, self._time, self._cps = (self._key(k) for k in ("head", "ev", "t", "cp"))
+        self._append = redis.register_script(scripts.APPEND)
+        self._write_checkpoint = redis.register_script(scripts.CHECKPOINT)
+        self._purge = redis.register_script(scripts.PURGE)
+        self._search = redis.register_script(scripts.SEARCH)
+
+    async def append(self, event: Resource) -> Resource:
+        """Store ``event`` at the end of the chain and return it as stored (``id`` = its seq, ``recorded`` = now
+        by the log's clock: the log is the recorder, R4 ``AuditEvent.recorded``; chain extension added).
+
+        Atomic, ordered across every process sharing the Redis, and fail closed: any failure raises
+        :class:`AuditUnavailable` and the event is then certainly not stored... or stored whole, if the
+        connection broke after Redis applied it (the chain stays valid either way).
+        """
+        if not isinstance(event, dict) or event.get("resourceType") != "AuditEvent":
+            raise InvalidInput("only AuditEvents go into the audit log")
+        keys = [self._head_key, self._events, self._time, self._cps]
+        keys += [self._index_key(param, value) for param, values in index_terms(event).items() for value in values]
+        try:
+            for attempt in range(_APPEND_ATTEMPTS):
+                head = await self._head()
+                now = self._clock()
+                stored, link = seal({**event, "recorded": instant(now)}, head.seq + 1, head.hash)
+                score = _ms(now)
+                due = link.seq - head.cps >= self._every or score - head.cpt >= self._interval_ms
+                checkpoint = sign_checkpoint(link, instant(now), self._signer).to_json() if due else ""
+                body = dumps(stored, canonical=True)
+                args: list[str | int | bytes] = [str(head.seq), head.stored_hash, _member(link.seq), body, score]
+                args += [link.hash, checkpoint, link.seq]
+                status = _text(await self._append(keys=keys, args=args))
+                if status == "ok":
+                    return stored
+                if status != "stale":
+                    raise AuditUnavailable(f"the audit log already holds event {link.seq}: its chain end is damaged")
+                if attempt >= 3:  # a crowd of writers: spread them out a little
+                    await asyncio.sleep(random.uniform(0, 0.001 * min(attempt, 20)))
+        except (RedisError, OSError) as exc:
+            raise AuditUnavailable(f"the audit log cannot be written ({type(exc).__name__})") from exc
+        raise AuditUnavailable("the audit log is contended by too many writers; the exchange is refused")
+
+    async def checkpoint(self) -> Checkpoint | None:
+        """Sign the chain's end now unless a checkpoint already covers it. Appends checkpoint as they go; call
+        this on a timer and at shutdown so that the last events of a quiet period are signed too."""
+        head = await self._head()
+        if head.seq == 0 or head.seq <= head.cps:
+            return None
+        now = self._clock()
+        checkpoint = sign_checkpoint(ChainLink(head.seq, head.hash), instant(now), self._signer)
+        args: list[str | int] = [_member(head.seq), checkpoint.to_json(), head.seq, _ms(now)]
+        await self._write_checkpoint(keys=[self._head_key, self._cps], args=args)
+        return checkpoint
+
+    async def search(
+        self,
+        *,
+        date_ge: datetime | None = None,
+        date_lt: datetime | None = None,
+        patient: str | Sequence[str] | None = None,
+        agent: str | Sequence[str] | None = None,
+        subtype: str | Sequence[str] | None = None,
+        outcome: str | Sequence[str] | None = None,
+        entity: str | Sequence[str] | None = None,
+        count: int = 50,
+        offset: int = 0,
+    ) -> tuple[list[Resource], int]:
+        """Stored events matching every given filter (AND) with any of its values (OR), newest first, and the
+        total. ``patient`` is an identifier token ``system|value``; ``agent`` a client id; ``subtype`` a
+        ``system|code`` or bare code; ``outcome`` 0/4/8/12; ``entity`` a reference (``Task/1``). Dates bound
+        ``recorded``: ``date_ge`` ≤ recorded < ``date_lt``. Cost grows with the smallest candidate set (the
+        date window or one filter's events), so the API should bound a search by date or by a selective filter.
+        """
+        if count < 0 or offset < 0:
+            raise InvalidInput("count and offset must not be negative")
+        keys, sizes = [self._time, self._events], []
+        filters = {"patient": patient, "agent": agent, "subtype": subtype, "outcome": outcome, "entity": entity}
+        for param, given in filters.items():
+            if given is None:
+                continue
+            values = list(dict.fromkeys([given] if isinstance(given, str) else given))
+            if not values:
+                return [], 0
+            keys += [self._index_key(param, value) for value in values]
+            sizes.append(len(values))
+        low = _ms_ceil(date_ge) if date_ge else -(2**53)
+        high = _ms_ceil(date_lt) - 1 if date_lt else 2**53
+        if low > high:
+            return [], 0
+        try:
+            out = await self._search(keys=keys, args=[low, high, offset, count, len(sizes), *sizes])
+        except (RedisError, OSError) as exc:
+            raise AuditUnavailable(f"the audit log cannot be read ({type(exc).__name__})") from exc
+        return [loads(body) for body in out[1:] if body], int(out[0])
+
+    async def iter_range(
+        self, since: datetime | None = None, until: datetime | None = None
+    ) -> AsyncIterator[tuple[int, bytes | None]]:
+        """``(seq, stored bytes)`` in seq order for the contiguous slice of the chain recorded in
+        [``since``, ``until``) (None: nothing is stored at that seq, which verification reports)."""
+        span = await self.seq_range(since, until)
+        if span is not None:
+            async for item in self.read_range(*span):
+                yield item
+
+    async def verify(self) -> VerifyResult:
+        """Verify the whole chain from the retention floor to its end, every checkpoint's signature and hash,
+        and that nothing is stored outside the chain; report the first broken seq."""
+        try:
+            head = await self._head()
+            start = ChainLink(0, GENESIS)
+            if head.floor is not None:
+                if not head.floor.verify(self._verifier):
+                    return VerifyResult(False, 0, head.floor.seq, "the retention anchor's signature is invalid")
+                start = ChainLink(head.floor.seq, head.floor.hash)
+            checkpoints = {c.seq: c for c in await self.checkpoints() if c.seq > start.seq}
+            checker = ChainVerifier(start, checkpoints, self._verifier)
+            async for seq, body in self.read_range(start.seq + 1, head.seq):
+                if not checker.feed(seq, body):
+                    break
+            result = checker.finish(ChainLink(head.seq, head.hash) if head.seq else None)
+            stored = int(await self._redis.hlen(self._events))
+        except (RedisError, OSError) as exc:
+            raise AuditUnavailable(f"the audit log cannot be read ({type(exc).__name__})") from exc
+        if result.ok and stored != head.seq - start.seq:
+            return replace(result, ok=False, first_broken_seq=head.seq + 1,
+                           reason=f"{stored} events are stored for a chain of {head.seq - start.seq}")  # fmt: skip
+        return result
+
+    async def export_ndjson(
+        self,
+        path: Path,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        manifest_path: Path | None = None,
+    ) -> Manifest:
+        """Write the events recorded in [``since``, ``until``) as NDJSON with a signed manifest; see
+        :func:`fhir_bridge.adapters.audit_export.export_ndjson`."""
+        from fhir_bridge.adapters.audit_export import export_ndjson
+
+        return await export_ndjson(self, path, signer=self._signer, verifier=self._verifier, created=self._clock(),
+                                   since=since, until=until, manifest_path=manifest_path)  # fmt: skip
+
+    async def purge_before(self, when: datetime) -> int:
+        """Retention: remove the oldest events, those recorded before ``when`` (a prefix of the chain: it stops
+        at the first younger event), and return how many. Each batch is verified before it goes, and the last
+        removed link is kept as a signed anchor so the rest of the chain still verifies from there."""
+        cutoff = _ms_ceil(when)
+        head = await self._head()
+        floor = head.floor.seq if head.floor else 0
+        end = floor
+        while end < head.seq:
+            members = [_member(s) for s in range(end + 1, min(end + _BATCH, head.seq) + 1)]
+            scores = await self._redis.zmscore(self._time, members)
+            old = next((i for i, score in enumerate(scores) if score is None or score >= cutoff), len(members))
+            end += old
+            if old < len(members):
+                break
+        if end == floor:
+            return 0
+        if head.floor is not None and not head.floor.verify(self._verifier):
+            raise AuditIntegrityError(f"the retention anchor at {floor} has an invalid signature; nothing was purged")
+        start = ChainLink(floor, head.floor.hash if head.floor else GENESIS)
+        checker = ChainVerifier(start, {c.seq: c for c in await self.checkpoints() if floor < c.seq <= end},
+                                self._verifier)  # fmt: skip
+        for low in range(floor + 1, end + 1, _BATCH):
+            high = min(low + _BATCH - 1, end)
+            members = [_member(s) for s in range(low, high + 1)]
+            bodies = [_bytes(b) for b in await self._redis.hmget(self._events, members)]
+            leaving: dict[str, list[str]] = {}
+            for seq, body in zip(range(low, high + 1), bodies, strict=True):
+                if not checker.feed(seq, body):
+                    result = checker.finish()
+                    raise AuditIntegrityError(f"the audit chain is broken at {result.first_broken_seq}: "
+                                              f"{result.reason}; the purge stopped before it")  # fmt: skip
+                for param, values in index_terms(loads(body or b"")).items():
+                    for value in values:
+                        leaving.setdefault(self._index_key(param, value), []).append(_member(seq))
+            link = chain_link(loads(bodies[-1] or b""))
+            assert link is not None  # the checker has just accepted it
+            anchor = sign_checkpoint(link, instant(self._clock()), self._signer)
+            keys = [self._head_key, self._events, self._time, self._cps, *leaving]
+            args: list[str | int] = [str(low - 1), high, link.hash, anchor.to_json(),
+                    json.dumps(list(leaving.values())), *members]  # fmt: skip
+            if _text(await self._purge(keys=keys, args=args)) != "ok":
+                raise Conflict("another purge of the audit log is running")
+        return end - floor
+
+    async def state(self) -> ChainState:
+        """Where the chain ends, its last checkpoint and its retention floor (for the auditor's status view)."""
+        head = await self._head()
+        return ChainState(head.seq, head.hash, head.cps, head.floor)
+
+    async def checkpoints(self) -> list[Checkpoint]:
+        """Every signed checkpoint above the retention floor, in seq order."""
+        return sorted((Checkpoint.from_json(v) for v in (await self._redis.hgetall(self._cps)).values()),
+                      key=lambda c: c.seq)  # fmt: skip
+
+    async def read_range(self, first: int, last: int) -> AsyncIterator[tuple[int, bytes | None]]:
+        """``(seq, stored bytes or None)`` for every seq from ``first`` to ``last``, in batches."""
+        for low in range(first, last + 1, _BATCH):
+            seqs = range(low, min(low + _BATCH - 1, last) + 1)
+            bodies = await self._redis.hmget(self._events, [_member(s) for s in seqs])
+            for seq, body in zip(seqs, bodies, strict=True):
+                yield seq, _bytes(body)
+
+    async def seq_range(self, since: datetime | None, until: datetime | None) -> tuple[int, int] | None:
+        """The seqs from the first event recorded at or after ``since`` to the last recorded before ``until``.
+
+        An append stamps ``recorded`` just before its compare-and-set, so time order and seq order agree up to
+        clock steps; the bounds take the extreme seq among the ``_STRAGGLERS`` events nearest each date."""
+        head = await self._head()
+        first, last = (head.floor.seq if head.floor else 0) + 1, head.seq
+        if since is not None:
+            found = await self._redis.zrangebyscore(self._time, _ms_ceil(since), "+inf", start=0, num=_STRAGGLERS)
+            first = max(first, min((int(_text(m)) for m in found), default=last + 1))
+        if until is not None:
+            bound = f"({_ms_ceil(until)}"
+            found = await self._redis.zrevrangebyscore(self._time, bound, "-inf", start=0, num=_STRAGGLERS)
+            last = min(last, max((int(_text(m)) for m in found), default=0))
+        return (first, last) if first <= last else None
+
+    async def _head(self) -> _Head:
+        seq, hash_, cps, cpt, fcp = await self._redis.hmget(self._head_key, ["seq", "hash", "cps", "cpt", "fcp"])
+        stored = _text(hash_) if hash_ is not None else ""
+        floor = Checkpoint.from_json(fcp) if fcp else None
+        return _Head(int(seq or 0), stored or GENESIS, stored, int(cps or 0), int(cpt or 0), floor)
+
+    def _index_key(self, param: str, value: str) -> str:
+        return self._key("ix", f"{param}={value}")
+
+    def _key(self, kind: str, rest: str | None = None) -> str:
+        return f"{self._prefix}{{audit}}:{kind}" + ("" if rest is None else f":{rest}")
+
+
+def _member(seq: int) -> str:
+    return f"{seq:015d}"
+
+
+def _bytes(value: bytes | str | None) -> bytes | None:
+    return value.encode() if isinstance(value, str) else value
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _ms(when: datetime) -> int:
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    return (when - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _ms_ceil(when: datetime) -> int:
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    return math.ceil((when - _EPOCH) / timedelta(microseconds=1) / 1000)
