@@ -235,16 +235,25 @@ def worker(name: str | None) -> None:
 @click.option("--big-docs", default=0, show_default=True, type=click.IntRange(0, 100_000),
               help="Extra large documents for patient 0 (benchmarks).")
 @click.option("--big-total-mb", default=0, show_default=True, type=click.IntRange(0, 1_000_000))
+@click.option("--today", type=click.DateTime(formats=["%Y-%m-%d"]), default=None,
+              help="Day the synthetic record is dated back from (YYYY-MM-DD); default: today's UTC date.")
+@click.option("--incomplete", multiple=True, type=click.IntRange(0),
+              help="Index of a patient whose case lacks its pathology report (else its first blocking document "
+                   "group); repeatable.")
 @one_line_errors
 def sandbox(host: str, port: int, patients: int, seed: int, page_cap: int, latency_ms: int, fault_rate: float,
-            corrupt: bool, big_docs: int, big_total_mb: int) -> None:
+            corrupt: bool, big_docs: int, big_total_mb: int, today: datetime | None,
+            incomplete: tuple[int, ...]) -> None:
     """Serve the synthetic national-record FHIR source (deterministic French test patients)."""
     from fhir_bridge.sandbox.app import SandboxConfig
     from fhir_bridge.sandbox.serve import run
 
+    if any(i >= patients for i in incomplete):
+        raise click.BadParameter(f"--incomplete takes patient indexes below --patients ({patients})")
     config = SandboxConfig(seed=seed, patients=patients, page_cap=page_cap, latency_ms=latency_ms,
                            fault_rate=fault_rate, corrupt=corrupt, big_docs=big_docs,
-                           big_total_bytes=big_total_mb * 1024 * 1024)
+                           big_total_bytes=big_total_mb * 1024 * 1024,
+                           today=today.date() if today else None, incomplete=tuple(incomplete))
     click.echo(f"sandbox FHIR source on http://{host}:{port}/fhir", err=True)
     run(config, host, port)
 

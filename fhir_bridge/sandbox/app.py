@@ -134,8 +134,10 @@ class FaultsAndLog:
 
 def create_app(config: SandboxConfig) -> FastAPI:
     """Build the world for ``config`` and the app serving it."""
+    today = config.today if config.today is not None else datetime.now(UTC).date()
     world = build_world(config.seed, config.patients, big_docs=config.big_docs,
-                        big_total_bytes=config.big_total_bytes, corrupt_patients=config.corrupt_patients)
+                        big_total_bytes=config.big_total_bytes, corrupt_patients=config.corrupt_patients,
+                        today=today, incomplete=config.incomplete)
     state = SandboxState(config=config, world=world, rng=random.Random(f"fhir-bridge-sandbox-faults:{config.seed}"))
     app = FastAPI(title="fhir-bridge sandbox", openapi_url=None, docs_url=None, redoc_url=None)
     app.state.sandbox = state
@@ -162,7 +164,8 @@ def create_app(config: SandboxConfig) -> FastAPI:
     async def world_expectations(state: StateDep) -> JSONResponse:
         summary: Resource = world_summary(state.world, faults=state.config.corrupt)
         summary["config"] = {"seed": config.seed, "patients": config.patients, "page_cap": config.page_cap,
-                             "corrupt": config.corrupt, "fault_rate": config.fault_rate}
+                             "corrupt": config.corrupt, "fault_rate": config.fault_rate,
+                             "today": state.world.today.isoformat(), "incomplete": list(config.incomplete)}
         return JSONResponse(summary)
 
     app.add_middleware(FaultsAndLog, state=state)

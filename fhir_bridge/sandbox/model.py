@@ -16,6 +16,8 @@ from fhir_bridge.identity import INS_NIR_TEST
 from fhir_bridge.sandbox.content import BigContent
 
 CURRENT, SUPERSEDED, ENTERED_IN_ERROR = "current", "superseded", "entered-in-error"
+#: the day a world is dated from when none is given: fixed, so that a seed alone gives the same world
+DEFAULT_TODAY = date(2026, 11, 1)
 DOCUMENT_STATUSES = frozenset({CURRENT, SUPERSEDED, ENTERED_IN_ERROR})
 
 
@@ -136,6 +138,8 @@ class SandboxPatient:
     condition: str
     documents: list[SandboxDocument] = field(default_factory=list)
     studies: list[SandboxStudy] = field(default_factory=list)
+    #: document type codes this (deliberately incomplete) case lacks entirely; empty for a complete case
+    missing: tuple[str, ...] = ()
 
     @property
     def identifier_system(self) -> str:
@@ -156,6 +160,8 @@ class World:
     organizations: list[SandboxOrganization]
     practitioners: list[SandboxPractitioner]
     endpoints: list[SandboxEndpoint]
+    #: the day the world is dated from: every date is before it, the current workup shortly before
+    today: date = DEFAULT_TODAY
     #: SubmissionSet Lists received through ITI-65, by id
     submission_sets: dict[str, dict[str, Any]] = field(default_factory=dict)
     _patients: dict[str, SandboxPatient] = field(init=False, repr=False)

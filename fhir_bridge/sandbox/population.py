@@ -3,7 +3,13 @@
 Each patient draws from its own ``random.Random`` (seeded with the world seed and the patient's index), so
 patient 3 is the same whether the world has 4 or 400 patients, and the big documents (their own stream)
 never shift the ids of the ordinary ones. Seed tables (names, document types with their JDV_J07 displays,
-modalities) are data, in ``data/world.json``.
+modalities, how many days before "today" each type is dated) are data, in ``data/world.json``.
+
+Dates count back from the world's ``today`` (midnight UTC), never reaching it: a complete case holds every
+document group its specialty's triage rules expect (``required``), each recent enough, the pathology report
+older than the RCP and the treatment plan, and each imaging study reported a day later. The masked and the
+damaged documents are always extra ones, so that what is left for a reviewer is still complete. An
+incomplete case lacks every document of its specialty's ``essential`` types.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import cache
@@ -21,6 +28,7 @@ from typing import Any
 from fhir_bridge.identity import nir_key
 from fhir_bridge.sandbox.content import CONTENT_TYPES, Rendering, render, sha1_b64
 from fhir_bridge.sandbox.model import (
+    DEFAULT_TODAY,
     ENTERED_IN_ERROR,
     SUPERSEDED,
     SandboxDocument,
@@ -36,8 +44,6 @@ from fhir_bridge.sandbox.model import (
 SPECIALTY_ROTATION = ("oncology", "neurology", "cardiology", "rare-disease")
 IMAGING_SPECIALTIES = frozenset({"oncology", "neurology", "cardiology"})
 IMAGING_REPORT = "18748-4"
-_START = datetime(2024, 1, 1, tzinfo=UTC)
-_SPAN_DAYS = 700
 _FORMATS = {  # IHE format codes (MHD: http://ihe.net/fhir/ihe.formatcode.fhir/CodeSystem/formatcode)
     "pdf": ("urn:ihe:iti:xds:2017:mimeTypeSufficient", "mimeType Sufficient"),
     "text": ("urn:ihe:iti:xds:2017:mimeTypeSufficient", "mimeType Sufficient"),
@@ -62,8 +68,9 @@ def _oid(rng: random.Random) -> str:
     return f"2.25.{uuid.UUID(int=rng.getrandbits(128), version=4).int}"
 
 
-def _when(rng: random.Random, start: datetime = _START, days: int = _SPAN_DAYS) -> datetime:
-    day = start + timedelta(days=rng.randrange(days))
+def _when(rng: random.Random, anchor: datetime, ago: Sequence[int]) -> datetime:
+    """A working hour on a day between ``ago[0]`` and ``ago[1]`` days (both included) before ``anchor``."""
+    day = anchor - timedelta(days=rng.randint(ago[0], ago[1]))
     return day.replace(hour=rng.randint(8, 18), minute=rng.choice((0, 15, 30, 45)), second=0, microsecond=0)
 
 
@@ -109,12 +116,15 @@ class _Plan:
 class PatientBuilder:
     """Builds one patient: identity, studies, then documents with their statuses and faults."""
 
-    def __init__(self, seed: int, index: int, *, corrupt: bool, imaging: bool | None) -> None:
+    def __init__(self, seed: int, index: int, *, corrupt: bool, imaging: bool | None, today: date = DEFAULT_TODAY,
+                 incomplete: bool = False) -> None:
         self.rng = random.Random(f"fhir-bridge-sandbox:{seed}:patient:{index}")
         self.index, self.corrupt = index, corrupt
+        self.anchor = datetime(today.year, today.month, today.day, tzinfo=UTC)
         self.specialty = SPECIALTY_ROTATION[index % len(SPECIALTY_ROTATION)]
         self.imaging = self.specialty in IMAGING_SPECIALTIES if imaging is None else imaging
         self.spec = tables()["specialties"][self.specialty]
+        self.missing: tuple[str, ...] = tuple(self.spec["essential"]) if incomplete else ()
         self.practitioners = practitioners()
 
     def build(self) -> SandboxPatient:
@@ -129,7 +139,7 @@ class PatientBuilder:
             id=_hex_id(rng, "pat", 40), nir=make_nir(rng, gender, birth, birthplace),
             given=rng.choice(t["given_names"][gender]), family=rng.choice(t["family_names"]),
             gender=gender, birth_date=birth, birthplace=birthplace, specialty=self.specialty,
-            condition=self.condition["name"],
+            condition=self.condition["name"], missing=self.missing,
         )
         if self.imaging:
             self.patient.studies = [self._study(n) for n in range(rng.randint(1, 3))]
@@ -153,7 +163,7 @@ class PatientBuilder:
             )
             for k, mod in enumerate(wanted)
         )
-        started = _when(rng)
+        started = _when(rng, self.anchor, tables()["study_ago"])
         return SandboxStudy(
             id=_hex_id(rng, "img"), uid=_oid(rng), patient_id=self.patient.id, started=started,
             description=f"{modalities[primary]['study']} — bilan de {self.condition['name']}",
@@ -164,15 +174,18 @@ class PatientBuilder:
     # -- documents -------------------------------------------------------------------------------
 
     def _documents(self) -> list[SandboxDocument]:
-        rng = self.rng
+        rng, kinds = self.rng, tables()["document_types"]
         plans = [_Plan(IMAGING_REPORT, s.started + timedelta(days=1), "pdf", study=s) for s in self.patient.studies]
         wanted = rng.randint(8, 12)
-        pool = list(self.spec["document_types"])
+        pool = [c for c in self.spec["document_types"] if c not in self.missing]
         rng.shuffle(pool)
-        types = [*self.spec["required"], *(c for c in pool if c not in self.spec["required"])]
-        for n in range(wanted - len(plans)):
-            code = types[n % len(types)]
-            plans.append(_Plan(code, _when(rng), rng.choice(tables()["document_types"][code]["kinds"])))
+        required = [c for c in self.spec["required"] if c not in self.missing]
+        spare = [c for c in pool if c not in required] or required
+        # every required type once, then extra ones: at least four, for the masked and damaged documents
+        extras = max(wanted - len(plans), len(required) + 4) - len(required)
+        first_extra = len(plans) + len(required)
+        for code in [*required, *(spare[n % len(spare)] for n in range(extras))]:
+            plans.append(_Plan(code, self._date(code), rng.choice(kinds[code]["kinds"])))
         replaced_at = rng.choice([i for i, p in enumerate(plans) if p.study is None])
         versions = 2 if self.index == 0 else 1
         older: list[_Plan] = []
@@ -185,14 +198,14 @@ class PatientBuilder:
         extra = []
         if self.index % 2 == 0:
             code = rng.choice(pool)
-            extra.append(_Plan(code, _when(rng), "pdf", status=ENTERED_IN_ERROR,
-                               note="Document déposé par erreur dans le dossier."))
+            extra.append(_Plan(code, _when(rng, self.anchor, tables()["entered_in_error_ago"]), "pdf",
+                               status=ENTERED_IN_ERROR, note="Document déposé par erreur dans le dossier."))
         docs = [self._document(p) for p in plans]
         chain = [self._document(p) for p in older] + [docs[replaced_at]]
         for previous, newer in pairwise(chain):
             newer.replaces = previous.id
             previous.last_updated = newer.date + timedelta(hours=1)
-        eligible = [d for i, d in enumerate(docs) if i != replaced_at]
+        eligible = [d for i, d in enumerate(docs) if i >= first_extra and i != replaced_at]
         masked = rng.choice(eligible)
         masked.masked = True
         if self.corrupt:
@@ -203,6 +216,9 @@ class PatientBuilder:
                 faulty[1].truncated = True
         everything = docs + chain[:-1] + [self._document(p) for p in extra]
         return sorted(everything, key=lambda d: (d.date, d.id))
+
+    def _date(self, type_code: str) -> datetime:
+        return _when(self.rng, self.anchor, tables()["document_types"][type_code]["ago"])
 
     def _author(self, role: str) -> SandboxPractitioner:
         specialty = {"specialist": self.specialty if self.specialty != "rare-disease" else "genetics"}.get(role, role)
@@ -244,7 +260,8 @@ class PatientBuilder:
             type_code=plan.type_code, type_display=info["display"], class_code=info["class"],
             class_display=tables()["classes"][info["class"]], format_code=fmt_code, format_display=fmt_display,
             content_type=CONTENT_TYPES[plan.kind], title=title, date=plan.date,
-            last_updated=plan.date + timedelta(hours=rng.randint(1, 48)), size=len(data), sha1_b64=sha1_b64(data),
+            last_updated=min(plan.date + timedelta(hours=rng.randint(1, 48)), self.anchor),  # never after today
+            size=len(data), sha1_b64=sha1_b64(data),
             organization_id=org_id, author_id=author.id, status=plan.status,
             confidentiality=rendering.confidentiality, study_id=plan.study.id if plan.study else None, data=data,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -32,6 +33,10 @@ class SandboxConfig:
     big_total_bytes: int = 0
     public_base_url: str | None = None
     corrupt_patients: tuple[int, ...] = (0,)
+    #: the day the world is dated from; None: the real current UTC date when the app is created
+    today: date | None = None
+    #: indexes of the patients whose case lacks its pathology report (else its first blocking group)
+    incomplete: tuple[int, ...] = ()
     max_body_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
@@ -41,6 +46,8 @@ class SandboxConfig:
             raise ValueError("fault_rate is a fraction between 0 and 1")
         if self.latency_ms < 0:
             raise ValueError("latency_ms cannot be negative")
+        if any(not 0 <= index < self.patients for index in self.incomplete):
+            raise ValueError(f"incomplete patients are indexes from 0 to {self.patients - 1}")
 
 
 @dataclass

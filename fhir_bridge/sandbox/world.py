@@ -11,7 +11,13 @@ The same seed always gives the same ids, NIRs, contents and hashes. What every w
 * with imaging (patient 0 and every oncology, neurology and cardiology patient by default) 1-3
   ImagingStudies, each with its imaging report;
 * for "corrupt" patients (patient 0 by default) one attachment served with altered bytes of the same length,
-  and for patient 0 another one whose transfer is cut short — both only when the server's switch is on.
+  and for patient 0 another one whose transfer is cut short — both only when the server's switch is on;
+* dates counted back from ``today`` (a fixed day by default, so a seed alone gives the same world): every
+  complete case triages clean at ``today`` with ``mappings/triage-rules.json`` for its specialty (all
+  expected documents and imaging present and recent, no plan older than the pathology report, every study
+  reported, nothing in the future), the damaged attachments and masked document aside;
+* for "incomplete" patients no document of the specialty's essential types (the pathology report, else the
+  first blocking group of the rules), so triage blocks the case; ``world_summary`` lists what they lack.
 
 ``big_docs`` adds that many current documents to patient 0 whose sizes sum to ``big_total_bytes``; their bytes
 are generated in chunks when served and never held whole in memory (the memory benchmark relies on it).
@@ -21,12 +27,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Collection, Iterator
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Any
 
 from fhir_bridge.sandbox.content import BigContent, Rendering, damaged, rechunk
 from fhir_bridge.sandbox.model import (
     CURRENT,
+    DEFAULT_TODAY,
     ENTERED_IN_ERROR,
     SUPERSEDED,
     SandboxDocument,
@@ -70,14 +77,20 @@ def build_world(
     big_total_bytes: int = 0,
     corrupt_patients: Collection[int] = (0,),
     imaging_patients: Collection[int] | None = None,
+    today: date | None = None,
+    incomplete: Collection[int] = (),
 ) -> World:
-    """Build the world for ``seed``.
+    """Build the world for ``seed``, dated from ``today`` (None: :data:`DEFAULT_TODAY`).
 
     ``corrupt_patients``: indexes of the patients with a corrupted attachment. ``imaging_patients``: indexes
     with ImagingStudies; None means patient 0 plus every oncology, neurology and cardiology patient.
+    ``incomplete``: indexes of the patients whose case lacks its essential documents.
     """
     if patients < 1:
         raise ValueError("the sandbox needs at least one patient (patient 0 is the oncology case)")
+    if any(not 0 <= index < patients for index in incomplete):
+        raise ValueError(f"incomplete patients are indexes from 0 to {patients - 1}")
+    today = DEFAULT_TODAY if today is None else today
     if big_docs < 0 or (big_docs and big_total_bytes < big_docs * MIN_BIG_DOC):
         raise ValueError(f"big_total_bytes must give each big document at least {MIN_BIG_DOC} bytes")
     people = []
@@ -85,30 +98,38 @@ def build_world(
         imaging = None if imaging_patients is None else index in imaging_patients
         if index == 0 and imaging_patients is None:
             imaging = True
-        builder = PatientBuilder(seed, index, corrupt=index in corrupt_patients, imaging=imaging)
+        builder = PatientBuilder(seed, index, corrupt=index in corrupt_patients, imaging=imaging, today=today,
+                                 incomplete=index in incomplete)
         people.append(builder.build())
     if big_docs:
         people[0].documents.extend(_big_documents(seed, people[0], big_docs, big_total_bytes))
         people[0].documents.sort(key=lambda d: (d.date, d.id))
     return World(seed=seed, patients=people, organizations=organizations(), practitioners=practitioners(),
-                 endpoints=[PACS])
+                 endpoints=[PACS], today=today)
 
 
 def _big_documents(seed: int, patient: SandboxPatient, count: int, total: int) -> list[SandboxDocument]:
-    """Mixed sizes summing exactly to ``total``; each hash computed by streaming once, then cached."""
+    """Mixed sizes summing exactly to ``total``; each hash computed by streaming once, then cached.
+
+    They are dated before the patient's other documents, so they never make the current workup look stale
+    or inconsistent (a big pathology report newer than the treatment plan would), and they skip the types
+    an incomplete case lacks.
+    """
     rng = random.Random(f"fhir-bridge-sandbox:{seed}:big")
     weights = [rng.uniform(0.25, 1.75) for _ in range(count)]
     spare = total - count * MIN_BIG_DOC
     sizes = [MIN_BIG_DOC + int(spare * w / sum(weights)) for w in weights]
     sizes[-1] += total - sum(sizes)
     template = patient.documents[-1]
+    oldest = min(d.date for d in patient.documents)
+    types = [c for c in tables()["big_document_types"] if c not in patient.missing]
     author = next(a for a in practitioners() if a.id == template.author_id)
     organization = next(o for o in organizations() if o.id == template.organization_id)
     docs = []
     for n, size in enumerate(sizes):
-        code = tables()["big_document_types"][n % len(tables()["big_document_types"])]
+        code = types[n % len(types)]
         info = tables()["document_types"][code]
-        when = template.date - timedelta(days=n + 1)
+        when = oldest - timedelta(days=1 + n % 3650)
         uid = f"2.25.{rng.getrandbits(120)}"
         title = f"{info['title']} — dossier volumineux {n + 1}/{count}"
         rendering = Rendering(
@@ -172,6 +193,7 @@ def world_summary(world: World, *, faults: bool) -> dict[str, Any]:
     """What a correct consumer should find, per patient, as JSON (served at ``/_sandbox/world``).
 
     ``intact`` is what a reviewer may receive: current, not masked, and (when ``faults``) not damaged.
+    ``incomplete`` patients lack every document of the ``missing`` type codes, so triage blocks their case.
     """
     patients = []
     for p in world.patients:
@@ -186,6 +208,8 @@ def world_summary(world: World, *, faults: bool) -> dict[str, Any]:
             "name": {"given": p.given, "family": p.family},
             "specialty": p.specialty,
             "condition": p.condition,
+            "incomplete": bool(p.missing),
+            "missing": list(p.missing),
             "documents": {
                 "all": ids(lambda d: True),
                 "current": ids(lambda d: d.status == CURRENT),
@@ -205,4 +229,4 @@ def world_summary(world: World, *, faults: bool) -> dict[str, Any]:
             "study_uids": {s.id: s.uid for s in p.studies},
             "endpoints": sorted({s.endpoint_id for s in p.studies}),
         })
-    return {"seed": world.seed, "faults": faults, "patients": patients}
+    return {"seed": world.seed, "today": world.today.isoformat(), "faults": faults, "patients": patients}
