@@ -96,3 +96,18 @@ def test_metrics_show_cases_and_the_queue(bridge: Bridge, routed_case: dict[str,
     text = httpx.get(bridge.api.removesuffix("/fhir") + "/metrics").text
     assert 'fhir_bridge_cases_open{status="ready"}' in text
     assert "fhir_bridge_jobs_waiting" in text and "fhir_bridge_cases_overdue" in text
+
+
+def test_a_tumor_board_case_goes_to_a_panel_covering_its_disciplines(bridge: Bridge, sandbox: Sandbox) -> None:
+    patient = sandbox.world()["patients"][0]
+    body = second_opinion_request(patient, "BOARD-1")
+    body["code"]["coding"][0]["code"] = "tumor-board-opinion"
+    answer = post(bridge.api, "ServiceRequest", body)
+    assert answer.status_code == 201, answer.text
+    task = wait_task(bridge.api, answer.json()["id"])
+    assert task["status"] == "ready", task.get("statusReason")
+    assert task["owner"]["reference"].startswith("CareTeam/")
+    panel = REGISTRY.panels[owner(task)]
+    assert "oncology" in panel.specialties
+    covered = set().union(*(REGISTRY.reviewers[m].disciplines for m in panel.members))
+    assert panel.required <= covered
