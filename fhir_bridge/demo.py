@@ -51,7 +51,7 @@ def second_opinion_request(patient: dict[str, Any], request_id: str) -> dict[str
         "reasonCode": [{"text": "Confirmer le diagnostic et évaluer le plan de traitement proposé"}],
         "note": [{"text": "Plan proposé : chirurgie puis chimiothérapie adjuvante."}],
         "occurrenceDateTime": "2026-12-31T12:00:00Z",
-        "requester": {"display": "Dr Claire Martin, CHU de Lyon"},
+        "requester": {"display": "Dr Sophie Bernard, CH de Valence"},
     }
 
 
@@ -117,7 +117,13 @@ def _scenario(http: httpx.Client, api: str, sandbox: str, out_dir: Path, console
         raise RuntimeError(f"the case did not become ready: {task.get('status')} "
                            f"{(task.get('statusReason') or {}).get('text', '')}")
     state = task["businessStatus"]["coding"][0]["code"]
-    console.print(f"[bold]task[/]    Task/{task['id']} is {task['status']} ({state})")
+    console.print(f"[bold]task[/]    Task/{task['id']} is {task['status']} ({state}), due "
+                  f"{task['restriction']['period']['end']}")
+    triage = next((c for c in task.get("contained", []) if c.get("id") == "triage"), {"issue": []})
+    findings = [i for i in triage["issue"] if i.get("details")]
+    blocking = sum(1 for i in findings if i.get("severity") in ("error", "fatal"))
+    console.print(f"[bold]triage[/]  {len(findings)} finding(s), {blocking} blocking; routed to "
+                  f"{(task.get('owner') or {}).get('display', 'nobody yet')}")
     bundle_ref = next(o["valueReference"]["reference"] for o in task["output"]
                       if o["type"]["coding"][0]["code"] == "case-bundle")
     case_bundle = http.get(f"{api}/{bundle_ref}").raise_for_status().content
@@ -127,6 +133,8 @@ def _scenario(http: httpx.Client, api: str, sandbox: str, out_dir: Path, console
     types = [e["resource"]["resourceType"] for e in parsed["entry"]]
     left_out = []
     for contained in task.get("contained", []):
+        if contained.get("id") != "left-out":
+            continue
         for issue in contained.get("issue", []):
             codes = (issue.get("details") or {}).get("coding") or []
             if codes:
