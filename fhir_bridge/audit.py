@@ -31,7 +31,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
-from fhir_bridge.errors import BridgeError, InvalidInput
+from fhir_bridge.errors import AuditUnavailable as AuditUnavailable  # kept importable from here
+from fhir_bridge.errors import InvalidInput
 from fhir_bridge.identity import PatientIdentifier
 
 Resource = dict[str, Any]
@@ -51,10 +52,10 @@ JTI_PREFIX = "urn:ietf:params:oauth:jti:"  # BALP OAUTHaccessTokenUse: "jti SHAL
 # R4 restful-interaction → AuditEvent.action (R4 valueset-audit-event-action: C R U D E)
 _ACTIONS = {"read": "R", "vread": "R", "history-instance": "R", "history-type": "R", "search-type": "E",
             "search-system": "E", "operation": "E", "create": "C", "update": "U", "patch": "U", "delete": "D",
-            "transaction": "E", "batch": "E"}  # fmt: skip
+            "transaction": "E", "batch": "E", "capabilities": "R"}  # fmt: skip
 # Who is DICOM "Source" and who "Destination" (STANDARDS.md §7, BALP Read/Query profiles): the data of a read
 # flows to the client, which is then the Destination; for a query or a write the client is the Source.
-_CLIENT_IS_DESTINATION = frozenset({"read", "vread", "history-instance", "history-type"})
+_CLIENT_IS_DESTINATION = frozenset({"read", "vread", "history-instance", "history-type", "capabilities"})
 _ROLE_NAMES = {"110153": "Source Role ID", "110152": "Destination Role ID", "110150": "Application"}
 # MHD / PDQm transactions the bridge consumes or initiates, with the REST interaction each one is
 _TRANSACTIONS = {
@@ -65,13 +66,6 @@ _TRANSACTIONS = {
 }
 _OBJECT_ROLES = {"3": "Report", "4": "Domain Resource", "20": "Job", "24": "Query"}  # R4 object-role
 OUTCOMES = ("0", "4", "8", "12")  # R4 AuditEvent.outcome: success, minor, serious, major failure
-
-
-class AuditUnavailable(BridgeError):
-    """The audit log could not store an event: the exchange must be refused (fail closed, no audit no exchange)."""
-
-    issue_type = "transient"
-    code = "audit-unavailable"
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from fhir_bridge.errors import BridgeError, MalformedResource
+from fhir_bridge.errors import AuditIntegrityError as AuditIntegrityError  # kept importable from here
+from fhir_bridge.errors import MalformedResource
 from fhir_bridge.resources import dumps, loads
 
 Resource = dict[str, Any]
@@ -35,13 +36,6 @@ Resource = dict[str, Any]
 CHAIN_URL = "https://fhir-bridge.dev/fhir/StructureDefinition/audit-chain"
 GENESIS = "0" * 64
 EXPORT_FORMAT = "fhir-bridge-audit-export/1"
-
-
-class AuditIntegrityError(BridgeError):
-    """The stored chain does not verify, so the operation that relies on it (export, purge) is refused."""
-
-    issue_type = "exception"
-    code = "audit-chain-broken"
 
 
 class SignatureVerifier(Protocol):

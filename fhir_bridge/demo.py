@@ -74,7 +74,7 @@ def run_demo(out_dir: Path, console: Console) -> DemoResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fhir-bridge-demo-") as tmp:
         data_dir = Path(tmp)
-        with EmbeddedRedis(data_dir, appendfsync="everysec") as redis, ProcessGroup(out_dir / "logs") as group:
+        with EmbeddedRedis(data_dir, appendfsync="always") as redis, ProcessGroup(out_dir / "logs") as group:
             console.print(f"[bold]redis[/]   private redis-server at {redis.url}")
             sandbox_port, api_port = free_port(), free_port()
             source = f"http://127.0.0.1:{sandbox_port}/fhir"
@@ -119,7 +119,7 @@ def _scenario(http: httpx.Client, api: str, sandbox: str, out_dir: Path, console
     state = task["businessStatus"]["coding"][0]["code"]
     console.print(f"[bold]task[/]    Task/{task['id']} is {task['status']} ({state}), due "
                   f"{task['restriction']['period']['end']}")
-    triage = next((c for c in task.get("contained", []) if c.get("id") == "triage"), {"issue": []})
+    triage: dict[str, Any] = next((c for c in task.get("contained", []) if c.get("id") == "triage"), {"issue": []})
     findings = [i for i in triage["issue"] if i.get("details")]
     blocking = sum(1 for i in findings if i.get("severity") in ("error", "fatal"))
     console.print(f"[bold]triage[/]  {len(findings)} finding(s), {blocking} blocking; routed to "

@@ -17,6 +17,8 @@ Drawn the way httpx draws its own (``_exceptions.py``)::
     ├── Forbidden                    "forbidden"
     ├── Unauthenticated              "login"
     ├── BlobUnreadable               "exception" our stored bytes fail decryption/authentication (500)
+    ├── AuditUnavailable             "transient" the audit log can not store an event: the exchange is refused
+    ├── AuditIntegrityError          "exception" the stored audit chain does not verify (export, purge refused)
     └── SourceError                  "exception" (the national-record source misbehaved)
         ├── NotAFhirSource           "invalid"   the URL does not answer FHIR at all
         ├── SourceProtocolError      "invalid"   a FHIR answer that breaks the protocol (page not a Bundle…)
@@ -182,6 +184,20 @@ class BlobUnreadable(BridgeError):
     """
 
     code = "blob-unreadable"
+
+
+class AuditUnavailable(BridgeError):
+    """The audit log could not store an event: the exchange must be refused (fail closed, no audit no exchange)."""
+
+    issue_type = "transient"
+    code = "audit-unavailable"
+
+
+class AuditIntegrityError(BridgeError):
+    """The stored chain does not verify, so the operation that relies on it (export, purge) is refused."""
+
+    issue_type = "exception"
+    code = "audit-chain-broken"
 
 
 class AttachmentError(SourceError):

@@ -3,31 +3,46 @@
 Nothing else builds adapters. Redis: ``redis.url`` when set; otherwise the bridge starts a private
 ``redis-server`` with append-only persistence under ``data_dir/redis`` and writes its URL to
 ``data_dir/redis/url`` so a ``fhir-bridge worker`` with the same data directory joins it.
+
+The audit trail (issue 7) is wired here: one :class:`RedisAuditLog` per process, signing with the bridge's
+audit key, on the same Redis (the private server runs with ``appendfsync always`` by default, so an event is
+on disk before the answer it records leaves). Three writers feed it: the API's audit middleware (one event per
+inbound call, ``fhir_bridge.api.audit_middleware``), the source client's exchange hook (one per outbound
+exchange, :func:`source_recorder`) and the TaskBook (one per case change). A timer signs a checkpoint every
+``[audit] checkpoint_seconds`` in quiet periods, and the runtime signs one when it closes (API and worker
+shutdown).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 from fastapi import FastAPI
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
+from fhir_bridge import audit_context
+from fhir_bridge.adapters.audit_log import RedisAuditLog
 from fhir_bridge.adapters.blobstore import BlobKeyring, FileBlobStore
 from fhir_bridge.adapters.queue import RedisJobQueue
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.adapters.redis_store import RedisResourceStore
 from fhir_bridge.adapters.settings import Settings
-from fhir_bridge.adapters.source_client import SourceClient
-from fhir_bridge.errors import InvalidInput
-from fhir_bridge.ports import Job, SourcePort
+from fhir_bridge.adapters.signing import Es384Signer, JwsVerifier, SigningKeyError, load_or_create_signer
+from fhir_bridge.adapters.source_client import SourceClient, SourceExchange
+from fhir_bridge.audit import Party, rest_event, source_event
+from fhir_bridge.errors import AuditUnavailable, InvalidInput
+from fhir_bridge.ports import AuditPort, Job, SourcePort
 from fhir_bridge.terminology import load_terminology
 from fhir_bridge.workflow.cases import COLLECT_JOB, CaseService
 
@@ -40,6 +55,77 @@ class Runtime:
     redis: Redis
     queue: RedisJobQueue
     cases: CaseService
+    audit: RedisAuditLog
+    bridge: Party  # the bridge as an AuditEvent agent and observer
+
+
+def bridge_party(settings: Settings, role: str) -> Party:
+    """The bridge in AuditEvents: its public FHIR base when configured (one id for every process of a
+    deployment), else ``fhir-bridge``; ``role`` (api, worker…) and the host tell the processes apart."""
+    base = settings.api.public_base_url.rstrip("/")
+    return Party(f"{base}/fhir" if base else "fhir-bridge", address=socket.gethostname(), name=f"fhir-bridge {role}")
+
+
+def audit_signer(settings: Settings) -> Es384Signer:
+    """The key that signs audit checkpoints and export manifests ([audit] signing_key, or the bridge's own)."""
+    if settings.audit.signing_key:
+        path = Path(settings.audit.signing_key)
+        try:
+            pem = path.read_bytes()
+        except OSError as exc:
+            raise SigningKeyError(f"cannot read [audit] signing_key {path.name}: {type(exc).__name__}") from None
+        return Es384Signer.from_pem(pem)
+    return load_or_create_signer(settings.data_dir / "keys")
+
+
+def audit_verifier(settings: Settings, signer: Es384Signer, extra: tuple[Path, ...] = ()) -> JwsVerifier:
+    """Verifies checkpoints signed by the current key and by the earlier ones ([audit] verify_keys)."""
+    jwks: list[dict[str, Any]] = [signer.public_jwk()]
+    for path in [*map(Path, settings.audit.verify_keys), *extra]:
+        try:
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise SigningKeyError(f"cannot read the verification key {path.name}: {type(exc).__name__}") from None
+        jwks += data.get("keys", [data]) if isinstance(data, dict) else []
+    return JwsVerifier(jwks)
+
+
+def open_audit_log(settings: Settings, redis: Redis, *, verify_keys: tuple[Path, ...] = ()) -> RedisAuditLog:
+    signer = audit_signer(settings)
+    return RedisAuditLog(redis, signer=signer, verifier=audit_verifier(settings, signer, verify_keys),
+                         checkpoint_every=settings.audit.checkpoint_every,
+                         checkpoint_seconds=settings.audit.checkpoint_seconds)  # fmt: skip
+
+
+def source_recorder(audit: AuditPort, bridge: Party, source: Party) -> Callable[[SourceExchange], Awaitable[None]]:
+    """The source client's exchange hook: one AuditEvent per logical exchange with the source.
+
+    ITI-78, ITI-67 and ITI-68 are ``source_event``s (BALP's PDQm/MHD consumer patterns); the ImagingStudy
+    search and the Endpoint reads, which have no IHE transaction, are recorded in the plain BALP RESTful
+    shape with the bridge as the client and the source as the server (the bridge still observes). The
+    patient is the one the workflow is working for (``audit_context.patient``) when the call does not name it.
+    """
+
+    async def record(exchange: SourceExchange) -> None:
+        patient = exchange.patient or audit_context.patient.get()
+        if exchange.transaction is not None:
+            event = source_event(transaction=exchange.transaction, status=exchange.status, bridge=bridge,
+                                 source=source, patient=patient, query=exchange.query,
+                                 document=exchange.url if exchange.transaction == "ITI-68" else None,
+                                 request_id=exchange.request_id, outcome_desc=exchange.error)  # fmt: skip
+        else:
+            resource_id = exchange.url.rstrip("/").rsplit("/", 1)[-1] if exchange.interaction == "read" else None
+            event = rest_event(interaction=exchange.interaction, resource_type=exchange.resource_type,
+                               status=exchange.status, client=bridge, bridge=source, resource_id=resource_id,
+                               patient=patient, query=exchange.query, request_id=exchange.request_id,
+                               outcome_desc=exchange.error)  # fmt: skip
+            observer: dict[str, Any] = {"identifier": {"value": bridge.id}}
+            if bridge.name:
+                observer["display"] = bridge.name
+            event["source"] = {**event["source"], "observer": observer}  # we record it, not the source
+        await audit.append(event)
+
+    return record
 
 
 def url_file(settings: Settings) -> Path:
@@ -85,9 +171,11 @@ def _answers(url: str) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def open_runtime(settings: Settings, redis_url: str) -> AsyncIterator[Runtime]:
-    """Open every adapter once for this process, and close them at the end."""
+async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") -> AsyncIterator[Runtime]:
+    """Open every adapter once for this process, and close them at the end (signing a last audit checkpoint)."""
     redis = Redis.from_url(redis_url)
+    audit = open_audit_log(settings, redis)
+    bridge = bridge_party(settings, role)
     queue = RedisJobQueue.from_url(
         redis_url,
         max_attempts=settings.worker.max_attempts,
@@ -95,7 +183,11 @@ async def open_runtime(settings: Settings, redis_url: str) -> AsyncIterator[Runt
         backoff_initial=settings.worker.retry_backoff_initial,
         backoff_max=settings.worker.retry_backoff_max,
     )
-    source = SourceClient(settings.source.url, settings.source) if settings.source.url else None
+    source = None
+    if settings.source.url:
+        source_as_party = Party(settings.source.url.rstrip("/"), address=settings.source.url.rstrip("/"))
+        source = SourceClient(settings.source.url, settings.source,
+                              on_exchange=source_recorder(audit, bridge, source_as_party))
 
     @contextlib.asynccontextmanager
     async def shared_source() -> AsyncIterator[SourcePort]:
@@ -113,14 +205,36 @@ async def open_runtime(settings: Settings, redis_url: str) -> AsyncIterator[Runt
         terminology=load_terminology(),
         work_dir=settings.data_dir / "work",
         max_attempts=settings.worker.max_attempts,
+        audit=audit,
+        audit_agent=bridge,
     )
+    timer = asyncio.create_task(_checkpoint_timer(audit, settings.audit.checkpoint_seconds))
     try:
-        yield Runtime(settings=settings, redis=redis, queue=queue, cases=cases)
+        yield Runtime(settings=settings, redis=redis, queue=queue, cases=cases, audit=audit, bridge=bridge)
     finally:
+        timer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await timer
+        await _checkpoint(audit)
         if source is not None:
             await source.aclose()
         await queue.aclose()
         await redis.aclose()
+
+
+async def _checkpoint(audit: RedisAuditLog) -> None:
+    """Sign the chain's end now (a no-op when a checkpoint covers it); a failure is logged, never raised."""
+    try:
+        await audit.checkpoint()
+    except (AuditUnavailable, RedisError, OSError) as exc:
+        log.warning("audit.checkpoint_failed", error=type(exc).__name__)
+
+
+async def _checkpoint_timer(audit: RedisAuditLog, seconds: float) -> None:
+    """Appends checkpoint when one is due; this signs the last events of a quiet period too."""
+    while True:
+        await asyncio.sleep(seconds)
+        await _checkpoint(audit)
 
 
 def build_app(settings: Settings, redis_url: str) -> FastAPI:
@@ -131,10 +245,12 @@ def build_app(settings: Settings, redis_url: str) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_runtime(settings, redis_url) as runtime:
+        async with open_runtime(settings, redis_url, "api") as runtime:
             holder["runtime"] = runtime
             app.state.cases = runtime.cases
             app.state.queue = runtime.queue
+            app.state.audit = runtime.audit
+            app.state.audit_bridge = runtime.bridge
             yield
 
     async def ready() -> None:
@@ -150,7 +266,7 @@ async def run_worker(settings: Settings, redis_url: str, name: str | None = None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with open_runtime(settings, redis_url) as runtime:
+    async with open_runtime(settings, redis_url, "worker") as runtime:
         handlers = {COLLECT_JOB: runtime.cases.run_collect_job}
 
         async def handle(job: Job) -> None:
@@ -159,7 +275,8 @@ async def run_worker(settings: Settings, redis_url: str, name: str | None = None
                 raise InvalidInput(f"unknown job kind {job.kind!r}")
             structlog.contextvars.bind_contextvars(job=job.id, attempt=job.attempt)
             try:
-                await handler(job)
+                with audit_context.bound(job_id=job.id):
+                    await handler(job)
             finally:
                 structlog.contextvars.clear_contextvars()
 

@@ -59,6 +59,17 @@ class SourcePort(Protocol):
         ...
 
 
+class AuditPort(Protocol):
+    """The audit trail (``fhir_bridge.adapters.audit_log.RedisAuditLog``): stores one AuditEvent for good.
+
+    ``append`` returns the event as stored (its ``id`` the position in the log, ``recorded`` stamped by the
+    log) and raises :class:`~fhir_bridge.errors.AuditUnavailable` when it can not: the caller then refuses
+    or fails the exchange (fail closed, no audit no exchange).
+    """
+
+    async def append(self, event: dict[str, Any]) -> dict[str, Any]: ...
+
+
 class Clock(Protocol):
     def now(self) -> datetime: ...
 

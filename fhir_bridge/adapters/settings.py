@@ -51,7 +51,18 @@ class SourceSettings(BaseModel):
 class RedisSettings(BaseModel):
     url: str = ""
     server_binary: str = "redis-server"
-    appendfsync: str = "everysec"
+    # the private server holds the audit log: an AuditEvent must be on disk before its answer leaves
+    appendfsync: str = "always"
+
+
+class AuditSettings(BaseModel):
+    """The audit trail (issue 7): checkpoint cadence, retention, which key signs."""
+
+    checkpoint_every: int = Field(default=1000, ge=1)
+    checkpoint_seconds: float = Field(default=60.0, gt=0)
+    retention_days: int = Field(default=0, ge=0)  # 0: keep every event
+    signing_key: str = ""  # a PKCS#8 P-384 PEM; empty: data_dir/keys/audit-signing.pem, created on first use
+    verify_keys: list[str] = Field(default_factory=list)  # public JWK (Set) files of earlier signing keys
 
 
 class ApiSettings(BaseModel):
@@ -82,6 +93,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     api: ApiSettings = ApiSettings()
     worker: WorkerSettings = WorkerSettings()
+    audit: AuditSettings = AuditSettings()
     log_level: str = "INFO"
 
     @classmethod

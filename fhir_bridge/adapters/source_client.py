@@ -19,16 +19,28 @@ offers it). What it guarantees to the workflow:
   attachment URLs may point elsewhere (a separate document repository) and get no token.
 
 URLs in errors and logs have their query removed: queries carry patient identifiers.
+
+Audit (issue 7, STANDARDS.md §7): an optional ``on_exchange`` hook is awaited once per **logical exchange**,
+when it ends, with a :class:`SourceExchange`: a whole search (every page, every retry: one event with the
+first request as sent and the final status), one ITI-68 retrieve (its retries included), one Endpoint read.
+Per logical exchange rather than per attempt because that is what an auditor asks about ("the bridge fetched
+this patient's documents at 10:02"); the retries are in the logs. Every request of one exchange carries the
+same ``X-Request-Id`` (the inbound call's id when there is one, see ``fhir_bridge.audit_context``), so the
+source's own logs can be matched to our AuditEvents. A hook that raises (the audit log is down) makes the
+exchange fail with that error: no audit, no exchange.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit, urlunsplit
@@ -36,10 +48,12 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import httpx
 import structlog
 
+from fhir_bridge import audit_context
 from fhir_bridge.adapters.settings import SourceSettings
 from fhir_bridge.errors import (
     AmbiguousPatient,
     AttachmentError,
+    BridgeError,
     NotAFhirSource,
     PagingError,
     SourceError,
@@ -57,6 +71,43 @@ log = structlog.get_logger("fhir_bridge.source")
 
 _CHUNK = 256 * 1024
 _JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceExchange:
+    """One logical exchange with the source, as the audit hook sees it once it is over.
+
+    ``transaction`` is the IHE transaction it is (``ITI-78`` the Patient search, ``ITI-67`` the
+    DocumentReference search, ``ITI-68`` a document retrieve) or None for a plain FHIR interaction with no
+    IHE name (the ImagingStudy search, an Endpoint read); ``interaction`` the R4 restful-interaction
+    (``search-type`` or ``read``); ``url`` the request URL without its query; ``query`` for a search, the
+    first request as sent (``GET <url>?<query>``, patient identifier included: it goes to the audit log
+    only); ``status`` the last HTTP status the source answered (None: no answer at all); ``patient`` the
+    patient identifier when the client itself knows it (the ITI-78 search); ``error`` the error code when
+    the exchange failed (``source-unavailable``, ``attachment-error:hash-mismatch``…).
+    """
+
+    transaction: str | None
+    interaction: str
+    resource_type: str
+    url: str
+    query: str | None
+    status: int | None
+    request_id: str
+    patient: PatientIdentifier | None = None
+    error: str | None = None
+
+
+ExchangeHook = Callable[[SourceExchange], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """An exchange in progress: the id every request carries, the first URL sent, the last status seen."""
+
+    request_id: str
+    first_url: str | None = None
+    status: int | None = None
 
 
 class OutboundAuth(Protocol):
@@ -97,6 +148,7 @@ class SourceClient:
         auth: OutboundAuth | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         policy: RetryPolicy | None = None,
+        on_exchange: ExchangeHook | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -130,6 +182,7 @@ class SourceClient:
             headers={"User-Agent": "fhir-bridge"},
         )
         self.requests_made = 0
+        self._on_exchange = on_exchange
 
     async def __aenter__(self) -> SourceClient:
         return self
@@ -151,16 +204,60 @@ class SourceClient:
     def _same_origin(self, url: str) -> bool:
         return _origin(url) == _origin(self.base_url)
 
+    # -- the audit hook ------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _exchange(
+        self,
+        transaction: str | None,
+        interaction: str,
+        resource_type: str,
+        url: str,
+        *,
+        patient: PatientIdentifier | None = None,
+    ) -> AsyncIterator[_Exchange]:
+        """One logical exchange: report it to ``on_exchange`` when it ends, whether it worked or not (an exchange
+        cancelled part way, at shutdown, is not reported: its job runs again and its retry is)."""
+        exchange = _Exchange(audit_context.request_id.get() or str(uuid.uuid4()))
+        try:
+            yield exchange
+        except Exception as exc:
+            await self._report(exchange, transaction, interaction, resource_type, url, patient, exc)
+            raise
+        await self._report(exchange, transaction, interaction, resource_type, url, patient, None)
+
+    async def _report(self, exchange: _Exchange, transaction: str | None, interaction: str, resource_type: str,
+                      url: str, patient: PatientIdentifier | None, error: Exception | None) -> None:
+        if self._on_exchange is None:
+            return
+        status = exchange.status
+        if status is None and isinstance(error, SourceError):
+            status = error.status
+        code = None
+        if error is not None:
+            code = error.code if isinstance(error, BridgeError) else type(error).__name__
+            if isinstance(error, AttachmentError):
+                code = f"{code}:{error.reason}"
+        query = f"GET {exchange.first_url}" if interaction.startswith("search") and exchange.first_url else None
+        await self._on_exchange(SourceExchange(
+            transaction=transaction, interaction=interaction, resource_type=resource_type, url=redact(url),
+            query=query, status=status, request_id=exchange.request_id, patient=patient, error=code,
+        ))  # fmt: skip
+
     # -- the one request loop ----------------------------------------------------------------------
 
     async def _send(self, method: str, url: str, *, params: Mapping[str, str] | None = None,
-                    accept: str = FHIR_JSON, stream: bool = False) -> httpx.Response:
+                    accept: str = FHIR_JSON, stream: bool = False,
+                    exchange: _Exchange | None = None) -> httpx.Response:
         """Send with retries; returns a response whose status is not retryable (caller closes it when streaming)."""
         deadline = time.monotonic() + self._settings.total_deadline
         attempt = 0
+        last_status: int | None = None
         while True:
             attempt += 1
             headers = {"Accept": accept}
+            if exchange is not None:
+                headers["X-Request-Id"] = exchange.request_id
             if self._auth is not None and self._same_origin(url):
                 headers.update(await self._auth.headers())
             retry_after: str | None = None
@@ -168,7 +265,12 @@ class SourceClient:
                 async with self._slots:
                     self.requests_made += 1
                     request = self._http.build_request(method, url, params=params, headers=headers)
+                    if exchange is not None and exchange.first_url is None:
+                        exchange.first_url = str(request.url)
                     response = await self._http.send(request, stream=stream)
+                last_status = response.status_code
+                if exchange is not None:
+                    exchange.status = last_status
                 if not self._policy.should_retry_status(response.status_code):
                     return response
                 retry_after = response.headers.get("Retry-After")
@@ -176,22 +278,27 @@ class SourceClient:
                 await response.aclose()
             except (httpx.TransportError, httpx.TimeoutException) as exc:
                 problem = type(exc).__name__
+                last_status = None
+                if exchange is not None:
+                    exchange.status = None
             if not self._policy.can_retry(attempt):
                 raise SourceUnavailable(
-                    f"source did not answer after {attempt} tries ({problem}) at {redact(url)}", url=redact(url)
+                    f"source did not answer after {attempt} tries ({problem}) at {redact(url)}", url=redact(url),
+                    status=last_status,
                 )
             wait = self._policy.delay(attempt, retry_after)
             if time.monotonic() + wait > deadline:
                 raise SourceUnavailable(
                     f"source still failing ({problem}) when the {self._settings.total_deadline:g} s deadline "
                     f"came, at {redact(url)}",
-                    url=redact(url),
+                    url=redact(url), status=last_status,
                 )
             log.info("source.retry", url=redact(url), problem=problem, attempt=attempt, wait=round(wait, 3))
             await asyncio.sleep(wait)
 
-    async def _get_json(self, url: str, params: Mapping[str, str] | None = None) -> Resource:
-        response = await self._send("GET", url, params=params, stream=True)
+    async def _get_json(self, url: str, params: Mapping[str, str] | None = None,
+                        exchange: _Exchange | None = None) -> Resource:
+        response = await self._send("GET", url, params=params, stream=True, exchange=exchange)
         try:
             body = await self._read_capped(response, self._settings.max_json_bytes)
         finally:
@@ -245,7 +352,8 @@ class SourceClient:
 
     # -- searches -----------------------------------------------------------------------------------
 
-    async def search_pages(self, resource_type: str, params: Mapping[str, str]) -> AsyncIterator[Resource]:
+    async def search_pages(self, resource_type: str, params: Mapping[str, str],
+                           exchange: _Exchange | None = None) -> AsyncIterator[Resource]:
         """Yield each searchset page, following ``Bundle.link[next]`` (FHIR R4 http.html#paging)."""
         url = f"{self.base_url}/{resource_type}"
         page_params: Mapping[str, str] | None = {"_count": str(self._settings.page_size), **params}
@@ -253,7 +361,7 @@ class SourceClient:
         pages = 0
         while True:
             try:
-                page = await self._get_json(url, page_params)
+                page = await self._get_json(url, page_params, exchange)
             except SourceRejected as exc:
                 if exc.status in (404, 405) and pages == 0:  # no such type-level search at this base
                     raise NotAFhirSource(
@@ -288,10 +396,16 @@ class SourceClient:
             url, page_params = next_url, None
 
     async def search(self, resource_type: str, params: Mapping[str, str]) -> tuple[list[Resource], list[Resource]]:
-        """Every match and every ``include`` entry of a search, over all pages."""
+        """Every match and every ``include`` entry of a search, over all pages (one audited exchange)."""
+        url = f"{self.base_url}/{resource_type}"
+        async with self._exchange(None, "search-type", resource_type, url) as exchange:
+            return await self._search(resource_type, params, exchange)
+
+    async def _search(self, resource_type: str, params: Mapping[str, str],
+                      exchange: _Exchange) -> tuple[list[Resource], list[Resource]]:
         matches: list[Resource] = []
         included: list[Resource] = []
-        async for page in self.search_pages(resource_type, params):
+        async for page in self.search_pages(resource_type, params, exchange):
             for entry in page.get("entry", []) or []:
                 resource = entry.get("resource")
                 if not isinstance(resource, dict):
@@ -303,8 +417,11 @@ class SourceClient:
         return matches, included
 
     async def find_patient(self, identifier: PatientIdentifier) -> Resource:
-        """Resolve the Patient by identifier (PDQm-style ``Patient?identifier=``), verifying the match."""
-        matches, _ = await self.search("Patient", {"identifier": identifier.token})
+        """Resolve the Patient by identifier (PDQm-style ``Patient?identifier=``, audited as ITI-78), verifying
+        the match."""
+        url = f"{self.base_url}/Patient"
+        async with self._exchange("ITI-78", "search-type", "Patient", url, patient=identifier) as exchange:
+            matches, _ = await self._search("Patient", {"identifier": identifier.token}, exchange)
         patients = [p for p in matches if p.get("resourceType") == "Patient"]
         carrying = [p for p in patients if any(identifier.matches(i) for i in p.get("identifier", []) or [])]
         if len(carrying) > 1:
@@ -323,7 +440,9 @@ class SourceClient:
     ) -> list[Resource]:
         """ITI-67 Find Document References: ``patient`` and ``status=current`` (MHD §2:3.67.4.1.2)."""
         params = {"patient": patient_id, "status": "current", **(extra or {})}
-        matches, _ = await self.search("DocumentReference", params)
+        url = f"{self.base_url}/DocumentReference"
+        async with self._exchange("ITI-67", "search-type", "DocumentReference", url) as exchange:
+            matches, _ = await self._search("DocumentReference", params, exchange)
         return [r for r in matches if r.get("resourceType") == "DocumentReference"]
 
     async def find_imaging_studies(self, patient_id: str) -> tuple[list[Resource], dict[str, Resource]]:
@@ -360,7 +479,8 @@ class SourceClient:
         if not self._same_origin(url):
             return None  # an Endpoint elsewhere is kept as an absolute reference, not fetched with our token
         try:
-            resource = await self._get_json(url)
+            async with self._exchange(None, "read", "Endpoint", url) as exchange:
+                resource = await self._get_json(url, exchange=exchange)
         except SourceRejected:
             return None
         return resource if resource.get("resourceType") == "Endpoint" else None
@@ -384,20 +504,21 @@ class SourceClient:
         if expected_size is not None and expected_size > cap:
             raise AttachmentError(f"declared size {expected_size} is over the {cap} byte limit",
                                   reason="too-large", url=redact(url))
-        for attempt in range(1, self._settings.max_retries + 2):
-            try:
-                return await self._retrieve_once(url, dest, expected_size, expected_sha1)
-            except SourceUnavailable:
-                if attempt > self._settings.max_retries:
-                    raise
-                await asyncio.sleep(self._policy.backoff(attempt))
+        async with self._exchange("ITI-68", "read", "Binary", url) as exchange:
+            for attempt in range(1, self._settings.max_retries + 2):
+                try:
+                    return await self._retrieve_once(url, dest, expected_size, expected_sha1, exchange)
+                except SourceUnavailable:
+                    if attempt > self._settings.max_retries:
+                        raise
+                    await asyncio.sleep(self._policy.backoff(attempt))
         raise AssertionError("unreachable")
 
     async def _retrieve_once(
-        self, url: str, dest: Path, expected_size: int | None, expected_sha1: bytes | None
+        self, url: str, dest: Path, expected_size: int | None, expected_sha1: bytes | None, exchange: _Exchange
     ) -> RetrievedAttachment:
         try:
-            response = await self._send("GET", url, accept="*/*", stream=True)
+            response = await self._send("GET", url, accept="*/*", stream=True, exchange=exchange)
         except SourceUnavailable as exc:
             raise AttachmentError(str(exc), reason="retrieve-failed", url=redact(url)) from None
         cap = self._settings.max_attachment_bytes

@@ -18,9 +18,20 @@ INTERACTIONS: dict[str, list[str]] = {
     "Task": ["read", "vread", "history-instance", "search-type"],
     "Bundle": ["read"],
     "DiagnosticReport": ["create", "read", "vread", "update", "history-instance", "search-type"],
+    "AuditEvent": ["read", "search-type"],  # fhir_bridge.api.audit_routes
 }
 CONDITIONAL_CREATE = frozenset({"ServiceRequest", "DiagnosticReport"})
-#: resource type → instance operations served (``POST [type]/{id}/$name``)
+#: the AuditEvent search parameters (served by fhir_bridge.api.audit_routes over the audit log's own index,
+#: fhir_bridge.audit.index_terms, not the resource store's SEARCH_PARAMS)
+AUDIT_SEARCH_PARAMS: dict[str, tuple[str, str]] = {
+    "date": ("date", "When the event was recorded (AuditEvent.recorded); prefixes eq ge gt le lt"),
+    "patient": ("token", "The patient's identifier, system|value (also as patient:identifier)"),
+    "agent": ("token", "An agent's identifier: a client id, fhir-bridge, the source's base URL"),
+    "subtype": ("token", "The event subtype: a restful interaction, an IHE transaction, a case step"),
+    "outcome": ("token", "0 success, 4 minor failure, 8 serious failure, 12 major failure"),
+    "entity": ("reference", "A resource the event is about (Task/12)"),
+}
+#: resource type → operations served (``POST [type]/{id}/$name``, or type-level ``[type]/$name``)
 OPERATIONS: dict[str, dict[str, str]] = {}
 COMMON_SEARCH = [("_count", "number", "Page size"), ("_offset", "number", "Where the page starts")]
 
@@ -45,7 +56,7 @@ def capability_statement(base_url: str, date: str) -> dict[str, Any]:
                  "documentation": text}
                 for name, text in OPERATIONS[rtype].items()
             ]
-        params = SEARCH_PARAMS.get(rtype)
+        params = SEARCH_PARAMS.get(rtype) or (AUDIT_SEARCH_PARAMS if rtype == "AuditEvent" else None)
         if params and "search-type" in interactions:
             entry["searchParam"] = [
                 {"name": name, "type": kind, "documentation": doc} for name, (kind, doc) in params.items()

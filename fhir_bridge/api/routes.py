@@ -7,7 +7,7 @@ Every error is raised and turned into an OperationOutcome in :mod:`fhir_bridge.a
 from __future__ import annotations
 
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, Depends, Header, Request
 from starlette.responses import Response, StreamingResponse
@@ -21,9 +21,9 @@ from fhir_bridge.api.fhir_io import (
     version_headers,
     written,
 )
-from fhir_bridge.errors import InvalidInput
+from fhir_bridge.errors import InvalidInput, TooLarge
 from fhir_bridge.resources import FHIR_JSON, Resource
-from fhir_bridge.workflow.cases import CaseService, now_instant
+from fhir_bridge.workflow.cases import CaseService, bundle_patient, now_instant
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)])
 READABLE = ("ServiceRequest", "Task", "DiagnosticReport")
@@ -94,6 +94,8 @@ def _created(request: Request, rtype: str, resource: Resource, created: bool) ->
 @router.get("/Bundle/{resource_id}")
 async def read_bundle(request: Request, resource_id: str, service: Cases) -> Response:
     stub = await service.store.read("Bundle", resource_id)
+    # the answer is streamed, so the audit can not read the patient from it: the stub knows (audit_middleware)
+    request.state.audit_patient = bundle_patient(stub)
     chunks = service.bundle_chunks(resource_id)
     return StreamingResponse(chunks, media_type=f"{FHIR_JSON}; charset=utf-8", headers=version_headers(stub))
 
@@ -138,12 +140,7 @@ def _register_reads(rtype: str) -> None:
         return await _search(request, service, rtype, list(request.query_params.multi_items()))
 
     async def search_post(request: Request, service: Cases) -> Response:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip()
-        if content_type != "application/x-www-form-urlencoded":
-            raise InvalidInput("POST _search takes application/x-www-form-urlencoded parameters")
-        form = await request.form()
-        params = [*request.query_params.multi_items(), *((k, str(v)) for k, v in form.multi_items())]
-        return await _search(request, service, rtype, params)
+        return await _search(request, service, rtype, await search_form(request))
 
     router.add_api_route(f"/{rtype}", search, methods=["GET"], name=f"search-{rtype}")
     router.add_api_route(f"/{rtype}/_search", search_post, methods=["POST"], name=f"search-post-{rtype}")
@@ -152,6 +149,25 @@ def _register_reads(rtype: str) -> None:
     router.add_api_route(
         f"/{rtype}/{{resource_id}}/_history/{{version_id}}", vread, methods=["GET"], name=f"vread-{rtype}"
     )
+
+
+async def search_form(request: Request) -> list[tuple[str, str]]:
+    """The parameters of ``POST [type]/_search``: the URL's and the form body's (R4 http.html#search).
+
+    The body is parsed here rather than by Starlette's ``request.form()``, which needs python-multipart."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip()
+    if content_type != "application/x-www-form-urlencoded":
+        raise InvalidInput("POST _search takes application/x-www-form-urlencoded parameters")
+    limit, body = max_body(request), bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise TooLarge(f"request body over the limit of {limit} bytes")
+    try:
+        form = parse_qsl(body.decode("utf-8"), keep_blank_values=True)
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidInput("the _search form body is not UTF-8 form encoding") from None
+    return [*request.query_params.multi_items(), *form]
 
 
 async def _search(request: Request, service: CaseService, rtype: str, params: list[tuple[str, str]]) -> Response:

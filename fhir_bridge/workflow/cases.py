@@ -13,6 +13,10 @@ at any point leaves a state a retry repairs, never a duplicate:
   ready and routed to a reviewer or panel (:mod:`fhir_bridge.workflow.assignment`);
 * each Task transition is a compare-and-set on its versionId (If-Match), so two workers can not both move
   a case, and a transition already made is not made again.
+
+Audit: with an ``audit`` port, every case change appends a job event (:mod:`fhir_bridge.workflow.taskbook`);
+the source calls made for a patient run with that patient in :mod:`fhir_bridge.audit_context`, so the audit
+hook of the source client can name the patient of an ITI-67 search or an ITI-68 retrieve.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from typing import Any
 
 import structlog
 
+from fhir_bridge import audit_context
+from fhir_bridge.audit import Party
 from fhir_bridge.deadlines import DeadlinePolicy, due_date, load_deadline_policy, parse_fhir_datetime
 from fhir_bridge.errors import (
     BusinessRuleViolation,
@@ -38,10 +44,11 @@ from fhir_bridge.errors import (
     SourceUnavailable,
     UnknownPatient,
 )
+from fhir_bridge.identity import PatientIdentifier
 from fhir_bridge.intake import check_request
 from fhir_bridge.opinion import based_on_request, check_against_case, check_amendment, check_new_opinion
 from fhir_bridge.packaging import build_case_bundle, write_bundle
-from fhir_bridge.ports import BlobStorePort, Job, JobQueuePort, ResourceStorePort, SourcePort
+from fhir_bridge.ports import AuditPort, BlobStorePort, Job, JobQueuePort, ResourceStorePort, SourcePort
 from fhir_bridge.resources import Resource
 from fhir_bridge.routing import ReviewerRegistry, load_registry
 from fhir_bridge.search_index import index_terms, parse_criteria
@@ -58,6 +65,8 @@ log = structlog.get_logger("fhir_bridge.cases")
 
 COLLECT_JOB = "collect-case"
 BLOB_EXTENSION = f"{CANONICAL_BASE}/StructureDefinition/blob-digest"
+#: on the stored case Bundle stub only (never served): whose case it is, for the audit of a Bundle read
+BUNDLE_PATIENT = f"{CANONICAL_BASE}/StructureDefinition/case-patient"
 GENERATION = f"{CANONICAL_BASE}/StructureDefinition/collect-generation"
 SourceFactory = Callable[[], AbstractAsyncContextManager[SourcePort]]
 __all__ = ["COLLECT_JOB", "CaseService", "Created", "now_instant"]
@@ -86,6 +95,8 @@ class CaseService:
         triage_rules: TriageRules | None = None,
         registry: ReviewerRegistry | None = None,
         deadlines: DeadlinePolicy | None = None,
+        audit: AuditPort | None = None,
+        audit_agent: Party | None = None,
     ) -> None:
         self.store = store
         self.queue = queue
@@ -97,7 +108,8 @@ class CaseService:
         self.clock = clock
         self.triage_rules = triage_rules or load_triage_rules()
         self.deadlines = deadlines or load_deadline_policy()
-        self.book = TaskBook(store, terminology, clock)
+        self.audit = audit
+        self.book = TaskBook(store, terminology, clock, audit=audit, agent=audit_agent)
         self.assignments = Assignments(self.book, store, registry or load_registry(), self.deadlines, clock)
 
     # -- reads ----------------------------------------------------------------------------------------
@@ -156,8 +168,9 @@ class CaseService:
         down, the request is accepted and the worker resolves the patient when it can.
         """
         try:
-            async with self.source() as source:
-                await source.find_patient(patient)
+            with audit_context.bound(patient=patient):
+                async with self.source() as source:
+                    await source.find_patient(patient)
         except UnknownPatient:
             raise BusinessRuleViolation(
                 "the source has no patient with that identifier", expression=["subject.identifier"]
@@ -201,11 +214,13 @@ class CaseService:
         await asyncio.to_thread(shutil.rmtree, work, True)
         work.mkdir()
         try:
-            async with self.source() as source:
-                collected = await collect_case(source, checked.patient, work / "attachments", self.terminology)
-                bundle = build_case_bundle(
-                    collected.content, terminology=self.terminology, absolute=source.absolute, now=self._now()
-                )
+            with audit_context.bound(patient=checked.patient):
+                async with self.source() as source:
+                    collected = await collect_case(source, checked.patient, work / "attachments",
+                                                   self.terminology)
+                    bundle = build_case_bundle(
+                        collected.content, terminology=self.terminology, absolute=source.absolute, now=self._now()
+                    )
             findings = triage_case(
                 bundle,
                 specialty=checked.specialty,
@@ -236,7 +251,11 @@ class CaseService:
             "identifier": bundle["identifier"],
             "type": "document",
             "timestamp": bundle["timestamp"],
-            "extension": [{"url": BLOB_EXTENSION, "valueString": blob.digest}],
+            "extension": [
+                {"url": BLOB_EXTENSION, "valueString": blob.digest},
+                {"url": BUNDLE_PATIENT, "valueIdentifier": {"system": checked.patient.system,
+                                                            "value": checked.patient.value}},
+            ],
         }
         stored, _ = await self.store.create(stub, index={}, unique_key=f"case-bundle:Task/{task['id']}:{generation}")
         current = await self.store.read("Task", task["id"])
@@ -373,8 +392,19 @@ class CaseService:
         if task["status"] != "completed":
             await self.book.move(task, "completed", "opinion-final", output=output)
         elif output:
-            updated = dict(task, output=[*(task.get("output") or []), *output])
-            await self.store.update(updated, index=index_terms(updated), if_match=task["meta"]["versionId"])
+
+            def add_opinion(t: Resource) -> None:  # re-applied to a fresh read if another writer came first
+                if not any((o.get("valueReference") or {}) == reference for o in t.get("output") or []):
+                    t["output"] = [*(t.get("output") or []), *output]
+
+            await self.book.edit(task, add_opinion)
+
+
+def bundle_patient(stub: Resource) -> PatientIdentifier | None:
+    """The patient of a stored case Bundle stub (None for stubs stored before the audit recorded it)."""
+    identifier = extension_value(stub, BUNDLE_PATIENT, "valueIdentifier") or {}
+    system, value = identifier.get("system"), identifier.get("value")
+    return PatientIdentifier(system, value) if isinstance(system, str) and isinstance(value, str) else None
 
 
 def _generation(task: Resource) -> int:

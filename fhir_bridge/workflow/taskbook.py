@@ -2,6 +2,17 @@
 
 Two workers, or a worker and a reviewer, may act on one case at once; a change made on a stale version is
 re-read and re-decided instead of overwriting the other writer's. Shared by every use case that moves a case.
+
+Audit (issue 7): with an :class:`~fhir_bridge.ports.AuditPort`, every change written here (a transition by
+:meth:`TaskBook.move`, an edit by :meth:`TaskBook.edit`) appends one ``job_event`` (DICOM 110110 "Patient
+Record", action U) naming the Task version written, the patient (``Task.for.identifier``) and the queue job
+when a worker made it. Its subtype is the case state moved to (``collecting``, ``triaged-ready``,
+``waiting-for-documents``, ``in-review``, ``opinion-final``, ``failed``…) or ``case-edit`` for an edit;
+``outcomeDesc`` says what changed, in codes and element names only. The event is appended after the write:
+if the audit log refuses it, :class:`~fhir_bridge.errors.AuditUnavailable` propagates (the request answers
+503, the job is retried) and the write stands. A retried job then finds the transition made and makes no
+second event, so such a transition keeps no job event; the window is one Redis round trip, on the Redis
+that has just taken the write.
 """
 
 from __future__ import annotations
@@ -12,8 +23,11 @@ from typing import Any
 
 import structlog
 
+from fhir_bridge import audit_context
+from fhir_bridge.audit import Party, job_event
 from fhir_bridge.errors import PreconditionFailed
-from fhir_bridge.ports import ResourceStorePort
+from fhir_bridge.identity import PatientIdentifier
+from fhir_bridge.ports import AuditPort, ResourceStorePort
 from fhir_bridge.search_index import index_terms
 from fhir_bridge.tasks import state_of, transition
 from fhir_bridge.terminology import CANONICAL_BASE, Terminology
@@ -22,6 +36,9 @@ Resource = dict[str, Any]
 log = structlog.get_logger("fhir_bridge.cases")
 OUTPUT_TYPES = f"{CANONICAL_BASE}/CodeSystem/task-output"
 _ATTEMPTS = 8
+EDIT_STEP = "case-edit"
+#: who changes cases when no other agent is given (the job event's only agent, DICOM 110150 Application)
+DEFAULT_AGENT = Party("fhir-bridge", name="fhir-bridge")
 
 
 def now_instant(clock: Callable[[], datetime] | None = None) -> str:
@@ -45,14 +62,24 @@ def set_extension(resource: Resource, url: str, value: Any, kind: str = "valueSt
     resource["extension"] = [*others, {"url": url, kind: value}]
 
 
+def task_patient(task: Resource) -> PatientIdentifier | None:
+    """The patient of a case: ``Task.for.identifier`` (the INS copied from the request)."""
+    identifier = ((task.get("for") or {}).get("identifier")) or {}
+    system, value = identifier.get("system"), identifier.get("value")
+    return PatientIdentifier(system, value) if isinstance(system, str) and isinstance(value, str) else None
+
+
 class TaskBook:
     """Reads and writes Tasks with optimistic concurrency."""
 
     def __init__(self, store: ResourceStorePort, terminology: Terminology,
-                 clock: Callable[[], datetime] | None = None) -> None:
+                 clock: Callable[[], datetime] | None = None, *, audit: AuditPort | None = None,
+                 agent: Party | None = None) -> None:
         self.store = store
         self.terminology = terminology
         self.clock = clock
+        self.audit = audit
+        self.agent = agent or DEFAULT_AGENT
 
     async def read(self, task_id: str) -> Resource:
         return await self.store.read("Task", task_id)
@@ -81,9 +108,12 @@ class TaskBook:
             if change is not None:
                 change(moved)
             try:
-                return await self.store.update(moved, index=index_terms(moved), if_match=task["meta"]["versionId"])
+                stored = await self.store.update(moved, index=index_terms(moved), if_match=task["meta"]["versionId"])
             except PreconditionFailed:
                 task = await self.read(task["id"])
+                continue
+            await self._record(stored, state, f"{task['status']}/{state_of(task)} → {status}/{state}")
+            return stored
         raise PreconditionFailed("the case kept changing under us; try again")
 
     async def edit(self, task: Resource, change: Callable[[Resource], None]) -> Resource:
@@ -93,12 +123,25 @@ class TaskBook:
             change(edited)
             if edited == task:
                 return task
+            changed = sorted(k for k in {*task, *edited} if k != "meta" and task.get(k) != edited.get(k))
             edited["lastModified"] = now_instant(self.clock)
             try:
-                return await self.store.update(edited, index=index_terms(edited), if_match=task["meta"]["versionId"])
+                stored = await self.store.update(edited, index=index_terms(edited), if_match=task["meta"]["versionId"])
             except PreconditionFailed:
                 task = await self.read(task["id"])
+                continue
+            await self._record(stored, EDIT_STEP, "changed: " + ", ".join(changed))
+            return stored
         raise PreconditionFailed("the case kept changing under us; try again")
+
+    async def _record(self, stored: Resource, step: str, description: str) -> None:
+        """Append the job event of a change just written (see the module docstring)."""
+        if self.audit is None:
+            return
+        case = f"Task/{stored['id']}/_history/{stored['meta']['versionId']}"
+        event = job_event(step=step, case=case, bridge=self.agent, patient=task_patient(stored),
+                          job_id=audit_context.job_id.get(), outcome_desc=description)  # fmt: skip
+        await self.audit.append(event)
 
     async def fail(self, task: Resource, reason: str) -> None:
         log.warning("case.failed", task=task["id"], reason=reason)
