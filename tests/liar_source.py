@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,8 +16,6 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-
-from fhir_bridge.processes import free_port
 
 NIR = {"system": "urn:oid:1.2.250.1.213.1.4.10", "value": "295109912611193"}
 FHIR = "application/fhir+json"
@@ -59,13 +58,17 @@ def liar_app() -> FastAPI:
 
 @pytest.fixture(scope="session")
 def liar() -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(liar_app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    # bind the socket here and hand it to uvicorn: no window in which another process could take the port
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(liar_app(), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert server.started, "the lying source did not start"
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(5)

@@ -23,9 +23,22 @@ class Sandbox:
         return httpx.get(f"{self.root}/_sandbox/world", timeout=10).raise_for_status().json()
 
 
+def start_on_free_port(group: ProcessGroup, name: str, args: list[str], health_path: str, **kwargs: Any) -> int:
+    """Start a child on a free port, trying another port if one was taken between the pick and the bind."""
+    for attempt in range(3):
+        port = free_port()
+        try:
+            group.start(name, [*args, "--port", str(port)], health_url=f"http://127.0.0.1:{port}{health_path}",
+                        **kwargs)
+            return port
+        except RuntimeError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def start_sandbox(group: ProcessGroup, name: str, *args: str) -> Sandbox:
-    port = free_port()
-    group.start(name, ["sandbox", "--port", str(port), *args], health_url=f"http://127.0.0.1:{port}/healthz")
+    port = start_on_free_port(group, name, ["sandbox", *args], "/healthz")
     return Sandbox(url=f"http://127.0.0.1:{port}/fhir", root=f"http://127.0.0.1:{port}")
 
 
@@ -55,12 +68,10 @@ class Bridge:
 
 def start_bridge(group: ProcessGroup, redis: EmbeddedRedis, source: str, data_dir: Path, name: str,
                  **env: str) -> Bridge:
-    port = free_port()
     full_env = {"FHIR_BRIDGE_REDIS_URL": redis.url, "FHIR_BRIDGE_SOURCE_URL": source,
                 "FHIR_BRIDGE_DATA_DIR": str(data_dir), "FHIR_BRIDGE_LOG_LEVEL": "INFO",
                 "FHIR_BRIDGE_SOURCE__BACKOFF_INITIAL": "0.05", **env}
-    group.start(f"{name}-api", ["serve", "--port", str(port)], health_url=f"http://127.0.0.1:{port}/readyz",
-                extra_env=full_env)
+    port = start_on_free_port(group, f"{name}-api", ["serve"], "/readyz", extra_env=full_env)
     return Bridge(api=f"http://127.0.0.1:{port}/fhir", redis_url=redis.url, data_dir=data_dir, env=full_env,
                   group=group)
 
