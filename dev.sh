@@ -3,8 +3,9 @@
 #   bash dev.sh demo   set everything up, then run the demo
 #   bash dev.sh test   set everything up, then run the whole test suite (ruff, mypy, pytest)
 #   bash dev.sh setup  only set up
-# Set-up: a virtualenv in .venv with the project and its dev dependencies, and redis-server
-# (installed with apt-get when missing and we are root; otherwise one line says what to install).
+# Set-up: a virtualenv in .venv with the project and its dev dependencies, and the system packages
+# redis-server (and for the tests poppler-utils and chromium), installed with apt-get when missing and we are
+# root; otherwise one line says what to install.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -13,7 +14,10 @@ PYTHON="${PYTHON:-python3}"
 need_system_packages() {
   local missing=()
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-  command -v pdftoppm >/dev/null 2>&1 || missing+=(poppler-utils)
+  if [ "${1:-}" = "test" ]; then   # only the tests need these
+    command -v pdftoppm >/dev/null 2>&1 || missing+=(poppler-utils)
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)   # the auditor page's browser test
+  fi
   if [ "${#missing[@]}" -eq 0 ]; then return 0; fi
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "dev.sh: installing ${missing[*]} with apt-get" >&2
@@ -26,7 +30,7 @@ need_system_packages() {
 }
 
 setup() {
-  need_system_packages
+  need_system_packages "${1:-}"
   if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
       || { echo "dev.sh: Python >= 3.11 is needed (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
@@ -48,7 +52,7 @@ case "${1:-}" in
     exec .venv/bin/fhir-bridge demo "$@"
     ;;
   test)
-    setup
+    setup test
     shift
     .venv/bin/ruff check .
     .venv/bin/mypy
