@@ -25,14 +25,13 @@ import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from redis.exceptions import RedisError
 from starlette.responses import Response
 
 from fhir_bridge.api.capability import OPERATIONS
-from fhir_bridge.api.fhir_io import fhir_response
+from fhir_bridge.api.fhir_io import fhir_response, paging, searchset
 from fhir_bridge.api.routes import base_url, router, search_form
 from fhir_bridge.audit import OUTCOMES
 from fhir_bridge.errors import AuditUnavailable, Gone, InvalidInput, NotFound
@@ -143,42 +142,11 @@ def _reference(value: str) -> str:
     return "/".join(parts[-2:])
 
 
-def _int_param(params: list[tuple[str, str]], name: str, default: int, high: int) -> int:
-    values = [v for k, v in params if k == name]
-    if not values:
-        return default
-    if not values[-1].isdigit():
-        raise InvalidInput(f"{name} must be a non-negative integer", expression=[name])
-    return min(high, int(values[-1]))
-
-
 async def _search(request: Request, params: list[tuple[str, str]]) -> Response:
-    settings = request.app.state.settings.api
-    count = _int_param(params, "_count", settings.page_size, settings.max_page_size)
-    offset = _int_param(params, "_offset", 0, 10_000_000)
+    count, offset = paging(request, params)
     filters = parse_audit_search(params)
     events, total = await audit_log(request).search(**filters, count=count, offset=offset)
-    base = base_url(request)
-    kept = [(k, v) for k, v in params if k not in ("_count", "_offset")]
-
-    def link(relation: str, at: int) -> dict[str, str]:
-        query = urlencode([*kept, ("_count", str(count)), ("_offset", str(at))])
-        return {"relation": relation, "url": f"{base}/AuditEvent?{query}"}
-
-    links = [link("self", offset)]
-    if count > 0 and offset + count < total:
-        links.append(link("next", offset + count))
-    if offset > 0:
-        links.append(link("previous", max(0, offset - count)))
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": total,
-        "link": links,
-        "entry": [{"fullUrl": f"{base}/AuditEvent/{e['id']}", "resource": e, "search": {"mode": "match"}}
-                  for e in events],
-    }  # fmt: skip
-    return fhir_response(request, bundle)
+    return fhir_response(request, searchset(base_url(request), "AuditEvent", events, total, params, count, offset))
 
 
 async def search(request: Request) -> Response:

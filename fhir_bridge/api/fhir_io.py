@@ -12,11 +12,12 @@ from __future__ import annotations
 from datetime import datetime
 from email.utils import format_datetime
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import Request
 from starlette.responses import Response
 
-from fhir_bridge.errors import NotAcceptable, TooLarge, UnsupportedMediaType
+from fhir_bridge.errors import InvalidInput, NotAcceptable, TooLarge, UnsupportedMediaType
 from fhir_bridge.resources import FHIR_JSON, Resource, dumps, loads, operation_outcome
 
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
@@ -98,3 +99,44 @@ def written(request: Request, resource: Resource, *, status: int, location: str 
         outcome = operation_outcome("information", "informational", "created" if status == 201 else "done")
         return fhir_response(request, outcome, status=status, headers=headers)
     return fhir_response(request, resource, status=status, headers=headers)
+
+
+def int_param(params: list[tuple[str, str]], name: str, default: int, high: int) -> int:
+    """A non-negative integer result parameter (``_count``, ``_offset``), capped at ``high``."""
+    values = [v for k, v in params if k == name]
+    if not values:
+        return default
+    if not values[-1].isdigit():
+        raise InvalidInput(f"{name} must be a non-negative integer", expression=[name])
+    return min(high, int(values[-1]))
+
+
+def paging(request: Request, params: list[tuple[str, str]]) -> tuple[int, int]:
+    """``_count`` (default and cap from settings) and ``_offset`` of a search."""
+    settings = request.app.state.settings.api
+    return (int_param(params, "_count", settings.page_size, settings.max_page_size),
+            int_param(params, "_offset", 0, 10_000_000))
+
+
+def searchset(base: str, resource_type: str, resources: list[Resource], total: int,
+              params: list[tuple[str, str]], count: int, offset: int) -> Resource:
+    """A searchset page with self/next/previous links (FHIR R4 http.html#paging, search.html)."""
+    kept = [(k, v) for k, v in params if k not in ("_count", "_offset")]
+
+    def link(relation: str, at: int) -> dict[str, str]:
+        query = urlencode([*kept, ("_count", str(count)), ("_offset", str(at))])
+        return {"relation": relation, "url": f"{base}/{resource_type}?{query}"}
+
+    links = [link("self", offset)]
+    if count > 0 and offset + count < total:
+        links.append(link("next", offset + count))
+    if offset > 0:
+        links.append(link("previous", max(0, offset - count)))
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": total,
+        "link": links,
+        "entry": [{"fullUrl": f"{base}/{resource_type}/{r['id']}", "resource": r, "search": {"mode": "match"}}
+                  for r in resources],
+    }

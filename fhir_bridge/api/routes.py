@@ -6,8 +6,8 @@ Every error is raised and turned into an OperationOutcome in :mod:`fhir_bridge.a
 
 from __future__ import annotations
 
-from typing import Annotated, Any
-from urllib.parse import parse_qsl, urlencode
+from typing import Annotated
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, Header, Request
 from starlette.responses import Response, StreamingResponse
@@ -16,8 +16,10 @@ from fhir_bridge.api.capability import capability_statement
 from fhir_bridge.api.fhir_io import (
     fhir_response,
     negotiate,
+    paging,
     parse_if_match,
     read_body,
+    searchset,
     version_headers,
     written,
 )
@@ -171,44 +173,9 @@ async def search_form(request: Request) -> list[tuple[str, str]]:
 
 
 async def _search(request: Request, service: CaseService, rtype: str, params: list[tuple[str, str]]) -> Response:
-    """A searchset page with self/next/previous links (FHIR R4 http.html#paging, search.html)."""
-    settings = request.app.state.settings.api
-    count = _int_param(params, "_count", settings.page_size, 0, settings.max_page_size)
-    offset = _int_param(params, "_offset", 0, 0, 10_000_000)
+    count, offset = paging(request, params)
     resources, total = await service.search(rtype, params, count, offset)
-    base = base_url(request)
-    kept = [(k, v) for k, v in params if k not in ("_count", "_offset")]
-
-    def link(relation: str, at: int) -> dict[str, Any]:
-        return {
-            "relation": relation,
-            "url": f"{base}/{rtype}?" + urlencode([*kept, ("_count", str(count)), ("_offset", str(at))]),
-        }
-
-    links = [link("self", offset)]
-    if offset + count < total and count > 0:
-        links.append(link("next", offset + count))
-    if offset > 0:
-        links.append(link("previous", max(0, offset - count)))
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": total,
-        "link": links,
-        "entry": [
-            {"fullUrl": f"{base}/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}} for r in resources
-        ],
-    }
-    return fhir_response(request, bundle)
-
-
-def _int_param(params: list[tuple[str, str]], name: str, default: int, low: int, high: int) -> int:
-    values = [v for k, v in params if k == name]
-    if not values:
-        return default
-    if not values[-1].isdigit():
-        raise InvalidInput(f"{name} must be a non-negative integer", expression=[name])
-    return max(low, min(high, int(values[-1])))
+    return fhir_response(request, searchset(base_url(request), rtype, resources, total, params, count, offset))
 
 
 for _rtype in READABLE:
