@@ -13,6 +13,7 @@ import asyncio
 import functools
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -201,10 +202,18 @@ def serve(host: str | None, port: int | None) -> None:
     from fhir_bridge.main import build_app, redis_url_for
 
     settings = _settings(api__host=host, api__port=port)
+    # uvicorn re-raises SIGTERM/SIGINT once it has shut down gracefully; with the default handler the process
+    # would die there, before the private redis-server is stopped. Ours turns it into a clean exit instead.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_cleanly)
     with redis_url_for(settings, may_start=True) as redis_url:
         app = build_app(settings, redis_url)
         uvicorn.run(app, host=settings.api.host, port=settings.api.port, log_level="warning",
                     access_log=False, lifespan="on")
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 @cli.command()
