@@ -43,6 +43,9 @@ def test_serve_starts_a_private_redis_that_a_worker_joins_and_that_stops_with_it
         assert answer.status_code == 201, answer.text
         assert wait_task(api, answer.json()["id"])["status"] in ("ready", "on-hold")
         assert list((tmp_path / "redis").glob("*.aof")) or list((tmp_path / "redis").glob("appendonly*"))
+        overdue = subprocess.run([sys.executable, "-m", "fhir_bridge", "sync", "overdue"], env={**clean, **env},
+                                 capture_output=True, text=True, timeout=60)
+        assert overdue.returncode == 0 and overdue.stdout.strip() == '{"flagged": 0}', overdue.stderr
 
         pid = int((tmp_path / "redis" / "redis.pid").read_text().strip())
         group.stop_all()
