@@ -440,3 +440,45 @@ def audit_purge() -> None:
 
     purged = _with_audit_log(settings, purge)
     click.echo(json.dumps({"purged": purged, "retentionDays": days, "before": instant(before)}))
+
+
+@cli.group()
+def clients() -> None:
+    """Register the systems that may call the bridge (SMART Backend Services, private_key_jwt)."""
+
+
+@clients.command("keygen")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for client-private.jwk.json (0600) and client-public.jwks.json.")
+@click.option("--alg", type=click.Choice(["ES384", "RS384"]), default="ES384", show_default=True)
+@one_line_errors
+def clients_keygen(out_dir: Path, alg: str) -> None:
+    """Write a new client key pair; give the public JWK Set to `clients add`, keep the private one secret."""
+    from fhir_bridge.adapters.clients import generate_client_keypair
+
+    private, public = generate_client_keypair(out_dir, alg)  # type: ignore[arg-type]
+    click.echo(json.dumps({"private": str(private), "public": str(public)}))
+
+
+@clients.command("add")
+@click.option("--id", "client_id", required=True, help="The client_id (iss and sub of its assertions).")
+@click.option("--role", required=True, type=click.Choice(["platform", "reviewer", "auditor", "operator"]))
+@click.option("--jwks", "jwks_file", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The client's public JWK Set (or one public JWK).")
+@click.option("--scope", "scopes", multiple=True, required=True,
+              help="A scope the client may be granted, e.g. system/ServiceRequest.c; repeatable.")
+@click.option("--tenant", default=None, help="The tenant whose cases the client sees (default: its id).")
+@click.option("--reviewer", default=None, help="For a reviewer: its PractitionerRole id in config/reviewers.json.")
+@one_line_errors
+def clients_add(client_id: str, role: str, jwks_file: Path, scopes: tuple[str, ...], tenant: str | None,
+                reviewer: str | None) -> None:
+    """Register a client in the registry file (auth.clients_file); the API reads it when it starts."""
+    from fhir_bridge.adapters.clients import add_client
+    from fhir_bridge.adapters.settings import clients_file
+
+    settings = _settings()
+    client = add_client(clients_file(settings), client_id, role, jwks_file, list(scopes), tenant or client_id,
+                        reviewer=reviewer)
+    click.echo(json.dumps({"id": client.id, "role": client.role, "scopes": list(client.scopes),
+                           "registry": str(clients_file(settings))}))
+

@@ -239,7 +239,10 @@ async def _checkpoint_timer(audit: RedisAuditLog, seconds: float) -> None:
 
 def build_app(settings: Settings, redis_url: str) -> FastAPI:
     """The API app; its lifespan opens the runtime."""
+    from fhir_bridge.adapters.auth import BridgeKeys, ClientRegistry, RedisReplayCache
+    from fhir_bridge.adapters.settings import clients_file
     from fhir_bridge.api.app import create_app
+    from fhir_bridge.api.auth_routes import AuthServer
 
     holder: dict[str, Runtime] = {}
 
@@ -251,6 +254,12 @@ def build_app(settings: Settings, redis_url: str) -> FastAPI:
             app.state.queue = runtime.queue
             app.state.audit = runtime.audit
             app.state.audit_bridge = runtime.bridge
+            app.state.auth = AuthServer(
+                registry=ClientRegistry.load(clients_file(settings), missing_ok=True),
+                keys=BridgeKeys.load_or_create(settings.data_dir / "keys"),
+                replay_cache=RedisReplayCache(runtime.redis),
+                token_lifetime=settings.auth.token_lifetime,
+            )
             yield
 
     async def ready() -> None:

@@ -65,6 +65,13 @@ class AuditSettings(BaseModel):
     verify_keys: list[str] = Field(default_factory=list)  # public JWK (Set) files of earlier signing keys
 
 
+class AuthSettings(BaseModel):
+    """SMART Backend Services (STANDARDS.md §8): who may get a token, and for how long."""
+
+    clients_file: str = ""  # the client registry (JSON); empty: data_dir/clients.json
+    token_lifetime: int = Field(default=300, ge=1, le=300)  # seconds; SMART: at most five minutes
+
+
 class ApiSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8080
@@ -94,6 +101,7 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     worker: WorkerSettings = WorkerSettings()
     audit: AuditSettings = AuditSettings()
+    auth: AuthSettings = AuthSettings()
     log_level: str = "INFO"
 
     @classmethod
@@ -141,3 +149,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         else:
             init[section] = value
     return Settings(**init)
+
+
+def clients_file(settings: Settings) -> Path:
+    """Where the client registry is: ``auth.clients_file`` or ``data_dir/clients.json``."""
+    return Path(settings.auth.clients_file) if settings.auth.clients_file else settings.data_dir / "clients.json"

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
 from fhir_bridge.adapters.settings import Settings
-from fhir_bridge.api import audit_page, audit_routes  # noqa: F401  (audit_routes mounts the AuditEvent routes)
+from fhir_bridge.api import audit_page, audit_routes, auth_routes  # noqa: F401  (audit_routes mounts the AuditEvent routes)
 from fhir_bridge.api.audit_middleware import REQUEST_ID_HEADER, AuditMiddleware, refusal
 from fhir_bridge.api.errors import install_error_handlers
 from fhir_bridge.api.metrics import router as metrics_router
@@ -54,6 +54,7 @@ def create_app(settings: Settings, cases: CaseService | None, *, lifespan: Lifes
     app.include_router(router)
     app.include_router(metrics_router)
     app.include_router(audit_page.router)
+    app.include_router(auth_routes.router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> Response:

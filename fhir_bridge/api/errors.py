@@ -11,7 +11,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from fhir_bridge import errors as e
 from fhir_bridge.api.fhir_io import fhir_response
@@ -50,6 +50,15 @@ def status_for(error: e.BridgeError) -> int:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    from fhir_bridge.adapters.auth import OAuthError, oauth_error_body
+
+    @app.exception_handler(OAuthError)
+    async def oauth_error(request: Request, exc: OAuthError) -> Response:
+        # the token endpoint speaks OAuth 2.0, not FHIR: RFC 6749 §5.2 JSON, 401 only for invalid_client
+        status = 401 if exc.code == "invalid_client" else 400
+        headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+        return JSONResponse(oauth_error_body(exc), status_code=status, headers=headers)
+
     @app.exception_handler(e.BridgeError)
     async def bridge_error(request: Request, exc: e.BridgeError) -> Response:
         status = status_for(exc)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from email.utils import format_datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import Request
 from starlette.responses import Response
@@ -140,3 +140,21 @@ def searchset(base: str, resource_type: str, resources: list[Resource], total: i
         "entry": [{"fullUrl": f"{base}/{resource_type}/{r['id']}", "resource": r, "search": {"mode": "match"}}
                   for r in resources],
     }
+
+
+async def read_form(request: Request, max_bytes: int, what: str) -> list[tuple[str, str]]:
+    """An ``application/x-www-form-urlencoded`` body, size-limited while read.
+
+    Parsed here rather than by Starlette's ``request.form()``, which needs python-multipart."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/x-www-form-urlencoded":
+        raise UnsupportedMediaType(f"{what} takes application/x-www-form-urlencoded parameters")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise TooLarge(f"request body over the limit of {max_bytes} bytes")
+    try:
+        return parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidInput(f"the {what} body is not UTF-8 form encoding") from None

@@ -7,7 +7,6 @@ Every error is raised and turned into an OperationOutcome in :mod:`fhir_bridge.a
 from __future__ import annotations
 
 from typing import Annotated
-from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, Header, Request
 from starlette.responses import Response, StreamingResponse
@@ -19,11 +18,11 @@ from fhir_bridge.api.fhir_io import (
     paging,
     parse_if_match,
     read_body,
+    read_form,
     searchset,
     version_headers,
     written,
 )
-from fhir_bridge.errors import InvalidInput, TooLarge
 from fhir_bridge.resources import FHIR_JSON, Resource
 from fhir_bridge.workflow.cases import CaseService, bundle_patient, now_instant
 
@@ -154,22 +153,8 @@ def _register_reads(rtype: str) -> None:
 
 
 async def search_form(request: Request) -> list[tuple[str, str]]:
-    """The parameters of ``POST [type]/_search``: the URL's and the form body's (R4 http.html#search).
-
-    The body is parsed here rather than by Starlette's ``request.form()``, which needs python-multipart."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip()
-    if content_type != "application/x-www-form-urlencoded":
-        raise InvalidInput("POST _search takes application/x-www-form-urlencoded parameters")
-    limit, body = max_body(request), bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise TooLarge(f"request body over the limit of {limit} bytes")
-    try:
-        form = parse_qsl(body.decode("utf-8"), keep_blank_values=True)
-    except (UnicodeDecodeError, ValueError):
-        raise InvalidInput("the _search form body is not UTF-8 form encoding") from None
-    return [*request.query_params.multi_items(), *form]
+    """The parameters of ``POST [type]/_search``: the URL's and the form body's (R4 http.html#search)."""
+    return [*request.query_params.multi_items(), *await read_form(request, max_body(request), "POST _search")]
 
 
 async def _search(request: Request, service: CaseService, rtype: str, params: list[tuple[str, str]]) -> Response:

@@ -1,0 +1,78 @@
+"""The SMART Backend Services authorization server of the bridge (SMART App Launch 2.2, backend-services.html).
+
+* ``POST /auth/token``: ``grant_type=client_credentials`` with a ``private_key_jwt`` client assertion (RS384
+  or ES384), answered with an ES384 access token of at most 300 s and the scopes granted (no refresh token);
+  refusals are RFC 6749 §5.2 JSON (``invalid_client`` 401, others 400), ``Cache-Control: no-store``;
+* ``GET /fhir/.well-known/smart-configuration``: discovery (conformance.html "Metadata");
+* ``GET /auth/jwks``: the bridge's public keys, to verify its access tokens.
+
+The checks themselves live in :mod:`fhir_bridge.adapters.auth`; this module only moves HTTP in and out.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from fhir_bridge.adapters.auth import (
+    BridgeKeys,
+    ClientRegistry,
+    ReplayCache,
+    issue_access_token,
+    read_token_request,
+    smart_configuration,
+    verify_client_assertion,
+)
+from fhir_bridge.api.fhir_io import read_form
+from fhir_bridge.api.routes import base_url
+
+router = APIRouter()
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+_MAX_FORM_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class AuthServer:
+    """What the token endpoint needs, opened once per process by the composition root."""
+
+    registry: ClientRegistry
+    keys: BridgeKeys
+    replay_cache: ReplayCache
+    token_lifetime: int = 300
+
+
+def _server(request: Request) -> AuthServer:
+    server: AuthServer = request.app.state.auth
+    return server
+
+
+def token_url(request: Request) -> str:
+    return base_url(request).removesuffix("/fhir") + "/auth/token"
+
+
+@router.post("/auth/token", include_in_schema=False)
+async def token(request: Request) -> Response:
+    server = _server(request)
+    form = dict(await read_form(request, _MAX_FORM_BYTES, "the token request"))
+    asked = read_token_request(form)
+    now = time.time()
+    client = await verify_client_assertion(asked.assertion, token_url=token_url(request), registry=server.registry,
+                                           replay_cache=server.replay_cache, now=now)
+    answer = issue_access_token(client, asked.scope, signing_key=server.keys, issuer=token_url(request),
+                                audience=base_url(request), lifetime_s=server.token_lifetime, now=now)
+    request.state.client_id = client.id  # for the audit trail
+    return JSONResponse(answer, headers=NO_STORE)
+
+
+@router.get("/fhir/.well-known/smart-configuration", include_in_schema=False)
+async def discovery(request: Request) -> Response:
+    document = smart_configuration(token_url(request), jwks_uri=base_url(request).removesuffix("/fhir") + "/auth/jwks")
+    return JSONResponse(document)
+
+
+@router.get("/auth/jwks", include_in_schema=False)
+async def jwks(request: Request) -> Response:
+    return JSONResponse(_server(request).keys.jwks())
