@@ -5,6 +5,8 @@ event without its indexes, or a chain end that points past the last stored event
 15 digits, so their lexical order is their numeric order.
 """
 
+from fhir_bridge.adapters.lua_search import SELECT_PAGE
+
 # KEYS: head, events, time, checkpoints, index sets. ARGV: expected seq, expected hash ('' for none), member,
 # body, score (ms), new hash, checkpoint JSON or '', new seq.
 APPEND = """
@@ -48,41 +50,11 @@ return 'ok'
 # KEYS: time, events, then each parameter's index sets. ARGV: lowest and highest score, offset, count, number of
 # parameters, then each one's number of sets. Candidates come from the smallest of the parameters' sets and the
 # date window, the rest is checked member by member. Newest first (score, then seq). Returns total, then bodies.
-SEARCH = """
-local zkey, lo, hi = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
-local offset, count, nparams = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local total, ids = 0, {}
-if nparams == 0 then
-  total = redis.call('ZCOUNT', zkey, lo, hi)
-  if count > 0 then ids = redis.call('ZREVRANGEBYSCORE', zkey, hi, lo, 'LIMIT', offset, count) end
-else
-  local params, k, scored = {}, 3, {}
-  for p = 1, nparams do
-    local last, size = k + tonumber(ARGV[5 + p]) - 1, 0
-    for i = k, last do size = size + redis.call('SCARD', KEYS[i]) end
-    params[p], k = {k, last, size}, last + 1
-  end
-  table.sort(params, function(a, b) return a[3] < b[3] end)
-  local candidates, from = nil, 2
-  if redis.call('ZCOUNT', zkey, lo, hi) < params[1][3] then
-    candidates, from = redis.call('ZRANGEBYSCORE', zkey, lo, hi), 1
-  else
-    candidates = redis.call('SUNION', unpack(KEYS, params[1][1], params[1][2]))
-  end
-  for _, id in ipairs(candidates) do
-    local score = tonumber(redis.call('ZSCORE', zkey, id))
-    local keep = score ~= nil and score >= lo and score <= hi
-    for p = from, #params do
-      local any = false
-      for i = params[p][1], params[p][2] do any = any or (keep and redis.call('SISMEMBER', KEYS[i], id) == 1) end
-      keep = any
-    end
-    if keep then scored[#scored + 1] = {score, id} end
-  end
-  table.sort(scored, function(a, b) if a[1] ~= b[1] then return a[1] > b[1] end return a[2] > b[2] end)
-  total = #scored
-  for i = offset + 1, math.min(offset + count, total) do ids[#ids + 1] = scored[i][2] end
-end
+SEARCH = SELECT_PAGE + """
+local sizes = {}
+for p = 1, tonumber(ARGV[5]) do sizes[p] = tonumber(ARGV[5 + p]) end
+local total, ids = select_page(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
+                               tonumber(ARGV[4]), 3, sizes)
 local out = {total}
 if #ids > 0 then
   for _, body in ipairs(redis.call('HMGET', KEYS[2], unpack(ids))) do out[#out + 1] = body or '' end

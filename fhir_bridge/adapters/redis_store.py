@@ -33,6 +33,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from fhir_bridge.adapters.lua_search import SELECT_PAGE
 from fhir_bridge.errors import Conflict, Gone, InvalidInput, NotFound, PreconditionFailed
 from fhir_bridge.ports import Resource, SearchPage
 from fhir_bridge.resources import dumps, loads
@@ -88,36 +89,11 @@ return 'ok'
 
 # KEYS: updated zset, then each parameter's index sets. ARGV: lowest and highest score, offset, count, resource
 # key prefix, number of parameters, then each one's number of sets. Read-only: the total, then the page's bodies.
-_SEARCH = """
-local zkey, lo, hi = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
-local offset, count, prefix, nparams = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
-local total, ids = 0, {}
-if nparams == 0 then
-  total = redis.call('ZCOUNT', zkey, lo, hi)
-  if count > 0 then ids = redis.call('ZREVRANGEBYSCORE', zkey, hi, lo, 'LIMIT', offset, count) end
-else
-  -- candidates come from the parameter with the fewest ids; the others are checked id by id
-  local params, k, scored = {}, 2, {}
-  for p = 1, nparams do
-    local last, size = k + tonumber(ARGV[6 + p]) - 1, 0
-    for i = k, last do size = size + redis.call('SCARD', KEYS[i]) end
-    params[p], k = {k, last, size}, last + 1
-  end
-  table.sort(params, function(a, b) return a[3] < b[3] end)
-  for _, id in ipairs(redis.call('SUNION', unpack(KEYS, params[1][1], params[1][2]))) do
-    local score = tonumber(redis.call('ZSCORE', zkey, id))
-    local keep = score ~= nil and score >= lo and score <= hi
-    for p = 2, #params do
-      local any = false
-      for i = params[p][1], params[p][2] do any = any or (keep and redis.call('SISMEMBER', KEYS[i], id) == 1) end
-      keep = any
-    end
-    if keep then scored[#scored + 1] = {score, id} end
-  end
-  table.sort(scored, function(a, b) if a[1] ~= b[1] then return a[1] > b[1] end return a[2] > b[2] end)
-  total = #scored
-  for i = offset + 1, math.min(offset + count, total) do ids[#ids + 1] = scored[i][2] end
-end
+_SEARCH = SELECT_PAGE + """
+local prefix, sizes = ARGV[5], {}
+for p = 1, tonumber(ARGV[6]) do sizes[p] = tonumber(ARGV[6 + p]) end
+local total, ids = select_page(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
+                               tonumber(ARGV[4]), 2, sizes)
 local out = {total}
 for _, id in ipairs(ids) do
   local key = prefix .. id
