@@ -52,11 +52,11 @@ from redis.exceptions import RedisError
 from starlette.responses import Response
 
 from fhir_bridge.api.audit_middleware import REQUEST_ID_HEADER, client_party, resource_patient
-from fhir_bridge.api.audit_routes import audit_log, parse_audit_search
+from fhir_bridge.api.audit_routes import audit_log, parse_audit_search, stored_event
 from fhir_bridge.api.errors import status_for
 from fhir_bridge.audit import OBJECT_ROLE, Party, rest_event
 from fhir_bridge.audit_chain import CHAIN_URL, chain_link
-from fhir_bridge.errors import AuditUnavailable, BridgeError, Gone, InvalidInput, NotFound
+from fhir_bridge.errors import AuditUnavailable, BridgeError, InvalidInput, NotFound
 from fhir_bridge.identity import PatientIdentifier
 
 __all__ = ["CONTENT_SECURITY_POLICY", "PAGE_PATH", "require_auditor", "router", "text"]
@@ -492,18 +492,7 @@ def _patient_cell(event: dict[str, Any]) -> str:
 async def _detail(request: Request, view: _View, seq: int | None) -> tuple[str, str]:
     if seq is None:
         raise NotFound("no such AuditEvent")
-    log_ = audit_log(request)
-    try:
-        stored = None
-        async for _, body in log_.read_range(seq, seq):
-            stored = body
-        if stored is None:
-            floor = (await log_.state()).floor
-            if floor is not None and seq <= floor.seq:
-                raise Gone("that AuditEvent was removed by the retention policy")
-            raise NotFound("no such AuditEvent")
-    except (RedisError, OSError) as exc:
-        raise AuditUnavailable(f"the audit log cannot be read ({type(exc).__name__})") from exc
+    stored = await stored_event(request, seq)
     title = f"Événement N° {seq} (event #{seq})"
     back = f'<p><a href="{text(_root(request) + PAGE_PATH)}">Retour à la liste (back to the list)</a></p>\n'
     try:

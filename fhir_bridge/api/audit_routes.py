@@ -40,7 +40,7 @@ from fhir_bridge.resources import loads
 if TYPE_CHECKING:
     from fhir_bridge.adapters.audit_log import RedisAuditLog
 
-__all__ = ["AUDIT_OPERATIONS", "date_bounds", "parse_audit_search", "router"]
+__all__ = ["AUDIT_OPERATIONS", "date_bounds", "parse_audit_search", "router", "stored_event"]
 
 AUDIT_OPERATIONS = {"verify": "Verify the audit chain (hashes, order, signed checkpoints); report the first broken seq"}
 _DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(\.\d{1,6})?)?"
@@ -157,10 +157,9 @@ async def search_post(request: Request) -> Response:
     return await _search(request, await search_form(request))
 
 
-async def read(request: Request, resource_id: str) -> Response:
-    if not resource_id.isdigit() or len(resource_id) > _MAX_SEQ_DIGITS or int(resource_id) < 1:
-        raise NotFound("no such AuditEvent")
-    log, seq = audit_log(request), int(resource_id)
+async def stored_event(request: Request, seq: int) -> bytes:
+    """The stored bytes of event ``seq``; NotFound, Gone when retention removed it, AuditUnavailable."""
+    log = audit_log(request)
     with _reading():
         body = None
         async for _, stored in log.read_range(seq, seq):
@@ -170,7 +169,13 @@ async def read(request: Request, resource_id: str) -> Response:
             if floor is not None and seq <= floor.seq:
                 raise Gone("that AuditEvent was removed by the retention policy")
             raise NotFound("no such AuditEvent")
-    return fhir_response(request, loads(body))
+    return body
+
+
+async def read(request: Request, resource_id: str) -> Response:
+    if not resource_id.isdigit() or len(resource_id) > _MAX_SEQ_DIGITS or int(resource_id) < 1:
+        raise NotFound("no such AuditEvent")
+    return fhir_response(request, loads(await stored_event(request, int(resource_id))))
 
 
 async def verify(request: Request) -> Response:
