@@ -128,3 +128,32 @@ def test_a_next_link_loop(liar: str, tmp_path: Path) -> None:
     result = pull(f"{liar}/loop", "urn:oid:1.2.250.1.213.1.4.10|295109912611193", tmp_path)
     assert result.returncode == 1 and "loop" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_progress_shows_on_a_terminal_and_not_in_a_pipe(sandbox: Sandbox, tmp_path: Path) -> None:
+    import os
+    import pty
+
+    patient = sandbox.world()["patients"][1]
+    main_fd, terminal = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "fhir_bridge", "pull", "--source", sandbox.url, "--patient", token(patient),
+             "--out", str(tmp_path / "tty")], stdout=subprocess.DEVNULL, stderr=terminal, timeout=120,
+            env={**os.environ, "TERM": "xterm", "COLUMNS": "100"})
+        os.close(terminal)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(main_fd, 65536)
+            except OSError:  # the terminal closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(main_fd)
+    assert done.returncode in (0, 3)
+    assert b"retrieve" in seen  # the rich progress bar, on the terminal
+    piped = pull(sandbox.url, token(patient), tmp_path / "pipe")
+    assert piped.returncode in (0, 3) and piped.stderr == ""  # nothing on a non-terminal stderr
