@@ -46,6 +46,10 @@ def test_serve_starts_a_private_redis_that_a_worker_joins_and_that_stops_with_it
         overdue = subprocess.run([sys.executable, "-m", "fhir_bridge", "sync", "overdue"], env={**clean, **env},
                                  capture_output=True, text=True, timeout=60)
         assert overdue.returncode == 0 and overdue.stdout.strip() == '{"flagged": 0}', overdue.stderr
+        for command in (["audit", "purge"], ["audit", "verify"]):  # retention 0 keeps all; the chain still holds
+            done = subprocess.run([sys.executable, "-m", "fhir_bridge", *command], env={**clean, **env},
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, (command, done.stdout, done.stderr)
 
         pid = int((tmp_path / "redis" / "redis.pid").read_text().strip())
         group.stop_all()
