@@ -11,15 +11,20 @@ granted here: asking for them is not an error, they are simply left out of the g
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
+
+from fhir_bridge.errors import InvalidInput
 
 Interaction = Literal["c", "r", "u", "d", "s"]
 Role = Literal["platform", "reviewer", "auditor", "operator"]
 ROLES: frozenset[str] = frozenset({"platform", "reviewer", "auditor", "operator"})
 
+ROLES_FILE = Path(__file__).resolve().parent.parent / "config" / "roles.json"
 _ORDER = "cruds"
 _V1 = {"read": "rs", "write": "cud", "*": "cruds"}
 _SCOPE = re.compile(r"system/(?P<type>\*|[A-Z][A-Za-z]{0,63})\.(?P<perm>read|write|\*|c?r?u?d?s?)")
@@ -46,6 +51,7 @@ class AccessContext:
     scopes: frozenset[str]
     jti: str
     reviewer: str | None = None
+    expires_at: float | None = None  # the token's exp (epoch seconds)
 
 
 def parse_scope(scope: str) -> SystemScope | None:
@@ -94,3 +100,23 @@ def has_scope(context: AccessContext, resource_type: str, interaction: Interacti
         if scope and scope.resource_type in ("*", resource_type) and interaction in scope.interactions:
             return True
     return False
+
+
+def load_role_ceilings(path: Path = ROLES_FILE) -> dict[str, tuple[str, ...]]:
+    """``config/roles.json``: role → the scopes that role may ever hold; every role must be there, nothing else."""
+    try:
+        document = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):
+        raise InvalidInput(f"cannot read the role ceilings from {path}") from None
+    ceilings = {k: v for k, v in document.items() if not k.startswith("_")} if isinstance(document, dict) else {}
+    if set(ceilings) != ROLES:
+        raise InvalidInput(f"{path} must give the scopes of exactly the roles {', '.join(sorted(ROLES))}")
+    for role, scopes in ceilings.items():
+        if not isinstance(scopes, list) or not all(isinstance(s, str) and parse_scope(s) for s in scopes):
+            raise InvalidInput(f"{path}: {role} must list system/ scopes")
+    return {role: tuple(scopes) for role, scopes in ceilings.items()}
+
+
+def within_ceiling(role: str, scopes: Iterable[str], ceilings: Mapping[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """``scopes`` cut down to what ``role`` may hold (the same intersection a token grant makes)."""
+    return grant_scopes(" ".join(scopes), ceilings.get(role, ()))

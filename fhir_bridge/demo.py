@@ -3,6 +3,9 @@
 A private redis-server, the sandbox source, the API and a worker are started on free ports; a platform asks
 for a second opinion on the sandbox's oncology patient; the worker pulls and packages the case; a scripted
 reviewer posts a final DiagnosticReport; the platform finds it by ``based-on``. Files land in ``--out``.
+
+Nothing bypasses security: every client (the platform, the reviewer the case is routed to) is registered with its
+own key pair (:mod:`fhir_bridge.adapters.dev_clients`) and calls with SMART Backend Services tokens.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import httpx
 from rich.console import Console
 
+from fhir_bridge.adapters.dev_clients import DevClients, provision
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.processes import ProcessGroup, free_port
 from fhir_bridge.terminology import CANONICAL_BASE
@@ -82,6 +86,9 @@ def run_demo(out_dir: Path, console: Console) -> DemoResult:
             group.start("sandbox", ["sandbox", "--port", str(sandbox_port), "--patients", "3"],
                         health_url=f"http://127.0.0.1:{sandbox_port}/healthz")
             console.print(f"[bold]source[/]  sandbox national record at {source}")
+            clients = provision(data_dir / "clients.json", data_dir / "client-keys")
+            console.print(f"[bold]clients[/] {len(clients.clients)} registered (platforms, reviewers, auditor, "
+                          "operator), each with its own ES384 key")
             env = {"FHIR_BRIDGE_REDIS_URL": redis.url, "FHIR_BRIDGE_SOURCE_URL": source,
                    "FHIR_BRIDGE_DATA_DIR": str(data_dir), "FHIR_BRIDGE_LOG_LEVEL": "WARNING"}
             group.start("api", ["serve", "--port", str(api_port)], health_url=f"http://127.0.0.1:{api_port}/readyz",
@@ -89,13 +96,15 @@ def run_demo(out_dir: Path, console: Console) -> DemoResult:
             group.start("worker", ["worker", "--name", "demo-worker"], extra_env=env)
             console.print(f"[bold]api[/]     fhir-bridge API at {api}, one worker")
             with httpx.Client(timeout=30) as http:
-                result = _scenario(http, api, f"http://127.0.0.1:{sandbox_port}", out_dir, console)
+                result = _scenario(http, api, f"http://127.0.0.1:{sandbox_port}", out_dir, console, clients)
     result.seconds = time.monotonic() - started
     return result
 
 
-def _scenario(http: httpx.Client, api: str, sandbox: str, out_dir: Path, console: Console) -> DemoResult:
+def _scenario(http: httpx.Client, api: str, sandbox: str, out_dir: Path, console: Console,
+              clients: DevClients) -> DemoResult:
     world = http.get(f"{sandbox}/_sandbox/world").raise_for_status().json()
+    http.auth = clients.auth("platform", api)
     patient = next(p for p in world["patients"] if p.get("specialty") == "oncology")
     request = second_opinion_request(patient, "DEMO-0001")
     answer = http.post(f"{api}/ServiceRequest", json=request, headers={
@@ -126,7 +135,8 @@ def _scenario(http: httpx.Client, api: str, sandbox: str, out_dir: Path, console
                   f"{(task.get('owner') or {}).get('display', 'nobody yet')}")
     bundle_ref = next(o["valueReference"]["reference"] for o in task["output"]
                       if o["type"]["coding"][0]["code"] == "case-bundle")
-    case_bundle = http.get(f"{api}/{bundle_ref}").raise_for_status().content
+    reviewer = clients.auth(clients.reviewer_for(task["owner"]["reference"]), api)
+    case_bundle = http.get(f"{api}/{bundle_ref}", auth=reviewer).raise_for_status().content
     bundle_path = out_dir / "bundle.json"
     bundle_path.write_bytes(case_bundle)
     parsed = json.loads(case_bundle)
@@ -141,7 +151,7 @@ def _scenario(http: httpx.Client, api: str, sandbox: str, out_dir: Path, console
                 left_out.append((codes[0]["code"], issue.get("diagnostics", "")))
 
     opinion = reviewer_opinion(sr["id"], patient)
-    posted = http.post(f"{api}/DiagnosticReport", json=opinion, headers=FHIR_JSON)
+    posted = http.post(f"{api}/DiagnosticReport", json=opinion, headers=FHIR_JSON, auth=reviewer)
     if posted.status_code != 201:
         raise RuntimeError(f"the reviewer's report was refused: {posted.status_code} {posted.text[:300]}")
     report = posted.json()

@@ -123,6 +123,12 @@ class Forbidden(BridgeError):
     code = "forbidden"
 
 
+class InsufficientScope(Forbidden):
+    """The access token lacks the scope the interaction needs (RFC 6750 §3.1 ``insufficient_scope``)."""
+
+    code = "insufficient-scope"
+
+
 class Unauthenticated(BridgeError):
     issue_type = "login"
     code = "unauthenticated"

@@ -15,6 +15,11 @@ from fhir_bridge.errors import InvalidInput
 
 Resource = dict[str, Any]
 
+#: ``meta.tag`` system naming the tenant (platform organisation) a case belongs to; set by the bridge only
+TENANT_TAG = "https://fhir-bridge.dev/fhir/CodeSystem/tenant"
+#: index terms for access control, never search parameters (a client's ``_``-parameters are not criteria)
+TENANT_TERM, OWNER_TERM, OUTPUT_TERM = "_tenant", "_owner", "_output"
+
 #: resource type → {parameter: (type, description)}
 SEARCH_PARAMS: dict[str, dict[str, tuple[str, str]]] = {
     "ServiceRequest": {
@@ -65,7 +70,39 @@ def index_terms(resource: Resource) -> dict[str, list[str]]:
         terms["based-on"] = [r["reference"] for r in resource.get("basedOn", []) or [] if r.get("reference")]
         terms["subject:identifier"] = _tokens([(resource.get("subject") or {}).get("identifier") or {}])
         terms["status"] = [str(resource.get("status", ""))]
+    terms[TENANT_TERM] = [tenant] if (tenant := tenant_of(resource)) else []
+    if rtype == "Task":
+        terms[OWNER_TERM] = [str((resource.get("owner") or {}).get("reference") or "")]
+        terms[OUTPUT_TERM] = [str((o.get("valueReference") or {}).get("reference") or "")
+                              for o in resource.get("output", []) or []
+                              if str((o.get("valueReference") or {}).get("reference") or "").startswith("Bundle/")]
     return {k: [v for v in values if v] for k, values in terms.items()}
+
+
+def tenant_of(resource: Resource) -> str | None:
+    """The tenant tag of a stored resource (None if it has none)."""
+    for tag in (resource.get("meta") or {}).get("tag", []) or []:
+        if tag.get("system") == TENANT_TAG and isinstance(tag.get("code"), str):
+            return str(tag["code"])
+    return None
+
+
+def with_tenant(resource: Resource, tenant: str | None) -> Resource:
+    """A copy of ``resource`` whose ``meta.tag`` names ``tenant`` (and no other tenant)."""
+    meta = dict(resource.get("meta") or {})
+    tags = [t for t in meta.get("tag", []) or [] if t.get("system") != TENANT_TAG]
+    if tenant:
+        tags.append({"system": TENANT_TAG, "code": tenant})
+    if tags:
+        meta["tag"] = tags
+    else:
+        meta.pop("tag", None)
+    copy = dict(resource)
+    if meta:
+        copy["meta"] = meta
+    else:
+        copy.pop("meta", None)
+    return copy
 
 
 def parse_criteria(resource_type: str, params: Iterable[tuple[str, str]]) -> dict[str, list[str]]:

@@ -31,7 +31,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey
 from redis.asyncio import Redis
 
-from fhir_bridge.access import ROLES, AccessContext, Role, grant_scopes, has_scope
+from fhir_bridge.access import ROLES, AccessContext, Role, grant_scopes, has_scope, within_ceiling
 from fhir_bridge.adapters import key_files
 from fhir_bridge.adapters.clients import (
     ASSERTION_ALGORITHMS,
@@ -223,16 +223,18 @@ class BridgeKeys:
 
 def issue_access_token(
     client: Client, requested_scopes: str, *, signing_key: BridgeKeys, issuer: str, audience: str,
-    lifetime_s: int = MAX_TOKEN_LIFETIME_S, now: float,
+    lifetime_s: int = MAX_TOKEN_LIFETIME_S, now: float, ceilings: Mapping[str, tuple[str, ...]] | None = None,
 ) -> dict[str, Any]:
     """The token response for an authenticated client (backend-services.html "Issue Access Token").
 
-    The scopes granted are those requested, cut down to the client's registered scopes; InvalidScope if
-    nothing is left. No refresh token (backend-services.html: "Refresh tokens SHOULD NOT be issued").
+    The scopes granted are those requested, cut down to the client's registered scopes and to what its role
+    may ever hold (``ceilings``, ``config/roles.json``); InvalidScope if nothing is left. No refresh token
+    (backend-services.html: "Refresh tokens SHOULD NOT be issued").
     """
     if not 0 < lifetime_s <= MAX_TOKEN_LIFETIME_S:
         raise InvalidInput(f"an access token lives at most {MAX_TOKEN_LIFETIME_S} seconds")
-    granted = grant_scopes(requested_scopes, client.scopes)
+    allowed = within_ceiling(client.role, client.scopes, ceilings) if ceilings is not None else client.scopes
+    granted = grant_scopes(requested_scopes, allowed)
     if not granted:
         raise InvalidScope("none of the requested scopes is granted to this client")
     scope = " ".join(granted)
@@ -285,7 +287,7 @@ def verify_access_token(
     return AccessContext(
         client_id=claims["sub"], role=cast(Role, claims["role"]), tenant=claims["tenant"],
         scopes=frozenset(claims["scope"].split()), jti=claims["jti"],
-        reviewer=reviewer if isinstance(reviewer, str) else None,
+        reviewer=reviewer if isinstance(reviewer, str) else None, expires_at=float(exp),
     )
 
 

@@ -40,6 +40,7 @@ import hashlib
 import html
 import json
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -49,15 +50,17 @@ from urllib.parse import urlencode
 import structlog
 from fastapi import APIRouter, Request
 from redis.exceptions import RedisError
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 
 from fhir_bridge.api.audit_middleware import REQUEST_ID_HEADER, client_party, resource_patient
 from fhir_bridge.api.audit_routes import audit_log, parse_audit_search, stored_event
 from fhir_bridge.api.errors import status_for
+from fhir_bridge.api.fhir_io import read_form
 from fhir_bridge.audit import OBJECT_ROLE, Party, rest_event
 from fhir_bridge.audit_chain import CHAIN_URL, chain_link
-from fhir_bridge.errors import AuditUnavailable, BridgeError, InvalidInput, NotFound
+from fhir_bridge.errors import AuditUnavailable, BridgeError, Forbidden, InvalidInput, NotFound
 from fhir_bridge.identity import PatientIdentifier
+from fhir_bridge.workflow.tenancy import require_scope
 
 __all__ = ["CONTENT_SECURITY_POLICY", "PAGE_PATH", "require_auditor", "router", "text"]
 
@@ -66,6 +69,8 @@ log = structlog.get_logger("fhir_bridge.audit")
 router = APIRouter(include_in_schema=False)
 
 PAGE_PATH = "/audit"
+SESSION_COOKIE = "fhir_bridge_audit"
+_MAX_SESSION_FORM = 16 * 1024
 #: how long a page waits for the chain's verification (it reads the whole chain) before saying "not known"
 VERIFY_TIMEOUT_SECONDS = 20.0
 _MAX_SEQ_DIGITS = 15
@@ -150,14 +155,55 @@ _SUBTYPE_HINTS = ("ITI-65", "ITI-67", "ITI-68", "ITI-78", "read", "vread", "sear
 
 
 def require_auditor(request: Request) -> None:
-    """THE ROLE SEAM: raise :class:`~fhir_bridge.errors.Unauthenticated` (no valid token) or
-    :class:`~fhir_bridge.errors.Forbidden` (a token without the auditor role) to refuse the page.
+    """Only auditors see this page: a bridge access token of role ``auditor`` with ``system/AuditEvent.r``.
 
-    **It lets everyone in for now**: roles arrive with the security issue, whose layer sets
-    ``request.state.client_id`` / ``jti`` (already recorded by :func:`client_party`) and will check the auditor
-    role here. A refusal raised here answers 401/403 and is audited like any other view.
+    The token comes as ``Authorization: Bearer`` (tools, a reverse proxy) or from the session cookie that
+    ``POST /audit/session`` sets. Unauthenticated (401) or Forbidden (403) otherwise; the refusal is a page,
+    audited like any other view. The caller's client id and ``jti`` are then on the view's AuditEvent.
     """
-    return None
+    from fhir_bridge.api.security import bearer_token, context_from
+
+    who = context_from(request, bearer_token(request) or request.cookies.get(SESSION_COOKIE))
+    require_scope(who, "AuditEvent", "r")
+    if who.role != "auditor":
+        raise Forbidden("only auditor clients read the audit trail")
+
+
+_LOGIN_FORM = (f'<form method="post" action="{PAGE_PATH}/session"><p><label for="t">Jeton d\'accès auditeur '
+               '(auditor access token)</label><br><textarea id="t" name="access_token" rows="4" cols="80" '
+               'autocomplete="off" spellcheck="false" required></textarea></p>'
+               '<p><button type="submit">Ouvrir la session (sign in)</button></p></form>\n'
+               '<p class="sys">fhir-bridge clients token --id &lt;auditor&gt; --key &lt;private JWK&gt; '
+               '--scope system/AuditEvent.rs</p>\n')
+
+
+@router.post(PAGE_PATH + "/session")
+async def audit_session(request: Request) -> Response:
+    """Open a browser session from an auditor access token (form field ``access_token``).
+
+    The token is checked as :func:`require_auditor` does, then kept in an ``HttpOnly`` cookie
+    (``SameSite=Lax``, path ``/audit``, ``Secure`` over https) that lives no longer than the token (≤ 300 s):
+    the page is read-only, so Lax suffices and lets the first navigation carry the cookie.
+    """
+    from fhir_bridge.api.security import context_from
+
+    form = dict(await read_form(request, _MAX_SESSION_FORM, "the session form"))
+    token = form.get("access_token", "").strip()
+    try:
+        who = context_from(request, token)
+        require_scope(who, "AuditEvent", "r")
+        if who.role != "auditor":
+            raise Forbidden("only auditor clients read the audit trail")
+    except BridgeError as exc:
+        status = status_for(exc)
+        title, main = _error_main(status, _ERROR_TITLES.get(status, "Erreur (error)"), exc.message)
+        return _answer(request, status, title, main + _LOGIN_FORM, str(uuid.uuid4()))
+    response = RedirectResponse(_root(request) + PAGE_PATH, status_code=303)
+    lifetime = max(1, int(who.expires_at - time.time())) if who.expires_at else 60
+    response.set_cookie(SESSION_COOKIE, token, max_age=lifetime, path=PAGE_PATH, httponly=True, samesite="lax",
+                        secure=request.url.scheme == "https")
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 # ---------------------------------------------------------------------------------------------- the routes
@@ -212,6 +258,8 @@ async def _page(request: Request, view: _View, render: Render) -> Response:
         status, problem = status_for(exc), exc.message
         chain = status not in (401, 403)
         title, main = _error_main(status, _ERROR_TITLES.get(status, "Erreur (error)"), exc.message)
+        if status in (401, 403):
+            main += _LOGIN_FORM
     except Exception as exc:  # a page that failed is still an access to record
         log.error("audit_page.unexpected", error=type(exc).__name__, path=request.url.path)
         status, problem, chain = 500, "internal error; the page was not built", False

@@ -22,20 +22,22 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from redis.exceptions import RedisError
 from starlette.responses import Response
 
+from fhir_bridge.access import AccessContext, Interaction
 from fhir_bridge.api.capability import OPERATIONS
 from fhir_bridge.api.fhir_io import fhir_response, paging, searchset
-from fhir_bridge.api.routes import base_url, router, search_form
+from fhir_bridge.api.routes import Caller, base_url, router, search_form
 from fhir_bridge.audit import OUTCOMES
-from fhir_bridge.errors import AuditUnavailable, Gone, InvalidInput, NotFound
+from fhir_bridge.errors import AuditUnavailable, Forbidden, Gone, InvalidInput, NotFound
 from fhir_bridge.resources import loads
+from fhir_bridge.workflow.tenancy import require_scope
 
 if TYPE_CHECKING:
     from fhir_bridge.adapters.audit_log import RedisAuditLog
@@ -197,12 +199,27 @@ async def verify(request: Request) -> Response:
     return fhir_response(request, {"resourceType": "Parameters", "parameter": parameters})
 
 
+def auditor_only(interaction: Interaction) -> Callable[[AccessContext], None]:
+    """The audit is for auditors alone (issue 6 "Roles"): their role and ``system/AuditEvent.<interaction>``."""
+
+    def check(who: Caller) -> None:
+        require_scope(who, "AuditEvent", interaction)
+        if who.role != "auditor":
+            raise Forbidden("only auditor clients read the audit trail")
+
+    return check
+
+
 def register(target: APIRouter) -> None:
+    reads, searches = [Depends(auditor_only("r"))], [Depends(auditor_only("s"))]
     # $verify before {resource_id}: the read's path would take "$verify" as an id
-    target.add_api_route("/AuditEvent/$verify", verify, methods=["GET", "POST"], name="audit-verify")
-    target.add_api_route("/AuditEvent", search, methods=["GET"], name="search-AuditEvent")
-    target.add_api_route("/AuditEvent/_search", search_post, methods=["POST"], name="search-post-AuditEvent")
-    target.add_api_route("/AuditEvent/{resource_id}", read, methods=["GET"], name="read-AuditEvent")
+    target.add_api_route("/AuditEvent/$verify", verify, methods=["GET", "POST"], name="audit-verify",
+                         dependencies=reads)
+    target.add_api_route("/AuditEvent", search, methods=["GET"], name="search-AuditEvent", dependencies=searches)
+    target.add_api_route("/AuditEvent/_search", search_post, methods=["POST"], name="search-post-AuditEvent",
+                         dependencies=searches)
+    target.add_api_route("/AuditEvent/{resource_id}", read, methods=["GET"], name="read-AuditEvent",
+                         dependencies=reads)
 
 
 register(router)

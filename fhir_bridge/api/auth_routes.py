@@ -12,11 +12,13 @@ The checks themselves live in :mod:`fhir_bridge.adapters.auth`; this module only
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
+from fhir_bridge.access import load_role_ceilings
 from fhir_bridge.adapters.auth import (
     BridgeKeys,
     ClientRegistry,
@@ -42,6 +44,7 @@ class AuthServer:
     keys: BridgeKeys
     replay_cache: ReplayCache
     token_lifetime: int = 300
+    ceilings: Mapping[str, tuple[str, ...]] = field(default_factory=load_role_ceilings)
 
 
 def _server(request: Request) -> AuthServer:
@@ -62,7 +65,8 @@ async def token(request: Request) -> Response:
     client = await verify_client_assertion(asked.assertion, token_url=token_url(request), registry=server.registry,
                                            replay_cache=server.replay_cache, now=now)
     answer = issue_access_token(client, asked.scope, signing_key=server.keys, issuer=token_url(request),
-                                audience=base_url(request), lifetime_s=server.token_lifetime, now=now)
+                                audience=base_url(request), lifetime_s=server.token_lifetime, now=now,
+                                ceilings=server.ceilings)
     request.state.client_id = client.id  # for the audit trail
     return JSONResponse(answer, headers=NO_STORE)
 

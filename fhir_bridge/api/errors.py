@@ -63,7 +63,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def bridge_error(request: Request, exc: e.BridgeError) -> Response:
         status = status_for(exc)
         body = operation_outcome("error", exc.issue_type, exc.message, code=exc.code, expression=exc.expression)
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        headers = _challenge(exc, status)
         return fhir_response(request, body, status=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -84,3 +84,14 @@ def install_error_handlers(app: FastAPI) -> None:
         log.error("api.unexpected", error=type(exc).__name__, path=request.url.path)
         body = operation_outcome("fatal", "exception", "internal error; the request was not completed")
         return fhir_response(request, body, status=500)
+
+
+def _challenge(exc: e.BridgeError, status: int) -> dict[str, str] | None:
+    """RFC 6750 §3: the ``WWW-Authenticate`` of a refused bearer token (no error code when none was sent)."""
+    if status == 401:
+        code = getattr(exc, "code", "")
+        return {"WWW-Authenticate": 'Bearer realm="fhir-bridge"'
+                + (', error="invalid_token"' if code == "invalid_token" else "")}
+    if isinstance(exc, e.InsufficientScope):
+        return {"WWW-Authenticate": 'Bearer realm="fhir-bridge", error="insufficient_scope"'}
+    return None

@@ -1,10 +1,12 @@
 """Task operations where FHIR has no interaction (R4 operations.html: ``POST [base]/Task/{id}/$name``).
 
 * ``$refresh``: pull the case again from the source and triage it again (new documents appeared);
-* ``$decline``: the assigned reviewer declines, the case is re-routed (Parameters: ``reviewer``, ``reason``);
-* ``$request-documents``: the reviewer needs more, the case waits (Parameters: ``reviewer``, ``text``).
+* ``$decline``: the assigned reviewer declines, the case is re-routed (Parameters: ``reason``);
+* ``$request-documents``: the reviewer needs more, the case waits (Parameters: ``text``).
 
-Bodies are ``Parameters`` resources; each answers the updated Task.
+Bodies are ``Parameters`` resources; each answers the updated Task. Each needs ``system/Task.u``; who may call
+which on which case is :meth:`fhir_bridge.workflow.tenancy.Tenancy.check_task_operation`. The reviewer is the
+one the access token names: a ``reviewer`` parameter, if sent, must be that same PractitionerRole.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from fhir_bridge.access import AccessContext
 from fhir_bridge.api.capability import OPERATIONS
 from fhir_bridge.api.fhir_io import fhir_response, read_body, version_headers
-from fhir_bridge.api.routes import Cases, max_body, router
-from fhir_bridge.errors import InvalidInput
+from fhir_bridge.api.routes import Caller, Cases, Tenants, max_body, router
+from fhir_bridge.errors import Forbidden, InvalidInput
 from fhir_bridge.resources import check_resource_type
+from fhir_bridge.workflow.tenancy import require_scope
 
 __all__ = ["TASK_OPERATIONS", "parameter", "router"]
 
@@ -52,19 +56,34 @@ def _answer(request: Request, task: dict[str, Any]) -> Response:
     return fhir_response(request, task, headers=version_headers(task))
 
 
+def _reviewer(who: AccessContext, body: dict[str, Any]) -> str:
+    named = parameter(body, "reviewer", required=False)
+    if not who.reviewer or (named and named != who.reviewer):
+        raise Forbidden("a reviewer acts only as the PractitionerRole its access token names")
+    return who.reviewer
+
+
 def register(target: APIRouter) -> None:
-    async def refresh(request: Request, resource_id: str, service: Cases) -> Response:
+    async def allowed(service: Cases, who: AccessContext, rules: Tenants, operation: str, task_id: str) -> None:
+        require_scope(who, "Task", "u")
+        await rules.check_task_operation(who, operation, await service.store.read("Task", task_id))
+
+    async def refresh(request: Request, resource_id: str, service: Cases, who: Caller, rules: Tenants) -> Response:
+        await allowed(service, who, rules, "refresh", resource_id)
         await _parameters(request)
         return _answer(request, await service.refresh(resource_id))
 
-    async def decline(request: Request, resource_id: str, service: Cases) -> Response:
+    async def decline(request: Request, resource_id: str, service: Cases, who: Caller, rules: Tenants) -> Response:
+        await allowed(service, who, rules, "decline", resource_id)
         body = await _parameters(request)
         reason = parameter(body, "reason", required=False)
-        return _answer(request, await service.decline(resource_id, parameter(body, "reviewer"), reason))
+        return _answer(request, await service.decline(resource_id, _reviewer(who, body), reason))
 
-    async def request_documents(request: Request, resource_id: str, service: Cases) -> Response:
+    async def request_documents(request: Request, resource_id: str, service: Cases, who: Caller,
+                                rules: Tenants) -> Response:
+        await allowed(service, who, rules, "request-documents", resource_id)
         body = await _parameters(request)
-        task = await service.request_documents(resource_id, parameter(body, "reviewer"), parameter(body, "text"))
+        task = await service.request_documents(resource_id, _reviewer(who, body), parameter(body, "text"))
         return _answer(request, task)
 
     for name, handler in (("refresh", refresh), ("decline", decline), ("request-documents", request_documents)):

@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Request
 from starlette.responses import Response, StreamingResponse
 
+from fhir_bridge.access import AccessContext
 from fhir_bridge.api.capability import capability_statement
 from fhir_bridge.api.fhir_io import (
     fhir_response,
@@ -23,8 +24,10 @@ from fhir_bridge.api.fhir_io import (
     version_headers,
     written,
 )
+from fhir_bridge.errors import Forbidden
 from fhir_bridge.resources import FHIR_JSON, Resource
 from fhir_bridge.workflow.cases import CaseService, bundle_patient, now_instant
+from fhir_bridge.workflow.tenancy import Tenancy, require_scope
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)])
 READABLE = ("ServiceRequest", "Task", "DiagnosticReport")
@@ -36,6 +39,26 @@ def cases(request: Request) -> CaseService:
 
 
 Cases = Annotated[CaseService, Depends(cases)]
+
+
+def tenancy(request: Request) -> Tenancy:
+    rules: Tenancy | None = getattr(request.app.state, "tenancy", None)
+    if rules is None:  # the runtime's CaseService arrives with the lifespan, after create_app
+        service = cases(request)
+        rules = request.app.state.tenancy = Tenancy(service.store, service.assignments.registry)
+    return rules
+
+
+Tenants = Annotated[Tenancy, Depends(tenancy)]
+
+
+async def _caller(request: Request) -> AccessContext:
+    from fhir_bridge.api.security import caller  # security imports base_url from here
+
+    return await caller(request)
+
+
+Caller = Annotated[AccessContext, Depends(_caller)]
 
 
 def base_url(request: Request) -> str:
@@ -54,28 +77,44 @@ async def metadata(request: Request) -> Response:
 
 @router.post("/ServiceRequest")
 async def create_service_request(
-    request: Request, service: Cases, if_none_exist: Annotated[str | None, Header()] = None
+    request: Request, service: Cases, who: Caller, if_none_exist: Annotated[str | None, Header()] = None
 ) -> Response:
+    require_scope(who, "ServiceRequest", "c")
+    if who.role != "platform":
+        raise Forbidden("only platform clients submit requests for an opinion")
     body = await read_body(request, max_body(request))
-    result = await service.submit_request(body, if_none_exist=if_none_exist)
+    result = await service.submit_request(body, if_none_exist=if_none_exist, tenant=who.tenant)
     return _created(request, "ServiceRequest", result.resource, result.created)
 
 
 @router.post("/DiagnosticReport")
 async def create_diagnostic_report(
-    request: Request, service: Cases, if_none_exist: Annotated[str | None, Header()] = None
+    request: Request, service: Cases, who: Caller, rules: Tenants,
+    if_none_exist: Annotated[str | None, Header()] = None,
 ) -> Response:
+    require_scope(who, "DiagnosticReport", "c")
     body = await read_body(request, max_body(request))
-    result = await service.submit_opinion(body, if_none_exist=if_none_exist)
+
+    async def guard(request_id: str) -> None:
+        await rules.check_opinion_allowed(who, request_id)
+
+    result = await service.submit_opinion(body, if_none_exist=if_none_exist, guard=guard)
     return _created(request, "DiagnosticReport", result.resource, result.created)
 
 
 @router.put("/DiagnosticReport/{resource_id}")
 async def update_diagnostic_report(
-    request: Request, resource_id: str, service: Cases, if_match: Annotated[str | None, Header()] = None
+    request: Request, resource_id: str, service: Cases, who: Caller, rules: Tenants,
+    if_match: Annotated[str | None, Header()] = None,
 ) -> Response:
+    require_scope(who, "DiagnosticReport", "u")
+    await rules.check_visible(who, "DiagnosticReport", await service.store.read("DiagnosticReport", resource_id))
     body = await read_body(request, max_body(request))
-    stored = await service.amend_opinion(resource_id, body, if_match=parse_if_match(if_match))
+
+    async def guard(request_id: str) -> None:
+        await rules.check_opinion_allowed(who, request_id)
+
+    stored = await service.amend_opinion(resource_id, body, if_match=parse_if_match(if_match), guard=guard)
     return written(request, stored, status=200, location=_location(request, "DiagnosticReport", stored))
 
 
@@ -93,8 +132,10 @@ def _created(request: Request, rtype: str, resource: Resource, created: bool) ->
 
 
 @router.get("/Bundle/{resource_id}")
-async def read_bundle(request: Request, resource_id: str, service: Cases) -> Response:
+async def read_bundle(request: Request, resource_id: str, service: Cases, who: Caller, rules: Tenants) -> Response:
+    require_scope(who, "Bundle", "r")
     stub = await service.store.read("Bundle", resource_id)
+    await rules.check_visible(who, "Bundle", stub)
     # the answer is streamed, so the audit can not read the patient from it: the stub knows (audit_middleware)
     request.state.audit_patient = bundle_patient(stub)
     chunks = service.bundle_chunks(resource_id)
@@ -102,15 +143,24 @@ async def read_bundle(request: Request, resource_id: str, service: Cases) -> Res
 
 
 def _register_reads(rtype: str) -> None:
-    async def read(request: Request, resource_id: str, service: Cases) -> Response:
+    async def visible(service: CaseService, who: AccessContext, rules: Tenancy, resource_id: str) -> Resource:
+        require_scope(who, rtype, "r")
         resource = await service.store.read(rtype, resource_id)
+        await rules.check_visible(who, rtype, resource)
+        return resource
+
+    async def read(request: Request, resource_id: str, service: Cases, who: Caller, rules: Tenants) -> Response:
+        resource = await visible(service, who, rules, resource_id)
         return fhir_response(request, resource, headers=version_headers(resource))
 
-    async def vread(request: Request, resource_id: str, version_id: str, service: Cases) -> Response:
+    async def vread(request: Request, resource_id: str, version_id: str, service: Cases, who: Caller,
+                    rules: Tenants) -> Response:
+        await visible(service, who, rules, resource_id)
         resource = await service.store.vread(rtype, resource_id, version_id)
         return fhir_response(request, resource, headers=version_headers(resource))
 
-    async def history(request: Request, resource_id: str, service: Cases) -> Response:
+    async def history(request: Request, resource_id: str, service: Cases, who: Caller, rules: Tenants) -> Response:
+        await visible(service, who, rules, resource_id)
         versions = await service.store.history(rtype, resource_id)
         base = base_url(request)
         bundle = {
@@ -137,11 +187,13 @@ def _register_reads(rtype: str) -> None:
         }
         return fhir_response(request, bundle)
 
-    async def search(request: Request, service: Cases) -> Response:
-        return await _search(request, service, rtype, list(request.query_params.multi_items()))
+    async def search(request: Request, service: Cases, who: Caller, rules: Tenants) -> Response:
+        scope = _search_scope(who, rules, rtype)
+        return await _search(request, service, rtype, list(request.query_params.multi_items()), scope)
 
-    async def search_post(request: Request, service: Cases) -> Response:
-        return await _search(request, service, rtype, await search_form(request))
+    async def search_post(request: Request, service: Cases, who: Caller, rules: Tenants) -> Response:
+        scope = _search_scope(who, rules, rtype)
+        return await _search(request, service, rtype, await search_form(request), scope)
 
     router.add_api_route(f"/{rtype}", search, methods=["GET"], name=f"search-{rtype}")
     router.add_api_route(f"/{rtype}/_search", search_post, methods=["POST"], name=f"search-post-{rtype}")
@@ -157,9 +209,15 @@ async def search_form(request: Request) -> list[tuple[str, str]]:
     return [*request.query_params.multi_items(), *await read_form(request, max_body(request), "POST _search")]
 
 
-async def _search(request: Request, service: CaseService, rtype: str, params: list[tuple[str, str]]) -> Response:
+def _search_scope(who: AccessContext, rules: Tenancy, rtype: str) -> dict[str, list[str]]:
+    require_scope(who, rtype, "s")
+    return rules.search_scope(who, rtype)
+
+
+async def _search(request: Request, service: CaseService, rtype: str, params: list[tuple[str, str]],
+                  scope: dict[str, list[str]]) -> Response:
     count, offset = paging(request, params)
-    resources, total = await service.search(rtype, params, count, offset)
+    resources, total = await service.search(rtype, params, count, offset, scope=scope)
     return fhir_response(request, searchset(base_url(request), rtype, resources, total, params, count, offset))
 
 

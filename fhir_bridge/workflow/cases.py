@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,7 +51,7 @@ from fhir_bridge.packaging import build_case_bundle, write_bundle
 from fhir_bridge.ports import AuditPort, BlobStorePort, Job, JobQueuePort, ResourceStorePort, SourcePort
 from fhir_bridge.resources import Resource
 from fhir_bridge.routing import ReviewerRegistry, load_registry
-from fhir_bridge.search_index import index_terms, parse_criteria
+from fhir_bridge.search_index import TENANT_TERM, index_terms, parse_criteria, tenant_of, with_tenant
 from fhir_bridge.selection import Problem
 from fhir_bridge.tasks import new_task, state_of
 from fhir_bridge.terminology import CANONICAL_BASE, Terminology
@@ -69,6 +69,7 @@ BLOB_EXTENSION = f"{CANONICAL_BASE}/StructureDefinition/blob-digest"
 BUNDLE_PATIENT = f"{CANONICAL_BASE}/StructureDefinition/case-patient"
 GENERATION = f"{CANONICAL_BASE}/StructureDefinition/collect-generation"
 SourceFactory = Callable[[], AbstractAsyncContextManager[SourcePort]]
+Guard = Callable[[str], Awaitable[None]]  # given a ServiceRequest id, raises if the caller may not act on that case
 __all__ = ["COLLECT_JOB", "CaseService", "Created", "now_instant"]
 
 
@@ -115,16 +116,22 @@ class CaseService:
     # -- reads ----------------------------------------------------------------------------------------
 
     async def search(
-        self, resource_type: str, params: list[tuple[str, str]], count: int, offset: int
+        self, resource_type: str, params: list[tuple[str, str]], count: int, offset: int,
+        *, scope: Mapping[str, list[str]] | None = None,
     ) -> tuple[list[Resource], int]:
-        criteria = parse_criteria(resource_type, params)
+        """A search, ANDed with ``scope`` (the caller's access criteria, :mod:`fhir_bridge.workflow.tenancy`)."""
+        criteria = {**parse_criteria(resource_type, params), **(scope or {})}
         page = await self.store.search(resource_type, criteria, count=count, offset=offset)
         return page.resources, page.total
 
     async def _conditional_match(
-        self, resource_type: str, if_none_exist: str | None
+        self, resource_type: str, if_none_exist: str | None, scope: Mapping[str, list[str]]
     ) -> tuple[Resource | None, str | None]:
-        """FHIR R4 http.html#ccreate: 0 matches → create; 1 → that one; more → 412."""
+        """FHIR R4 http.html#ccreate: 0 matches → create; 1 → that one; more → 412.
+
+        Matched within ``scope`` only (the tenant, the case): a client's conditional create never finds, nor
+        collides with, a resource it could not read.
+        """
         if not if_none_exist:
             return None, None
         from urllib.parse import parse_qsl
@@ -134,7 +141,7 @@ class CaseService:
             raise InvalidInput(
                 "If-None-Exist must be a search on this type's parameters, such as identifier=system|value"
             )
-        criteria = parse_criteria(resource_type, params)
+        criteria = {**parse_criteria(resource_type, params), **scope}
         page = await self.store.search(resource_type, criteria, count=2)
         if page.total > 1:
             raise PreconditionFailed("If-None-Exist matches more than one resource")
@@ -143,10 +150,14 @@ class CaseService:
 
     # -- the request ----------------------------------------------------------------------------------
 
-    async def submit_request(self, body: Any, *, if_none_exist: str | None = None) -> Created:
-        """POST ServiceRequest: check, resolve the patient at the source, store, create the Task, enqueue."""
+    async def submit_request(self, body: Any, *, if_none_exist: str | None = None, tenant: str) -> Created:
+        """POST ServiceRequest: check, resolve the patient at the source, store, create the Task, enqueue.
+
+        The request, its Task and later its opinions carry the ``tenant`` of the platform that sent it.
+        """
         request = check_request(body, self.terminology)
-        existing, unique_key = await self._conditional_match("ServiceRequest", if_none_exist)
+        existing, unique_key = await self._conditional_match("ServiceRequest", if_none_exist,
+                                                             {TENANT_TERM: [tenant]})
         if existing is not None:
             await self._ensure_case(existing, request.deadline)
             return Created(existing, False)
@@ -157,6 +168,7 @@ class CaseService:
         # store the INS as checked (a NIR may arrive with spaces): searches and opinions match the normal form
         sr["subject"] = {**sr["subject"], "identifier": {**sr["subject"]["identifier"], "value": request.patient.value}}
         sr["authoredOn"] = sr.get("authoredOn") or now_instant(self.clock)
+        sr = with_tenant(sr, tenant)
         stored, created = await self.store.create(sr, index=index_terms(sr), unique_key=unique_key)
         await self._ensure_case(stored, request.deadline)
         return Created(stored, created)
@@ -182,7 +194,8 @@ class CaseService:
         authored = parse_fhir_datetime(str(sr.get("authoredOn") or "")) or self._now()
         requested = parse_fhir_datetime(deadline, end=True) if deadline else None
         due = due_date(authored, sr.get("priority"), requested, self.deadlines)
-        task = new_task(sr, now_instant(self.clock), now_instant(lambda: due), self.terminology)
+        task = with_tenant(new_task(sr, now_instant(self.clock), now_instant(lambda: due), self.terminology),
+                           tenant_of(sr))
         stored, _ = await self.store.create(
             task, index=index_terms(task), unique_key=f"task-for:ServiceRequest/{sr['id']}"
         )
@@ -342,31 +355,42 @@ class CaseService:
 
     # -- the opinion ----------------------------------------------------------------------------------
 
-    async def submit_opinion(self, body: Any, *, if_none_exist: str | None = None) -> Created:
-        """POST DiagnosticReport: the reviewer's opinion (preliminary or final) on a ready case."""
+    async def submit_opinion(self, body: Any, *, if_none_exist: str | None = None, guard: Guard | None = None
+                             ) -> Created:
+        """POST DiagnosticReport: the reviewer's opinion (preliminary or final) on a ready case.
+
+        ``guard`` (the caller's right to this case) runs as soon as the case is known, before anything is read.
+        """
         report = check_new_opinion(body)
         request_id = based_on_request(report)
+        if guard is not None:
+            await guard(request_id)
         try:
             request = await self.store.read("ServiceRequest", request_id)
         except NotFound:
             raise BusinessRuleViolation("basedOn names an unknown ServiceRequest", expression=["basedOn"]) from None
         task = await self.task_for(request_id)
         check_against_case(report, request, task)
-        existing, unique_key = await self._conditional_match("DiagnosticReport", if_none_exist)
+        existing, unique_key = await self._conditional_match("DiagnosticReport", if_none_exist,
+                                                             {"based-on": [f"ServiceRequest/{request_id}"]})
         if existing is not None:
             return Created(existing, False)
         report = dict(report)
         report.pop("id", None)
         report.pop("meta", None)
+        report = with_tenant(report, tenant_of(request))
         report["basedOn"] = [{"reference": f"ServiceRequest/{request_id}"}]
         report.setdefault("issued", now_instant(self.clock))
         stored, created = await self.store.create(report, index=index_terms(report), unique_key=unique_key)
         await self._after_opinion(task, stored)
         return Created(stored, created)
 
-    async def amend_opinion(self, report_id: str, body: Any, *, if_match: str | None) -> Resource:
+    async def amend_opinion(self, report_id: str, body: Any, *, if_match: str | None, guard: Guard | None = None
+                            ) -> Resource:
         """PUT DiagnosticReport/{id}: a new version (amended, corrected, final…); If-Match guards it."""
         current = await self.store.read("DiagnosticReport", report_id)
+        if guard is not None:
+            await guard(based_on_request(current))
         report = dict(check_amendment(body, current))
         if report.get("id") not in (None, report_id):
             raise InvalidInput("the resource id does not match the URL", expression=["id"])

@@ -1,0 +1,82 @@
+"""The bearer-token gate of the FHIR API (SMART Backend Services, RFC 6750) and the caller it yields.
+
+:func:`caller` is the FastAPI dependency every ``/fhir`` route but ``metadata`` and the SMART discovery
+document depends on: it reads ``Authorization: Bearer <token>`` (RFC 6750 §2.1; no query or form tokens),
+verifies it (:func:`fhir_bridge.adapters.auth.verify_access_token`: ES384 by the bridge key, ``at+jwt``, not
+expired, ``aud`` = this server, bound certificate if any) and gives the :class:`~fhir_bridge.access.AccessContext`.
+Its scopes are cut again to the role's ceiling (``config/roles.json``), so a registry edit can not widen a token
+already issued. The client id and the token's ``jti`` go to ``request.state`` for the audit trail.
+
+The client certificate (mutual TLS, RFC 8705) is read from the ASGI TLS extension
+(``scope["extensions"]["tls"]["client_cert_chain"]``, asgi.readthedocs.io specs/tls.html), filled in by the
+server adapter of :mod:`fhir_bridge.adapters.tls`; its thumbprint must match a certificate-bound token.
+
+Refusals: no token → 401 ``WWW-Authenticate: Bearer realm="fhir-bridge"``; a token refused → 401 with
+``error="invalid_token"``; a scope missing → 403 (``insufficient_scope``). Messages never repeat the token.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from dataclasses import replace
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from fhir_bridge.access import AccessContext, within_ceiling
+from fhir_bridge.adapters.auth import verify_access_token
+from fhir_bridge.adapters.clients import certificate_thumbprint
+from fhir_bridge.api.auth_routes import AuthServer
+from fhir_bridge.api.routes import base_url
+from fhir_bridge.errors import Unauthenticated
+
+__all__ = ["Caller", "MissingToken", "bearer_token", "caller", "client_certificate_thumbprint", "context_from"]
+
+
+class MissingToken(Unauthenticated):
+    """No bearer token at all (RFC 6750 §3.1: the challenge then carries no error code)."""
+
+    code = "unauthenticated"
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of ``Authorization: Bearer …`` (scheme case-insensitive, RFC 6750 §2.1), or None."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def client_certificate_thumbprint(request: Request) -> str | None:
+    """``x5t#S256`` of the client certificate this connection presented (mutual TLS), or None."""
+    tls = (request.scope.get("extensions") or {}).get("tls") or {}
+    chain = tls.get("client_cert_chain") or []
+    if not chain:
+        return None
+    try:
+        return certificate_thumbprint(ssl.PEM_cert_to_DER_cert(str(chain[0])))
+    except ValueError:
+        return None
+
+
+def context_from(request: Request, token: str | None) -> AccessContext:
+    """Verify ``token`` for this request and record who called (request.state) for the audit trail."""
+    if not token:
+        raise MissingToken("this endpoint needs an access token: Authorization: Bearer <token> (see "
+                           "/fhir/.well-known/smart-configuration)")
+    server: AuthServer = request.app.state.auth
+    context = verify_access_token(token, keys=server.keys, audience=base_url(request), now=time.time(),
+                                  cert_thumbprint=client_certificate_thumbprint(request))
+    context = replace(context, scopes=frozenset(within_ceiling(context.role, context.scopes, server.ceilings)))
+    request.state.client_id = context.client_id
+    request.state.jti = context.jti
+    request.state.caller = context
+    return context
+
+
+async def caller(request: Request) -> AccessContext:
+    """The FastAPI dependency: the verified caller of this request (see the module docstring)."""
+    return context_from(request, bearer_token(request))
+
+
+Caller = Annotated[AccessContext, Depends(caller)]
