@@ -52,13 +52,13 @@ def tenancy(request: Request) -> Tenancy:
 Tenants = Annotated[Tenancy, Depends(tenancy)]
 
 
-async def _caller(request: Request) -> AccessContext:
+async def current_caller(request: Request) -> AccessContext:
     from fhir_bridge.api.security import caller  # security imports base_url from here
 
     return await caller(request)
 
 
-Caller = Annotated[AccessContext, Depends(_caller)]
+Caller = Annotated[AccessContext, Depends(current_caller)]
 
 
 def base_url(request: Request) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from fhir_bridge.adapters.dev_clients import DevClients, provision
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.processes import ProcessGroup, free_port
 
@@ -61,19 +62,34 @@ class Bridge:
     data_dir: Path
     env: dict[str, str]
     group: ProcessGroup
+    clients: DevClients
 
     def start_worker(self, name: str, **env: str) -> Any:
         return self.group.start(name, ["worker", "--name", name], extra_env={**self.env, **env})
 
+    def auth(self, client_id: str = "platform", scope: str | None = None) -> httpx.Auth:
+        """SMART Backend Services tokens for one of the registered clients (see fhir_bridge.adapters.dev_clients):
+        ``platform``, ``platform-other``, ``auditor``, ``operator``, ``reviewer-<PractitionerRole id>``."""
+        return self.clients.auth(client_id, self.api, scope)
+
+    def client(self, client_id: str = "platform", **kwargs: Any) -> httpx.Client:
+        """An httpx client calling as ``client_id`` (close it, or use it in a ``with``)."""
+        return httpx.Client(auth=self.auth(client_id), timeout=kwargs.pop("timeout", 30), **kwargs)
+
+    def reviewer_of(self, task: dict[str, Any]) -> str:
+        """The client id of a reviewer the case of ``task`` is assigned to."""
+        return self.clients.reviewer_for(task["owner"]["reference"])
+
 
 def start_bridge(group: ProcessGroup, redis: EmbeddedRedis, source: str, data_dir: Path, name: str,
                  **env: str) -> Bridge:
+    clients = provision(data_dir / "clients.json", data_dir / "client-keys")
     full_env = {"FHIR_BRIDGE_REDIS_URL": redis.url, "FHIR_BRIDGE_SOURCE_URL": source,
                 "FHIR_BRIDGE_DATA_DIR": str(data_dir), "FHIR_BRIDGE_LOG_LEVEL": "INFO",
                 "FHIR_BRIDGE_SOURCE__BACKOFF_INITIAL": "0.05", **env}
     port = start_on_free_port(group, f"{name}-api", ["serve"], "/readyz", extra_env=full_env)
     return Bridge(api=f"http://127.0.0.1:{port}/fhir", redis_url=redis.url, data_dir=data_dir, env=full_env,
-                  group=group)
+                  group=group, clients=clients)
 
 
 @pytest.fixture(scope="module")
