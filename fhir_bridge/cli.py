@@ -270,15 +270,18 @@ def sandbox(host: str, port: int, patients: int, seed: int, page_cap: int, laten
 @cli.command()
 @click.option("--out", "out_dir", default="out/demo", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Where the bundle, report and logs go.")
+@click.option("--log-level", default="WARNING", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="Log level of the API, worker and sandbox processes (their logs go to OUT/logs).")
 @one_line_errors
-def demo(out_dir: Path) -> None:
+def demo(out_dir: Path, log_level: str) -> None:
     """Run the whole path on embedded defaults (private Redis, sandbox, API, worker, a scripted reviewer)."""
     from rich.console import Console
 
     from fhir_bridge.demo import run_demo
 
     console = Console(stderr=False)
-    result = run_demo(out_dir.resolve(), console)
+    result = run_demo(out_dir.resolve(), console, log_level=log_level.upper())
     console.print()
     console.print(f"[bold green]done[/] in {result.seconds:.1f} s")
     console.print(f"  documents packaged: {result.documents}, imaging studies: {result.studies}")

@@ -73,7 +73,7 @@ def reviewer_opinion(request_id: str, patient: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def run_demo(out_dir: Path, console: Console) -> DemoResult:
+def run_demo(out_dir: Path, console: Console, *, log_level: str = "WARNING") -> DemoResult:
     started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fhir-bridge-demo-") as tmp:
@@ -90,7 +90,7 @@ def run_demo(out_dir: Path, console: Console) -> DemoResult:
             console.print(f"[bold]clients[/] {len(clients.clients)} registered (platforms, reviewers, auditor, "
                           "operator), each with its own ES384 key")
             env = {"FHIR_BRIDGE_REDIS_URL": redis.url, "FHIR_BRIDGE_SOURCE_URL": source,
-                   "FHIR_BRIDGE_DATA_DIR": str(data_dir), "FHIR_BRIDGE_LOG_LEVEL": "WARNING"}
+                   "FHIR_BRIDGE_DATA_DIR": str(data_dir), "FHIR_BRIDGE_LOG_LEVEL": log_level}
             group.start("api", ["serve", "--port", str(api_port)], health_url=f"http://127.0.0.1:{api_port}/readyz",
                         extra_env=env)
             group.start("worker", ["worker", "--name", "demo-worker"], extra_env=env)

@@ -30,7 +30,7 @@ from fhir_bridge.search_index import OUTPUT_TERM, OWNER_TERM, TENANT_TERM, tenan
 
 __all__ = ["Tenancy", "require_scope"]
 
-_HIDDEN = "no {rtype} with that id"
+_HIDDEN = "{rtype}/{id} is not known"  # word for word what the store says of an unknown id
 _CASE_TYPES = frozenset({"ServiceRequest", "Task", "DiagnosticReport", "Bundle"})
 
 
@@ -71,7 +71,7 @@ class Tenancy:
     async def check_visible(self, caller: AccessContext, resource_type: str, resource: Resource) -> None:
         """NotFound unless ``caller`` may see ``resource`` (current version decides, for vread/history too)."""
         if not await self.visible(caller, resource_type, resource):
-            raise NotFound(_HIDDEN.format(rtype=resource_type))
+            raise NotFound(_HIDDEN.format(rtype=resource_type, id=resource.get("id")))
 
     async def visible(self, caller: AccessContext, resource_type: str, resource: Resource) -> bool:
         if resource_type not in _CASE_TYPES:
@@ -136,4 +136,4 @@ class Tenancy:
         elif caller.role in ("platform", "operator") and (caller.role == "operator"
                                                           or tenant_of(task) == caller.tenant):
             raise Forbidden(f"only the assigned reviewer can call ${operation}")
-        raise NotFound(_HIDDEN.format(rtype="Task"))
+        raise NotFound(_HIDDEN.format(rtype="Task", id=task.get("id")))
