@@ -17,6 +17,7 @@ from fhir_bridge.errors import BusinessRuleViolation, InvalidInput, Precondition
 from fhir_bridge.identity import INS_NIR_TEST, nir_key
 from fhir_bridge.ports import Job
 from fhir_bridge.resources import loads, validate
+from fhir_bridge.search_index import tenant_of
 from fhir_bridge.terminology import load_terminology
 from fhir_bridge.triage_rules import load_triage_rules
 from fhir_bridge.workflow.cases import COLLECT_JOB, CaseService
@@ -31,6 +32,7 @@ PATIENT: dict[str, Any] = {"identifier": {"system": INS_NIR_TEST, "value": NIR},
 OTHER_NIR = f"1850775123456{nir_key('1850775123456'):02d}"
 OTHER_PATIENT: dict[str, Any] = {"identifier": {"system": INS_NIR_TEST, "value": OTHER_NIR}}
 REQUESTS = "https://platform.example/requests"
+TENANT = "platform-a"  # the tenant of the platform client that sent the requests (its access token says it)
 PDF = b"%PDF-1.4\n" + b"compte rendu operatoire " * 400  # several blob chunks
 MASKED = b"%PDF-1.4\nSECRET-MASKED-CONTENT"
 
@@ -75,10 +77,11 @@ class Bridge:
     blobs: InMemoryBlobs
     source: FakeSource
 
-    async def submit(self, request_id: str = "R-1", if_none_exist: str | None = "default", **changes: Any) -> Any:
+    async def submit(self, request_id: str = "R-1", if_none_exist: str | None = "default", tenant: str = TENANT,
+                     **changes: Any) -> Any:
         body = {**second_opinion_request(PATIENT, request_id), **changes}
         ine = f"identifier={REQUESTS}|{request_id}" if if_none_exist == "default" else if_none_exist
-        return await self.service.submit_request(body, if_none_exist=ine)
+        return await self.service.submit_request(body, if_none_exist=ine, tenant=tenant)
 
     async def ready_case(self) -> tuple[dict[str, Any], dict[str, Any]]:
         request = (await self.submit()).resource
@@ -152,6 +155,15 @@ async def test_a_retried_request_with_the_same_if_none_exist_returns_the_same_re
     assert not again.created
     assert again.resource == first.resource
     assert (await bridge.total("ServiceRequest"), await bridge.total("Task"), len(bridge.queue.enqueued)) == (1, 1, 1)
+
+
+async def test_if_none_exist_matches_only_the_requests_of_the_same_tenant(bridge: Bridge) -> None:
+    mine = await bridge.submit()
+    theirs = await bridge.submit(tenant="platform-b")  # the same identifier, sent by another platform
+    assert theirs.created and theirs.resource["id"] != mine.resource["id"]
+    assert tenant_of(theirs.resource) == "platform-b" and tenant_of(mine.resource) == TENANT
+    assert not (await bridge.submit(tenant="platform-b")).created
+    assert (await bridge.total("ServiceRequest"), await bridge.total("Task")) == (2, 2)
 
 
 async def test_if_none_exist_matching_two_requests_is_a_failed_precondition(bridge: Bridge) -> None:
@@ -370,6 +382,8 @@ async def test_a_final_opinion_completes_the_task_and_is_in_its_output(bridge: B
     assert state(task) == ("completed", "opinion-final")
     assert output_reference(task, "opinion") == f"DiagnosticReport/{report['id']}"
     assert output_reference(task, "case-bundle").startswith("Bundle/")
+    # the case stays the requesting platform's: the request, its Task and the opinion carry its tenant
+    assert tenant_of(request) == tenant_of(task) == tenant_of(report) == TENANT
 
 
 async def test_a_preliminary_opinion_puts_a_ready_case_in_review(bridge: Bridge) -> None:
@@ -482,7 +496,7 @@ async def test_the_overdue_scan_flags_a_late_open_case_once_with_an_injected_clo
                           work_dir=tmp_path / "work", triage_rules=LAB_ONLY_RULES, clock=lambda: now[0])
     body = second_opinion_request(PATIENT, "LATE-1")
     body["occurrenceDateTime"] = "2027-01-01T00:00:00Z"  # the requester's own deadline is later: 48 h rules
-    request = (await service.submit_request(body)).resource
+    request = (await service.submit_request(body, tenant=TENANT)).resource
     task = await service.task_for(request["id"])
     assert task["restriction"]["period"]["end"] == "2026-11-04T09:00:00.000Z"
     now[0] += timedelta(hours=47)
