@@ -15,19 +15,21 @@ from typing import Any
 import httpx
 import pytest
 
+from fhir_bridge.access import AccessContext
 from fhir_bridge.adapters.settings import Settings, SourceSettings
 from fhir_bridge.adapters.source_client import SourceClient, SourceExchange
 from fhir_bridge.api.app import create_app
 from fhir_bridge.api.audit_middleware import describe
 from fhir_bridge.api.audit_routes import date_bounds, parse_audit_search
 from fhir_bridge.api.capability import AUDIT_SEARCH_PARAMS
-from fhir_bridge.audit import BALP_ENTITY_TYPE, Party
+from fhir_bridge.audit import BALP_ENTITY_TYPE, JTI_PREFIX, Party
 from fhir_bridge.demo import second_opinion_request
 from fhir_bridge.errors import AttachmentError, AuditUnavailable, InvalidInput, SourceUnavailable
 from fhir_bridge.identity import INS_NIR_TEST, PatientIdentifier
 from fhir_bridge.resources import validate
 from fhir_bridge.workflow.cases import CaseService
 from fhir_bridge.workflow.taskbook import TaskBook
+from tests.callers import Callers, assigned_reviewer, caller
 from tests.fakes import FakeSource, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory
 from tests.unit.test_cases import LAB_ONLY_RULES, PATIENT, REQUESTS, TERMS, output_reference, world
 
@@ -76,9 +78,22 @@ def query_of(event: Event) -> bytes:
     return base64.b64decode(next(e["query"] for e in event["entity"] if "query" in e))
 
 
+def client_agent(event: Event) -> Event:
+    return next(a for a in event["agent"] if a["requestor"])
+
+
 class Api:
-    def __init__(self, client: httpx.AsyncClient, audit: FakeAudit, service: CaseService, queue: InMemoryQueue):
-        self.client, self.audit, self.service, self.queue = client, audit, service, queue
+    def __init__(self, client: httpx.AsyncClient, audit: FakeAudit, service: CaseService, queue: InMemoryQueue,
+                 callers: Callers):
+        self.client, self.audit, self.service, self.queue, self.callers = client, audit, service, queue, callers
+
+    @property
+    def caller(self) -> AccessContext | None:
+        return self.callers.current
+
+    @caller.setter
+    def caller(self, who: AccessContext | None) -> None:
+        self.callers.current = who
 
     async def create_request(self, request_id: str = "W-1", **headers: str) -> httpx.Response:
         body = second_opinion_request(PATIENT, request_id)
@@ -94,9 +109,10 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
     service = CaseService(store=store, queue=queue, blobs=blobs, source=fake_source_factory(FakeSource(world())),
                           terminology=TERMS, work_dir=tmp_path / "work", triage_rules=LAB_ONLY_RULES, audit=audit)
     app = create_app(Settings(), service, audit=audit, audit_bridge=Party("fhir-bridge", name="fhir-bridge api"))
+    callers = Callers(app, caller("platform"))  # a platform client unless a test says otherwise
     transport = httpx.ASGITransport(app=app, client=("10.1.2.3", 40000))
     async with httpx.AsyncClient(transport=transport, base_url="http://bridge.test") as client:
-        yield Api(client, audit, service, queue)
+        yield Api(client, audit, service, queue, callers)
 
 
 # -- the API: one event per call, before the answer ----------------------------------------------------
@@ -111,8 +127,10 @@ async def test_a_create_is_recorded_with_its_resource_patient_client_and_request
     assert subtypes(event) == ["create"] and event["action"] == "C" and event["outcome"] == "0"
     assert object_reference(event) == f"ServiceRequest/{sr['id']}/_history/1"
     assert patient_of(event) == NIR
-    client = next(a for a in event["agent"] if a["requestor"])
-    assert client["who"]["identifier"]["value"] == "anonymous" and client["network"]["address"] == "10.1.2.3"
+    client = client_agent(event)
+    # BALP: the OAuth client id as the client agent, the token's jti in its policy
+    assert client["who"]["identifier"]["value"] == "platform" and client["network"]["address"] == "10.1.2.3"
+    assert api.caller is not None and client["policy"] == [JTI_PREFIX + api.caller.jti]
     assert client["type"]["coding"][0]["code"] == "110153"  # a create: the client is the Source
 
 
@@ -151,6 +169,13 @@ async def test_failed_and_unknown_calls_are_recorded_too_and_health_is_not(api: 
         assert subtypes(event) == [interaction] and event["outcome"] == "4"
         assert event["outcomeDesc"]  # the OperationOutcome's text, never patient data
         validate(event)
+    api.caller = None  # no token: refused, and recorded with the anonymous client and no jti
+    answer = await api.client.get("/fhir/Task", headers={"X-Request-Id": "r401"})
+    assert answer.status_code == 401
+    [event] = api.audit.by_request("r401")
+    assert subtypes(event) == ["search-type"] and event["outcome"] == "4"
+    assert client_agent(event)["who"]["identifier"]["value"] == "anonymous" and "policy" not in client_agent(event)
+    validate(event)
     before = len(api.audit.events)
     for path in ("/healthz", "/readyz", "/metrics"):
         await api.client.get(path)
@@ -177,10 +202,12 @@ async def test_a_streamed_bundle_is_recorded_before_any_byte_and_refused_whole(a
     await api.queue.drain(api.service.run_collect_job)
     task = await api.service.task_for(sr["id"])
     bundle_ref = output_reference(task, "case-bundle")
+    api.caller = caller("reviewer", reviewer=assigned_reviewer(task, api.service.assignments.registry))
     answer = await api.client.get(f"/fhir/{bundle_ref}", headers={"X-Request-Id": "bundle-1"})
     assert answer.status_code == 200 and answer.json()["resourceType"] == "Bundle"
     [event] = api.audit.by_request("bundle-1")
     assert object_reference(event) == f"{bundle_ref}/_history/1" and patient_of(event) == NIR
+    assert client_agent(event)["who"]["identifier"]["value"] == api.caller.client_id
     api.audit.down = True
     refused = await api.client.get(f"/fhir/{bundle_ref}")
     assert refused.status_code == 503 and refused.json()["resourceType"] == "OperationOutcome"
