@@ -485,3 +485,29 @@ def clients_add(client_id: str, role: str, jwks_file: Path, scopes: tuple[str, .
     click.echo(json.dumps({"id": client.id, "role": client.role, "scopes": list(client.scopes),
                            "registry": str(clients_file(settings))}))
 
+
+@clients.command("token")
+@click.option("--id", "client_id", required=True, help="The registered client_id.")
+@click.option("--key", "key_file", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The client's private JWK (client-private.jwk.json from `clients keygen`).")
+@click.option("--scope", required=True, help='Space-separated scopes to ask for, e.g. "system/AuditEvent.rs".')
+@click.option("--url", "base_url", default=None, help="The bridge's FHIR base (default: api.public_base_url, "
+              "else http://api.host:api.port/fhir).")
+@one_line_errors
+def clients_token(client_id: str, key_file: Path, scope: str, base_url: str | None) -> None:
+    """Get an access token from the bridge as a registered client and print it (for curl, or the /audit page)."""
+    import httpx
+
+    from fhir_bridge.adapters.token_client import BackendServicesAuth, load_private_jwk
+
+    settings = _settings()
+    base = (base_url or settings.api.public_base_url or f"http://{settings.api.host}:{settings.api.port}").rstrip("/")
+    base = base.removesuffix("/fhir")
+    auth = BackendServicesAuth(f"{base}/auth/token", client_id, load_private_jwk(key_file), scope)
+    with httpx.Client(timeout=30) as http:
+        request = auth.token_request()
+        try:
+            token = auth.take_token_response(http.send(request))
+        except httpx.HTTPError as exc:
+            raise click.ClickException(f"cannot reach the token endpoint {request.url}: {type(exc).__name__}") from None
+    click.echo(json.dumps({"access_token": token, "scope": auth.granted_scope}))

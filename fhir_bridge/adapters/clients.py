@@ -30,7 +30,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, JWKRegistry, Key, RSAKey
 
-from fhir_bridge.access import ROLES, Role, parse_scope
+from fhir_bridge.access import ROLES, Role, load_role_ceilings, parse_scope, within_ceiling
 from fhir_bridge.adapters import key_files
 from fhir_bridge.errors import Conflict, InvalidInput
 
@@ -149,6 +149,11 @@ def add_client(
         jwks = {"keys": [jwks]}
     client = Client.from_dict({"id": id, "role": role, "tenant": tenant, "scopes": list(scopes), "jwks": jwks,
                                "reviewer": reviewer, "cert_thumbprint": cert_thumbprint})
+    ceilings = load_role_ceilings()
+    beyond = [s for s in client.scopes if within_ceiling(client.role, [s], ceilings) != (str(parse_scope(s)),)]
+    if beyond:  # registering more than the role may hold would only mislead: tokens are cut to the ceiling anyway
+        raise InvalidInput(f"a {client.role} client can not hold {', '.join(beyond)} (config/roles.json gives a "
+                           f"{client.role} at most: {' '.join(ceilings[client.role])})")
     registry = ClientRegistry.load(path, missing_ok=True)
     if registry.get(id) is not None:
         raise Conflict(f"client {id} is already registered")

@@ -12,6 +12,9 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -334,3 +337,21 @@ def test_an_oversized_body_is_413_even_with_a_valid_token(bridge: Bridge, case: 
         answer = platform.post(f"{bridge.api}/ServiceRequest", content=big, headers=FHIR)
         assert_refused(answer, 413)
     assert counts(bridge) == before
+
+
+def test_clients_token_prints_a_token_the_api_takes(bridge: Bridge) -> None:
+    key = bridge.data_dir / "client-keys" / "auditor" / "client-private.jwk.json"
+    env = {**os.environ, "FHIR_BRIDGE_DATA_DIR": str(bridge.data_dir)}
+    done = subprocess.run([sys.executable, "-m", "fhir_bridge", "clients", "token", "--id", "auditor", "--key",
+                           str(key), "--scope", "system/AuditEvent.rs", "--url", bridge.api],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    token = json.loads(done.stdout)["access_token"]
+    answer = httpx.get(f"{bridge.api}/AuditEvent", params={"_count": "1"}, timeout=30,
+                       headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 200
+    wrong = subprocess.run([sys.executable, "-m", "fhir_bridge", "clients", "token", "--id", "platform", "--key",
+                            str(key), "--scope", "system/Task.rs", "--url", bridge.api],
+                           capture_output=True, text=True, timeout=60, env=env)
+    assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
+    assert wrong.stderr.strip().count("\n") == 0 and "invalid_client" in wrong.stderr
