@@ -291,7 +291,8 @@ def element_to_json(root: etree._Element) -> Resource:
 def _local(element: etree._Element, path: str) -> str:
     qname = etree.QName(element)
     if qname.namespace != FHIR_NS:
-        raise MalformedResource(f"{path or 'root'}: an element outside the FHIR namespace", expression=[path])
+        raise MalformedResource(f"{path or 'root'}: an element outside the FHIR namespace",
+                                expression=[path] if path else None)
     return str(qname.localname)
 
 
@@ -322,9 +323,9 @@ def _read(element: etree._Element, model: Any, path: str, *, resource: bool = Fa
         else:
             name = _local(child, path)
         known = elements.get(name)
-        at = f"{path}.{name}"
         if known is None or name in attributes:
-            raise MalformedResource(f"{path}: unknown element {name[:64]!r}", expression=[at[:200]])
+            raise MalformedResource(f"{path}: unknown element {name[:64]!r}", expression=[f"{path}.{name[:64]}"])
+        at = f"{path}.{name}[{len(found.get(name, ()))}]" if known.repeats else f"{path}.{name}"
         position = order.index(name)
         if position < last or (position == last and not known.repeats):
             raise MalformedResource(f"{at}: element out of order or repeated", expression=[at])
