@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fhir_bridge.adapters.dev_clients import provision
 from fhir_bridge.demo import second_opinion_request
 from fhir_bridge.processes import ProcessGroup
 from tests.e2e.conftest import Sandbox, start_on_free_port
@@ -24,6 +25,7 @@ def test_serve_starts_a_private_redis_that_a_worker_joins_and_that_stops_with_it
     tmp_path: Path, sandbox: Sandbox
 ) -> None:
     env = {"FHIR_BRIDGE_SOURCE_URL": sandbox.url, "FHIR_BRIDGE_DATA_DIR": str(tmp_path)}
+    clients = provision(tmp_path / "clients.json", tmp_path / "client-keys")  # data_dir/clients.json: the default
     clean = {k: v for k, v in os.environ.items() if k != "FHIR_BRIDGE_REDIS_URL"}
     with ProcessGroup(tmp_path / "logs", env=clean) as group:
         alone = subprocess.run([sys.executable, "-m", "fhir_bridge", "worker"], env={**clean, **env},
@@ -39,9 +41,10 @@ def test_serve_starts_a_private_redis_that_a_worker_joins_and_that_stops_with_it
         group.start("worker", ["worker"], extra_env=env)
 
         patient = sandbox.world()["patients"][2]
-        answer = post(api, "ServiceRequest", second_opinion_request(patient, "EMBEDDED-1"))
-        assert answer.status_code == 201, answer.text
-        assert wait_task(api, answer.json()["id"])["status"] in ("ready", "on-hold")
+        with httpx.Client(auth=clients.auth("platform", api), timeout=30) as platform:
+            answer = post(platform, api, "ServiceRequest", second_opinion_request(patient, "EMBEDDED-1"))
+            assert answer.status_code == 201, answer.text
+            assert wait_task(platform, api, answer.json()["id"])["status"] in ("ready", "on-hold")
         assert list((tmp_path / "redis").glob("*.aof")) or list((tmp_path / "redis").glob("appendonly*"))
         overdue = subprocess.run([sys.executable, "-m", "fhir_bridge", "sync", "overdue"], env={**clean, **env},
                                  capture_output=True, text=True, timeout=60)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -17,11 +18,13 @@ pytestmark = pytest.mark.e2e
 FHIR = {"Content-Type": "application/fhir+json"}
 
 
-def wait_task(api: str, sr_id: str, statuses: tuple[str, ...] = ("ready", "failed"), timeout: float = 60) -> dict:
+def wait_task(client: httpx.Client, api: str, sr_id: str, statuses: tuple[str, ...] = ("ready", "failed"),
+              timeout: float = 60) -> dict:
+    """The Task of ServiceRequest ``sr_id`` once in one of ``statuses``, as ``client`` finds it by search."""
     deadline = time.monotonic() + timeout
     task: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        found = httpx.get(f"{api}/Task", params={"focus": f"ServiceRequest/{sr_id}"}).json()
+        found = client.get(f"{api}/Task", params={"focus": f"ServiceRequest/{sr_id}"}).raise_for_status().json()
         task = found["entry"][0]["resource"] if found.get("entry") else {}
         if task.get("status") in statuses:
             return task
@@ -29,30 +32,47 @@ def wait_task(api: str, sr_id: str, statuses: tuple[str, ...] = ("ready", "faile
     raise AssertionError(f"task stayed {task.get('status')}")
 
 
-def totals(api: str) -> dict[str, int]:
-    return {t: httpx.get(f"{api}/{t}", params={"_count": "0"}).json()["total"]
+def totals(client: httpx.Client, api: str) -> dict[str, int]:
+    """What ``client`` (a platform) can count of its own cases."""
+    return {t: client.get(f"{api}/{t}", params={"_count": "0"}).raise_for_status().json()["total"]
             for t in ("ServiceRequest", "Task", "DiagnosticReport")}
 
 
-def post(api: str, path: str, body: object, **headers: str) -> httpx.Response:
+def post(client: httpx.Client, api: str, path: str, body: object, **headers: str) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(f"{api}/{path}", content=content, headers={**FHIR, **headers}, timeout=30)
+    return client.post(f"{api}/{path}", content=content, headers={**FHIR, **headers}, timeout=30)
 
 
 @pytest.fixture(scope="module")
-def ready_case(bridge: Bridge, sandbox: Sandbox) -> dict[str, Any]:
+def platform(bridge: Bridge) -> Iterator[httpx.Client]:
+    """The requesting platform (tenant-tagged client with real tokens)."""
+    with bridge.client("platform") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def reviewer(bridge: Bridge, ready_case: dict[str, Any]) -> Iterator[httpx.Client]:
+    """The reviewer the ready case is assigned to."""
+    with bridge.client(bridge.reviewer_of(ready_case["task"])) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def ready_case(bridge: Bridge, sandbox: Sandbox, platform: httpx.Client) -> dict[str, Any]:
     patient = sandbox.world()["patients"][0]
-    answer = post(bridge.api, "ServiceRequest", second_opinion_request(patient, "E2E-1"),
+    answer = post(platform, bridge.api, "ServiceRequest", second_opinion_request(patient, "E2E-1"),
                   **{"If-None-Exist": "identifier=https://platform.example/requests|E2E-1"})
     assert answer.status_code == 201, answer.text
     assert answer.headers["Location"].startswith(f"{bridge.api}/ServiceRequest/")
     sr = answer.json()
-    task = wait_task(bridge.api, sr["id"])
+    task = wait_task(platform, bridge.api, sr["id"])
     assert task["status"] == "ready", task.get("statusReason")
     return {"patient": patient, "sr": sr, "task": task}
 
 
-def test_a_request_becomes_a_ready_task_with_a_bundle(bridge: Bridge, ready_case: dict[str, Any]) -> None:
+def test_a_request_becomes_a_ready_task_with_a_bundle(
+    bridge: Bridge, ready_case: dict[str, Any], platform: httpx.Client, reviewer: httpx.Client
+) -> None:
     task = ready_case["task"]
     validate(ready_case["sr"])
     validate(task)
@@ -60,56 +80,74 @@ def test_a_request_becomes_a_ready_task_with_a_bundle(bridge: Bridge, ready_case
     assert task["focus"]["reference"] == f"ServiceRequest/{ready_case['sr']['id']}"
     assert task["businessStatus"]["coding"][0]["code"] == "triaged-ready"
     bundle_ref = task["output"][0]["valueReference"]["reference"]
-    bundle = httpx.get(f"{bridge.api}/{bundle_ref}").raise_for_status().json()
+    bundle = reviewer.get(f"{bridge.api}/{bundle_ref}").raise_for_status().json()
     validate(bundle)
     assert bundle["type"] == "document" and bundle["id"] == bundle_ref.split("/")[1]
     docs = [e for e in bundle["entry"] if e["resource"]["resourceType"] == "DocumentReference"]
     assert len(docs) == len(ready_case["patient"]["documents"]["intact"])
     left_out = {i["details"]["coding"][0]["code"] for i in task["contained"][0]["issue"]}
     assert {"masked", "hash-mismatch"} <= left_out
-    history = httpx.get(f"{bridge.api}/Task/{task['id']}/_history").json()
+    history = platform.get(f"{bridge.api}/Task/{task['id']}/_history").json()
     assert [e["resource"]["status"] for e in reversed(history["entry"])] == ["requested", "in-progress", "ready"]
+    # the case bundle is for the reviewer: the platform's tokens carry no Bundle scope
+    assert platform.get(f"{bridge.api}/{bundle_ref}").status_code == 403
 
 
-def test_the_reviewers_opinion_is_found_by_based_on(bridge: Bridge, ready_case: dict[str, Any]) -> None:
+def test_the_reviewers_opinion_is_found_by_based_on(
+    bridge: Bridge, ready_case: dict[str, Any], platform: httpx.Client, reviewer: httpx.Client
+) -> None:
     sr, patient = ready_case["sr"], ready_case["patient"]
-    answer = post(bridge.api, "DiagnosticReport", reviewer_opinion(sr["id"], patient))
+    answer = post(reviewer, bridge.api, "DiagnosticReport", reviewer_opinion(sr["id"], patient))
     assert answer.status_code == 201, answer.text
     report = answer.json()
     validate(report)
-    found = httpx.get(f"{bridge.api}/DiagnosticReport", params={"based-on": f"ServiceRequest/{sr['id']}"}).json()
+    # the requesting platform finds the opinion (it is tagged with the platform's tenant)
+    found = platform.get(f"{bridge.api}/DiagnosticReport", params={"based-on": f"ServiceRequest/{sr['id']}"}).json()
     validate(found)
     assert found["total"] == 1 and found["entry"][0]["resource"]["id"] == report["id"]
     ident = patient["identifier"]
-    by_patient = httpx.get(f"{bridge.api}/DiagnosticReport",
-                           params={"subject:identifier": f"{ident['system']}|{ident['value']}"}).json()
+    by_patient = platform.get(f"{bridge.api}/DiagnosticReport",
+                              params={"subject:identifier": f"{ident['system']}|{ident['value']}"}).json()
     assert [e["resource"]["id"] for e in by_patient["entry"]] == [report["id"]]
-    task = httpx.get(f"{bridge.api}/Task/{ready_case['task']['id']}").json()
+    task = platform.get(f"{bridge.api}/Task/{ready_case['task']['id']}").json()
     assert task["status"] == "completed"
     assert {"reference": f"DiagnosticReport/{report['id']}"} in [o["valueReference"] for o in task["output"]]
 
     # amend with If-Match: new version, history and vread keep the first one
     amended = dict(report, status="amended", conclusion=report["conclusion"] + " (précision ajoutée)")
-    stale = httpx.put(f"{bridge.api}/DiagnosticReport/{report['id']}", json=amended,
-                      headers={**FHIR, "If-Match": 'W/"7"'})
+    stale = reviewer.put(f"{bridge.api}/DiagnosticReport/{report['id']}", json=amended,
+                         headers={**FHIR, "If-Match": 'W/"7"'})
     assert stale.status_code == 412 and stale.json()["resourceType"] == "OperationOutcome"
-    fresh = httpx.put(f"{bridge.api}/DiagnosticReport/{report['id']}", json=amended,
-                      headers={**FHIR, "If-Match": 'W/"1"'})
+    fresh = reviewer.put(f"{bridge.api}/DiagnosticReport/{report['id']}", json=amended,
+                         headers={**FHIR, "If-Match": 'W/"1"'})
     assert fresh.status_code == 200 and fresh.headers["ETag"] == 'W/"2"'
-    assert httpx.get(f"{bridge.api}/DiagnosticReport/{report['id']}/_history/1").json()["status"] == "final"
-    assert httpx.get(f"{bridge.api}/DiagnosticReport/{report['id']}/_history").json()["total"] == 2
+    assert platform.get(f"{bridge.api}/DiagnosticReport/{report['id']}/_history/1").json()["status"] == "final"
+    assert platform.get(f"{bridge.api}/DiagnosticReport/{report['id']}/_history").json()["total"] == 2
+    assert reviewer.get(f"{bridge.api}/DiagnosticReport/{report['id']}").json()["status"] == "amended"
 
 
-def test_a_retried_post_with_if_none_exist_creates_no_second_case(bridge: Bridge, ready_case: dict[str, Any]) -> None:
-    before = totals(bridge.api)
-    again = post(bridge.api, "ServiceRequest", second_opinion_request(ready_case["patient"], "E2E-1"),
+def test_a_retried_post_with_if_none_exist_creates_no_second_case(
+    bridge: Bridge, ready_case: dict[str, Any], platform: httpx.Client
+) -> None:
+    before = totals(platform, bridge.api)
+    again = post(platform, bridge.api, "ServiceRequest", second_opinion_request(ready_case["patient"], "E2E-1"),
                  **{"If-None-Exist": "identifier=https://platform.example/requests|E2E-1"})
     assert again.status_code == 200 and again.json()["id"] == ready_case["sr"]["id"]
-    assert totals(bridge.api) == before
+    assert totals(platform, bridge.api) == before
 
 
-def test_searches_page_with_links(bridge: Bridge, ready_case: dict[str, Any]) -> None:
-    first = httpx.get(f"{bridge.api}/Task", params={"_count": "1", "status": "ready,completed,failed"}).json()
+def test_another_platform_neither_reads_nor_finds_the_case(bridge: Bridge, ready_case: dict[str, Any]) -> None:
+    sr, task = ready_case["sr"], ready_case["task"]
+    with bridge.client("platform-other") as other:
+        for path in (f"ServiceRequest/{sr['id']}", f"Task/{task['id']}", f"Task/{task['id']}/_history"):
+            answer = other.get(f"{bridge.api}/{path}")
+            assert answer.status_code == 404 and answer.json()["resourceType"] == "OperationOutcome", path
+        found = other.get(f"{bridge.api}/Task", params={"focus": f"ServiceRequest/{sr['id']}"}).json()
+        assert found["total"] == 0 and not found.get("entry")
+
+
+def test_searches_page_with_links(bridge: Bridge, ready_case: dict[str, Any], platform: httpx.Client) -> None:
+    first = platform.get(f"{bridge.api}/Task", params={"_count": "1", "status": "ready,completed,failed"}).json()
     assert len(first["entry"]) == 1
     relations = {link["relation"] for link in first["link"]}
     assert "self" in relations
@@ -130,7 +168,8 @@ BAD_REQUESTS = {
     "not FHIR JSON media type": ("ServiceRequest", "xml", 415),
     "oversized body": ("ServiceRequest", "huge", 413),
     "unknown specialty": ("ServiceRequest", "bad-specialty", 422),
-    "report for an unknown ServiceRequest": ("DiagnosticReport", "unknown-sr", 422),
+    # the same refusal whether the ServiceRequest exists or is not the reviewer's: no existence leak
+    "report for an unknown ServiceRequest": ("DiagnosticReport", "unknown-sr", 403),
     "report for another patient": ("DiagnosticReport", "other-patient", 422),
     "report with a bad status": ("DiagnosticReport", "bad-status", 422),
     "invalid R4": ("DiagnosticReport", {"resourceType": "DiagnosticReport", "status": 12}, 400),
@@ -139,7 +178,8 @@ BAD_REQUESTS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
 def test_bad_requests_get_an_operation_outcome_and_change_nothing(
-    case: str, bridge: Bridge, sandbox: Sandbox, ready_case: dict[str, Any]
+    case: str, bridge: Bridge, sandbox: Sandbox, ready_case: dict[str, Any], platform: httpx.Client,
+    reviewer: httpx.Client,
 ) -> None:
     path, body, status = BAD_REQUESTS[case]
     patient, sr = ready_case["patient"], ready_case["sr"]
@@ -163,25 +203,26 @@ def test_bad_requests_get_an_operation_outcome_and_change_nothing(
         body = reviewer_opinion(sr["id"], other)
     elif body == "bad-status":
         body = dict(reviewer_opinion(sr["id"], patient), status="registered")
-    before = totals(bridge.api)
-    answer = post(bridge.api, path, body, **headers)
+    before = totals(platform, bridge.api)
+    sender = platform if path == "ServiceRequest" else reviewer  # each the client that may post it
+    answer = post(sender, bridge.api, path, body, **headers)
     assert answer.status_code == status, answer.text
     outcome = answer.json()
     assert outcome["resourceType"] == "OperationOutcome"
     validate(outcome)
     assert patient["identifier"]["value"] not in answer.text
-    assert totals(bridge.api) == before
+    assert totals(platform, bridge.api) == before
 
 
-def test_unknown_resources_and_routes_answer_operation_outcomes(bridge: Bridge) -> None:
+def test_unknown_resources_and_routes_answer_operation_outcomes(bridge: Bridge, platform: httpx.Client) -> None:
     for url, status in [(f"{bridge.api}/Task/nope", 404), (f"{bridge.api}/Nothing", 404),
                         (f"{bridge.api}/DiagnosticReport?color=blue", 400)]:
-        answer = httpx.get(url)
+        answer = platform.get(url)
         assert answer.status_code == status and answer.json()["resourceType"] == "OperationOutcome"
 
 
 def test_capability_statement_is_valid(bridge: Bridge) -> None:
-    capability = httpx.get(f"{bridge.api}/metadata").json()
+    capability = httpx.get(f"{bridge.api}/metadata").raise_for_status().json()  # open: no token needed
     validate(capability)
     assert capability["fhirVersion"] == "4.0.1"
 

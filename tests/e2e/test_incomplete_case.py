@@ -75,25 +75,28 @@ def test_a_case_missing_its_pathology_waits_then_is_ready_and_routed_after_a_ref
     bridge, sandbox = incomplete
     world = sandbox.world()
     patient = next(p for p in world["patients"] if p.get("incomplete"))
-    answer = post(bridge.api, "ServiceRequest", second_opinion_request(patient, "INCOMPLETE-1"))
-    assert answer.status_code == 201, answer.text
-    sr = answer.json()
-    task = wait_task(bridge.api, sr["id"], statuses=("ready", "failed", "on-hold"))
-    assert task["status"] == "on-hold", task.get("statusReason")
-    assert task["businessStatus"]["coding"][0]["code"] == "waiting-for-documents"
-    reason = task["statusReason"]["text"]
-    assert "pathology" in reason and "anatomie" in reason  # exactly what is missing, in English and French
-    triage = next(c for c in task["contained"] if c["id"] == "triage")
-    blocking = [i for i in triage["issue"] if i["severity"] == "error"]
-    assert [i["details"]["coding"][0]["code"] for i in blocking] == ["missing-document"]
-    assert not task.get("owner")  # never sent to a reviewer
+    with bridge.client("platform") as platform:
+        answer = post(platform, bridge.api, "ServiceRequest", second_opinion_request(patient, "INCOMPLETE-1"))
+        assert answer.status_code == 201, answer.text
+        sr = answer.json()
+        task = wait_task(platform, bridge.api, sr["id"], statuses=("ready", "failed", "on-hold"))
+        assert task["status"] == "on-hold", task.get("statusReason")
+        assert task["businessStatus"]["coding"][0]["code"] == "waiting-for-documents"
+        reason = task["statusReason"]["text"]
+        assert "pathology" in reason and "anatomie" in reason  # exactly what is missing, in English and French
+        triage = next(c for c in task["contained"] if c["id"] == "triage")
+        blocking = [i for i in triage["issue"] if i["severity"] == "error"]
+        assert [i["details"]["coding"][0]["code"] for i in blocking] == ["missing-document"]
+        assert not task.get("owner")  # never sent to a reviewer
 
-    provided = httpx.post(f"{sandbox.url}", json=pathology_report_bundle(patient["id"], sandbox.url),
-                          headers={"Content-Type": "application/fhir+json"}, timeout=30)
-    assert provided.status_code == 200, provided.text
+        provided = httpx.post(f"{sandbox.url}", json=pathology_report_bundle(patient["id"], sandbox.url),
+                              headers={"Content-Type": "application/fhir+json"}, timeout=30)
+        assert provided.status_code == 200, provided.text
 
-    refreshed = op(bridge, task["id"], "refresh")
-    assert refreshed.status_code == 200, refreshed.text
-    ready = wait_task(bridge.api, sr["id"], statuses=("ready", "failed", "on-hold"))
-    assert ready["status"] == "ready", ready.get("statusReason")
-    assert patient["specialty"] in load_registry().reviewers[owner(ready)].specialties
+        with bridge.client("operator") as operator:  # hospital IT refreshes open cases (any tenant's)
+            assert operator.get(f"{bridge.api}/Task/{task['id']}").status_code == 403  # it runs jobs, reads nothing
+            refreshed = op(operator, bridge, task["id"], "refresh")
+        assert refreshed.status_code == 200, refreshed.text
+        ready = wait_task(platform, bridge.api, sr["id"], statuses=("ready", "failed", "on-hold"))
+        assert ready["status"] == "ready", ready.get("statusReason")
+        assert patient["specialty"] in load_registry().reviewers[owner(ready)].specialties

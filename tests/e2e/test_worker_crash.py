@@ -7,7 +7,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from redis.asyncio import Redis
 
@@ -41,19 +40,22 @@ def test_a_killed_worker_job_is_finished_by_another_exactly_once(slow_bridge: tu
     bridge, sandbox = slow_bridge
     patient = sandbox.world()["patients"][0]
     victim = bridge.start_worker("victim")
-    answer = post(bridge.api, "ServiceRequest", second_opinion_request(patient, "CRASH-1"))
-    assert answer.status_code == 201, answer.text
-    sr = answer.json()
-    wait_task(bridge.api, sr["id"], statuses=("in-progress",), timeout=30)
-    time.sleep(1.0)  # well inside the pull: searches and retrieves are under way
-    bridge.group.stop(victim, kill=True)
-    assert wait_task(bridge.api, sr["id"], timeout=5, statuses=("in-progress",))["status"] == "in-progress"
+    with bridge.client("platform") as platform:
+        answer = post(platform, bridge.api, "ServiceRequest", second_opinion_request(patient, "CRASH-1"))
+        assert answer.status_code == 201, answer.text
+        sr = answer.json()
+        wait_task(platform, bridge.api, sr["id"], statuses=("in-progress",), timeout=30)
+        time.sleep(1.0)  # well inside the pull: searches and retrieves are under way
+        bridge.group.stop(victim, kill=True)
+        still = wait_task(platform, bridge.api, sr["id"], timeout=5, statuses=("in-progress",))
+        assert still["status"] == "in-progress"
 
-    bridge.start_worker("rescuer")
-    task = wait_task(bridge.api, sr["id"], timeout=90)
-    assert task["status"] == "ready", task.get("statusReason")
-    history = httpx.get(f"{bridge.api}/Task/{task['id']}/_history").json()
-    assert [e["resource"]["status"] for e in reversed(history["entry"])] == ["requested", "in-progress", "ready"]
+        bridge.start_worker("rescuer")
+        task = wait_task(platform, bridge.api, sr["id"], timeout=90)
+        assert task["status"] == "ready", task.get("statusReason")
+        history = platform.get(f"{bridge.api}/Task/{task['id']}/_history").json()
+        assert [e["resource"]["status"] for e in reversed(history["entry"])] == ["requested", "in-progress", "ready"]
     assert asyncio.run(count_keys(bridge.redis_url, "*{Bundle}:r:*")) == 1
     bundle_ref = task["output"][0]["valueReference"]["reference"]
-    assert httpx.get(f"{bridge.api}/{bundle_ref}").status_code == 200
+    with bridge.client(bridge.reviewer_of(task)) as reviewer:
+        assert reviewer.get(f"{bridge.api}/{bundle_ref}").status_code == 200
