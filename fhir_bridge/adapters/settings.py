@@ -23,6 +23,11 @@ from pydantic_settings import (
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "fhir-bridge.toml"
 
 
+DEFAULT_SOURCE_SCOPE = (
+    "system/Patient.rs system/DocumentReference.rs system/Binary.r system/ImagingStudy.rs system/Endpoint.r"
+)
+
+
 class SourceSettings(BaseModel):
     """How we talk to the national-record source (timeouts in seconds)."""
 
@@ -46,6 +51,11 @@ class SourceSettings(BaseModel):
     client_cert: str = ""
     client_key: str = ""
     ca_bundle: str = ""
+    # SMART Backend Services against the source's token endpoint (STANDARDS.md §8); empty token_url: none
+    token_url: str = ""
+    client_id: str = ""
+    private_key_jwk: str = ""  # path of our private JWK (``fhir-bridge clients keygen``)
+    scope: str = DEFAULT_SOURCE_SCOPE
 
 
 class RedisSettings(BaseModel):
@@ -79,6 +89,12 @@ class ApiSettings(BaseModel):
     max_body_bytes: int = 10 * 1024 * 1024
     page_size: int = 20
     max_page_size: int = 200
+    # TLS of `fhir-bridge serve` (PEM paths; empty tls_cert: plain HTTP) and client certificates (mutual TLS,
+    # RFC 8705): tls_client_cert is "none", "optional" or "required", checked by fhir_bridge.adapters.tls
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    tls_client_cert: str = "none"
 
 
 class WorkerSettings(BaseModel):

@@ -17,6 +17,11 @@ offers it). What it guarantees to the workflow:
   kept in the error.
 * Credentials (a bearer token provider, a client certificate) are only ever sent to the source's own origin:
   attachment URLs may point elsewhere (a separate document repository) and get no token.
+* Outbound authentication per configuration (STANDARDS.md §8): a static bearer token, or SMART Backend Services
+  (``token_url``: ``private_key_jwt`` tokens, :class:`~fhir_bridge.adapters.token_client.SourceTokenAuth`,
+  renewed once when the source answers 401 ``invalid_token``), and/or a client certificate for mutual TLS
+  (``client_cert``/``client_key``, verified against ``ca_bundle``). A TLS handshake the source refuses with an
+  alert, or a source certificate that does not verify, is not retried: it will not get better by itself.
 
 URLs in errors and logs have their query removed: queries carry patient identifiers.
 
@@ -37,6 +42,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -50,10 +56,12 @@ import structlog
 
 from fhir_bridge import audit_context
 from fhir_bridge.adapters.settings import SourceSettings
+from fhir_bridge.adapters.tls import client_ssl_context
 from fhir_bridge.errors import (
     AmbiguousPatient,
     AttachmentError,
     BridgeError,
+    InvalidInput,
     NotAFhirSource,
     PagingError,
     SourceError,
@@ -115,6 +123,11 @@ class OutboundAuth(Protocol):
 
     async def headers(self) -> dict[str, str]: ...
 
+    async def refused(self, sent: Mapping[str, str]) -> bool:
+        """The source answered 401 ``invalid_token`` to a request sent with ``sent``; True when fresh headers
+        are worth one more try (RFC 6750 §3.1)."""
+        ...
+
 
 class StaticBearer:
     """A fixed bearer token from configuration."""
@@ -124,6 +137,28 @@ class StaticBearer:
 
     async def headers(self) -> dict[str, str]:
         return self._headers
+
+    async def refused(self, sent: Mapping[str, str]) -> bool:
+        return False  # the same token again would be refused again
+
+
+def outbound_auth(settings: SourceSettings,
+                  send: Callable[[httpx.Request], Awaitable[httpx.Response]]) -> OutboundAuth | None:
+    """The source authentication the settings ask for: SMART Backend Services when ``token_url`` is set (token
+    requests go out through ``send``), a static bearer token, or none. InvalidInput when half configured."""
+    if settings.token_url and settings.bearer_token:
+        raise InvalidInput("set either source.token_url (SMART tokens) or source.bearer_token, not both")
+    if settings.token_url:
+        from fhir_bridge.adapters.token_client import BackendServicesAuth, SourceTokenAuth, load_private_jwk
+
+        if urlsplit(settings.token_url).scheme not in ("http", "https") or not settings.client_id:
+            raise InvalidInput("source.token_url must be an http(s) URL and source.client_id must be set")
+        if not settings.private_key_jwk:
+            raise InvalidInput("source.private_key_jwk must name our private JWK file (fhir-bridge clients keygen)")
+        flow = BackendServicesAuth(settings.token_url, settings.client_id,
+                                   load_private_jwk(Path(settings.private_key_jwk)), settings.scope)
+        return SourceTokenAuth(flow, send)
+    return StaticBearer(settings.bearer_token) if settings.bearer_token else None
 
 
 def redact(url: str) -> str:
@@ -155,7 +190,6 @@ class SourceClient:
             raise NotAFhirSource("the source URL must be an absolute http(s) URL")
         self.base_url = base_url.rstrip("/")
         self._settings = settings
-        self._auth = auth or (StaticBearer(settings.bearer_token) if settings.bearer_token else None)
         self._policy = policy or RetryPolicy(
             max_retries=settings.max_retries,
             backoff_initial=settings.backoff_initial,
@@ -163,9 +197,10 @@ class SourceClient:
             retry_after_cap=settings.retry_after_cap,
         )
         self._slots = asyncio.Semaphore(settings.concurrency)
-        cert: str | tuple[str, str] | None = None
-        if settings.client_cert:
-            cert = (settings.client_cert, settings.client_key) if settings.client_key else settings.client_cert
+        self._auth = auth or outbound_auth(settings, self._send_token_request)  # checked before any connection
+        verify: ssl.SSLContext | bool = True
+        if settings.ca_bundle or settings.client_cert:
+            verify = client_ssl_context(settings.ca_bundle, settings.client_cert, settings.client_key)
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(
                 connect=settings.connect_timeout,
@@ -175,8 +210,7 @@ class SourceClient:
             ),
             limits=httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency),
             http2=settings.http2 and transport is None,
-            verify=settings.ca_bundle or True,
-            cert=cert,
+            verify=verify,
             transport=transport,
             follow_redirects=False,
             headers={"User-Agent": "fhir-bridge"},
@@ -192,6 +226,10 @@ class SourceClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    async def _send_token_request(self, request: httpx.Request) -> httpx.Response:
+        """A token request to the source's token endpoint, through our pooled client (same TLS settings)."""
+        return await self._http.send(request)
 
     # -- references -------------------------------------------------------------------------------
 
@@ -253,15 +291,21 @@ class SourceClient:
         deadline = time.monotonic() + self._settings.total_deadline
         attempt = 0
         last_status: int | None = None
+        renewed = False
         while True:
             attempt += 1
             headers = {"Accept": accept}
             if exchange is not None:
                 headers["X-Request-Id"] = exchange.request_id
-            if self._auth is not None and self._same_origin(url):
-                headers.update(await self._auth.headers())
+            credentials: dict[str, str] = {}
             retry_after: str | None = None
             try:
+                if self._auth is not None and self._same_origin(url):  # never to another origin
+                    try:
+                        credentials = await self._auth.headers()
+                    except (httpx.TransportError, httpx.TimeoutException) as exc:
+                        raise _TokenEndpointUnreachable(exc) from exc
+                    headers.update(credentials)
                 async with self._slots:
                     self.requests_made += 1
                     request = self._http.build_request(method, url, params=params, headers=headers)
@@ -271,16 +315,27 @@ class SourceClient:
                 last_status = response.status_code
                 if exchange is not None:
                     exchange.status = last_status
+                if (credentials and not renewed and _token_refused(response) and self._auth is not None
+                        and await self._auth.refused(credentials)):
+                    await response.aclose()
+                    renewed = True  # once: a source refusing a fresh token too has its reasons
+                    log.info("source.token_renewed", url=redact(url))
+                    continue
                 if not self._policy.should_retry_status(response.status_code):
                     return response
                 retry_after = response.headers.get("Retry-After")
                 problem = f"HTTP {response.status_code}"
                 await response.aclose()
-            except (httpx.TransportError, httpx.TimeoutException) as exc:
-                problem = type(exc).__name__
+            except (httpx.TransportError, httpx.TimeoutException, _TokenEndpointUnreachable) as exc:
+                cause = exc.error if isinstance(exc, _TokenEndpointUnreachable) else exc
+                problem = type(cause).__name__ + (" from the token endpoint" if cause is not exc else "")
                 last_status = None
                 if exchange is not None:
                     exchange.status = None
+                refusal = _tls_refusal(cause)
+                if refusal is not None:
+                    raise SourceUnavailable(f"TLS with the source failed ({refusal}) at {redact(url)}; check "
+                                            "source.ca_bundle, client_cert and client_key", url=redact(url)) from None
             if not self._policy.can_retry(attempt):
                 raise SourceUnavailable(
                     f"source did not answer after {attempt} tries ({problem}) at {redact(url)}", url=redact(url),
@@ -562,6 +617,34 @@ class SourceClient:
             sha256_hex=sha256.hexdigest(),
             content_type=response.headers.get("Content-Type", "").split(";")[0].strip() or None,
         )
+
+
+class _TokenEndpointUnreachable(Exception):
+    """The token endpoint did not answer (a transport error): retried like the source itself not answering."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(type(error).__name__)
+        self.error = error
+
+
+def _token_refused(response: httpx.Response) -> bool:
+    """RFC 6750 §3.1: 401 with ``WWW-Authenticate: Bearer error="invalid_token"``."""
+    return response.status_code == 401 and "invalid_token" in response.headers.get("WWW-Authenticate", "")
+
+
+def _tls_refusal(error: BaseException) -> str | None:
+    """The reason of a TLS failure that retrying will not cure: the source's certificate does not verify, or the
+    source refused the handshake with an alert (no or a wrong client certificate). None for anything else."""
+    seen: BaseException | None = error
+    for _ in range(8):  # the ssl error sits a few links down httpx's and httpcore's exception chain
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return f"the source's certificate did not verify: {seen.verify_message or seen.reason}"
+        if isinstance(seen, ssl.SSLError) and "ALERT" in str(seen.reason or ""):
+            return f"the source refused the handshake: {seen.reason}"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _outcome_text(outcome: Mapping[str, Any]) -> str:

@@ -9,13 +9,20 @@ share one implementation.
 
 Refusals from the token endpoint raise :class:`TokenRequestFailed` with the RFC 6749 ``error`` code and the
 server's description, never the assertion or a token.
+
+:class:`SourceTokenAuth` is the same flow for the source client (``[source] token_url``), shaped as its
+``OutboundAuth`` (``headers()``, ``refused()``) because the source client decides itself, per request, whether
+credentials go out at all (only to the source's own origin, never to an attachment elsewhere). It sends the
+token request through the source client's own HTTP client, so the source's CA bundle and our client
+certificate apply to the token endpoint too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator, Callable, Generator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +32,7 @@ from fhir_bridge.adapters.auth import JWT_BEARER
 from fhir_bridge.adapters.clients import make_client_assertion
 from fhir_bridge.errors import InvalidInput, Unauthenticated
 
-__all__ = ["REFRESH_MARGIN_S", "BackendServicesAuth", "TokenRequestFailed", "load_private_jwk"]
+__all__ = ["REFRESH_MARGIN_S", "BackendServicesAuth", "SourceTokenAuth", "TokenRequestFailed", "load_private_jwk"]
 
 REFRESH_MARGIN_S = 30  # a token this close to its expiry is renewed first: the request must not land expired
 
@@ -136,6 +143,49 @@ class BackendServicesAuth(httpx.Auth):
     def _with_token(request: httpx.Request, token: str) -> httpx.Request:
         request.headers["Authorization"] = f"Bearer {token}"
         return request
+
+
+class SourceTokenAuth:
+    """The source client's ``OutboundAuth`` for a SMART source: a token from its token endpoint, reused until
+    :data:`REFRESH_MARGIN_S` before it expires, renewed once when the source refuses it (``refused``).
+
+    Concurrent requests share one token request: the first fetches under a lock, the others wait and reuse it.
+    """
+
+    def __init__(self, flow: BackendServicesAuth,
+                 send: Callable[[httpx.Request], Awaitable[httpx.Response]]) -> None:
+        self._flow = flow
+        self._send = send
+        self._lock = asyncio.Lock()
+
+    @property
+    def tokens_fetched(self) -> int:
+        return self._flow.tokens_fetched
+
+    async def headers(self) -> dict[str, str]:
+        token = self._flow.current_token()
+        if token is None:
+            async with self._lock:
+                token = self._flow.current_token() or await self._fetch()
+        return {"Authorization": f"Bearer {token}"}
+
+    async def refused(self, sent: Mapping[str, str]) -> bool:
+        """The source answered 401 ``invalid_token`` to a request carrying ``sent``: drop that token (unless a
+        concurrent request already replaced it) so the next ``headers()`` fetches a new one. Always worth one
+        more try: the source may have restarted with a new key, or our clocks drifted."""
+        async with self._lock:
+            if sent.get("Authorization") == f"Bearer {self._flow.current_token()}":
+                self._flow.forget_token()
+        return True
+
+    async def _fetch(self) -> str:
+        request = self._flow.token_request()
+        response = await self._send(request)
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        return self._flow.take_token_response(response)
 
 
 def _token_refused(response: httpx.Response) -> bool:
