@@ -196,12 +196,17 @@ def _settings(**overrides: Any) -> Any:
 @click.option("--port", default=None, type=int, help="Port to listen on (api.port).")
 @one_line_errors
 def serve(host: str | None, port: int | None) -> None:
-    """Serve the FHIR API (starts a private Redis when FHIR_BRIDGE_REDIS_URL is not set)."""
+    """Serve the FHIR API (starts a private Redis when FHIR_BRIDGE_REDIS_URL is not set).
+
+    HTTPS and mutual TLS come from [api] tls_cert, tls_key, tls_client_ca and tls_client_cert."""
     import uvicorn
 
+    from fhir_bridge.adapters.tls import uvicorn_tls_options
     from fhir_bridge.main import build_app, redis_url_for
 
     settings = _settings(api__host=host, api__port=port)
+    api = settings.api
+    tls = uvicorn_tls_options(api.tls_cert, api.tls_key, api.tls_client_ca, api.tls_client_cert)  # before Redis
     # uvicorn re-raises SIGTERM/SIGINT once it has shut down gracefully; with the default handler the process
     # would die there, before the private redis-server is stopped. Ours turns it into a clean exit instead.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -209,7 +214,7 @@ def serve(host: str | None, port: int | None) -> None:
     with redis_url_for(settings, may_start=True) as redis_url:
         app = build_app(settings, redis_url)
         uvicorn.run(app, host=settings.api.host, port=settings.api.port, log_level="warning",
-                    access_log=False, lifespan="on")
+                    access_log=False, lifespan="on", **tls)
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -249,22 +254,36 @@ def worker(name: str | None) -> None:
 @click.option("--incomplete", multiple=True, type=click.IntRange(0),
               help="Index of a patient whose case lacks its pathology report (else its first blocking document "
                    "group); repeatable.")
+@click.option("--public-base-url", default=None,
+              help="Base (scheme://host:port) written into the URLs it serves; default: the one each request used.")
+@click.option("--require-token", is_flag=True, default=False,
+              help="Require SMART Backend Services tokens from its /auth/token (needs --clients).")
+@click.option("--clients", "clients_file", default=None, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The clients allowed tokens: a registry file like the bridge's (auth.clients_file).")
+@click.option("--tls-cert", default="", help="Serve HTTPS with this certificate (PEM).")
+@click.option("--tls-key", default="", help="The private key of --tls-cert (PEM).")
+@click.option("--tls-client-ca", default="", help="Require client certificates signed by this CA (PEM).")
 @one_line_errors
 def sandbox(host: str, port: int, patients: int, seed: int, page_cap: int, latency_ms: int, fault_rate: float,
             corrupt: bool, big_docs: int, big_total_mb: int, today: datetime | None,
-            incomplete: tuple[int, ...]) -> None:
+            incomplete: tuple[int, ...], public_base_url: str | None, require_token: bool, clients_file: Path | None,
+            tls_cert: str, tls_key: str, tls_client_ca: str) -> None:
     """Serve the synthetic national-record FHIR source (deterministic French test patients)."""
+    from fhir_bridge.adapters.tls import uvicorn_tls_options
     from fhir_bridge.sandbox.app import SandboxConfig
     from fhir_bridge.sandbox.serve import run
 
     if any(i >= patients for i in incomplete):
         raise click.BadParameter(f"--incomplete takes patient indexes below --patients ({patients})")
+    if require_token != (clients_file is not None):
+        raise click.BadParameter("--require-token and --clients FILE go together")
+    tls = uvicorn_tls_options(tls_cert, tls_key, tls_client_ca, "required" if tls_client_ca else "none")
     config = SandboxConfig(seed=seed, patients=patients, page_cap=page_cap, latency_ms=latency_ms,
                            fault_rate=fault_rate, corrupt=corrupt, big_docs=big_docs,
-                           big_total_bytes=big_total_mb * 1024 * 1024,
+                           big_total_bytes=big_total_mb * 1024 * 1024, public_base_url=public_base_url,
                            today=today.date() if today else None, incomplete=tuple(incomplete))
-    click.echo(f"sandbox FHIR source on http://{host}:{port}/fhir", err=True)
-    run(config, host, port)
+    click.echo(f"sandbox FHIR source on {'https' if tls else 'http'}://{host}:{port}/fhir", err=True)
+    run(config, host, port, clients_file=clients_file, tls=tls)
 
 
 @cli.command()
@@ -446,6 +465,27 @@ def audit_purge() -> None:
 
 
 @cli.group()
+def certs() -> None:
+    """Certificates for development and tests (real ones come from your PKI, e.g. IGC-Santé)."""
+
+
+@certs.command("dev")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for ca.pem, server.pem and client-<name>.pem, each with its -key.pem (0600).")
+@click.option("--client", "client_names", multiple=True, help="A client certificate to make (CN=NAME); repeatable.")
+@one_line_errors
+def certs_dev(out_dir: Path, client_names: tuple[str, ...]) -> None:
+    """Make a development CA (reused if OUT has one), a server certificate for localhost/127.0.0.1/::1 and client
+    certificates. For development and tests only."""
+    from fhir_bridge.adapters.dev_certs import make_dev_certificates
+
+    made = make_dev_certificates(out_dir, client_names)
+    click.echo(json.dumps({"ca": str(made.ca.cert), "server": str(made.server.cert),
+                           "serverKey": str(made.server.key),
+                           "clients": {n: {"cert": str(p.cert), "key": str(p.key)} for n, p in made.clients.items()}}))
+
+
+@cli.group()
 def clients() -> None:
     """Register the systems that may call the bridge (SMART Backend Services, private_key_jwt)."""
 
@@ -472,18 +512,25 @@ def clients_keygen(out_dir: Path, alg: str) -> None:
               help="A scope the client may be granted, e.g. system/ServiceRequest.c; repeatable.")
 @click.option("--tenant", default=None, help="The tenant whose cases the client sees (default: its id).")
 @click.option("--reviewer", default=None, help="For a reviewer: its PractitionerRole id in config/reviewers.json.")
+@click.option("--cert", "cert_file", default=None, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The client's TLS certificate (PEM): its tokens are then accepted only over mutual TLS with it.")
 @one_line_errors
 def clients_add(client_id: str, role: str, jwks_file: Path, scopes: tuple[str, ...], tenant: str | None,
-                reviewer: str | None) -> None:
+                reviewer: str | None, cert_file: Path | None) -> None:
     """Register a client in the registry file (auth.clients_file); the API reads it when it starts."""
     from fhir_bridge.adapters.clients import add_client
     from fhir_bridge.adapters.settings import clients_file
+    from fhir_bridge.adapters.tls import certificate_file_thumbprint
 
     settings = _settings()
+    thumbprint = certificate_file_thumbprint(cert_file) if cert_file else None  # RFC 8705 x5t#S256
     client = add_client(clients_file(settings), client_id, role, jwks_file, list(scopes), tenant or client_id,
-                        reviewer=reviewer)
-    click.echo(json.dumps({"id": client.id, "role": client.role, "scopes": list(client.scopes),
-                           "registry": str(clients_file(settings))}))
+                        reviewer=reviewer, cert_thumbprint=thumbprint)
+    answer = {"id": client.id, "role": client.role, "scopes": list(client.scopes),
+              "registry": str(clients_file(settings))}
+    if thumbprint:
+        answer["x5t#S256"] = thumbprint
+    click.echo(json.dumps(answer))
 
 
 @clients.command("token")
