@@ -1,6 +1,7 @@
 """The audit trail end to end (issue 7): real redis-server, `fhir-bridge serve`, a worker and the sandbox.
 
-Every API route is called once with its own X-Request-Id and must leave exactly one inbound AuditEvent; the
+Every API route is called once with its own X-Request-Id, by the registered client allowed to (real tokens), and
+must leave exactly one inbound AuditEvent naming that client and the token's jti (anonymous without a token); the
 collect job must leave its outbound events (ITI-78, ITI-67, ITI-68, with the patient) and one job event per
 Task version it wrote; every event is valid R4; the chain verifies through the API and the CLI; an export
 verifies offline; a tampered stored event is found by `fhir-bridge audit verify` at its seq.
@@ -23,7 +24,7 @@ import httpx
 import pytest
 
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
-from fhir_bridge.audit import IHE_EVENT_TYPE
+from fhir_bridge.audit import IHE_EVENT_TYPE, JTI_PREFIX
 from fhir_bridge.demo import reviewer_opinion, second_opinion_request
 from fhir_bridge.processes import ProcessGroup
 from fhir_bridge.resources import validate
@@ -32,6 +33,7 @@ from tests.e2e.test_exchange import FHIR, wait_task
 
 pytestmark = pytest.mark.e2e
 EV, HEAD = "fhir-bridge:{audit}:ev", "fhir-bridge:{audit}:head"
+BRIDGE = "fhir-bridge"  # the bridge's own agent id
 Event = dict[str, Any]
 
 
@@ -46,25 +48,47 @@ def audited(tmp_path_factory: pytest.TempPathFactory, sandbox: Sandbox) -> Itera
 
 
 class Walk:
-    """Calls the API, each call with its own X-Request-Id, and remembers what each call was."""
+    """Calls the API, each call with its own X-Request-Id and as the client it names, and remembers what each
+    call was and which token (jti) it carried."""
 
-    def __init__(self, api: str) -> None:
-        self.api = api
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        self.api = bridge.api
         self.calls: list[Call] = []
+        self.clients: dict[str, httpx.Client] = {}
 
-    def __call__(self, interaction: str, method: str, path: str, *, status: int = 200, body: Any = None,
-                 about_patient: bool = True, **kwargs: Any) -> httpx.Response:
+    def client(self, client_id: str) -> httpx.Client:
+        if client_id not in self.clients:
+            self.clients[client_id] = self.bridge.client(client_id)
+        return self.clients[client_id]
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+
+    def __call__(self, interaction: str, method: str, path: str, *, caller: str | None, status: int = 200,
+                 body: Any = None, about_patient: bool = True, **kwargs: Any) -> httpx.Response:
+        """``caller``: a registered client id, or None for a call without a token."""
         request_id = f"walk-{len(self.calls) + 1}-{interaction}"
         headers = {"X-Request-Id": request_id, **kwargs.pop("headers", {})}
         if body is not None:
             kwargs["content"] = json.dumps(body).encode()
             headers.setdefault("Content-Type", FHIR["Content-Type"])
-        answer = httpx.request(method, f"{self.api}/{path}", headers=headers, timeout=30, **kwargs)
+        send = self.client(caller).request if caller else httpx.request
+        answer = send(method, f"{self.api}/{path}", headers=headers, timeout=30, **kwargs)
         assert answer.status_code == status, f"{method} {path}: {answer.status_code} {answer.text[:300]}"
         assert answer.headers["X-Request-Id"] == request_id
+        sent = answer.request.headers.get("Authorization")
         self.calls.append(Call(request_id, method, f"/fhir/{path}", interaction, answer.status_code,
-                               about_patient and answer.status_code < 400))
+                               about_patient and answer.status_code < 400, caller or "anonymous",
+                               claims(sent)["jti"] if sent else None))
         return answer
+
+
+def claims(authorization: str) -> dict[str, Any]:
+    """The claims of the ``Bearer`` JWT a call carried, unverified: the test reads back what it sent."""
+    payload = authorization.split()[1].split(".")[1]
+    return dict(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
 
 
 @dataclass(frozen=True)
@@ -75,6 +99,8 @@ class Call:
     interaction: str
     status: int
     about_patient: bool  # the event must name the patient
+    client_id: str  # who the event must name as the requestor ("anonymous" without a token)
+    jti: str | None  # the id of the access token the call carried
 
 
 def parameters(body: dict[str, Any]) -> dict[str, Any]:
@@ -85,25 +111,26 @@ def owner_of(task: dict[str, Any]) -> str:
     return str(task["owner"]["reference"]).rsplit("/", 1)[1]
 
 
-def wait_state(api: str, task_id: str, states: tuple[str, ...], timeout: float = 60) -> dict[str, Any]:
+def wait_state(client: httpx.Client, api: str, task_id: str, states: tuple[str, ...],
+               timeout: float = 60) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     task: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        task = httpx.get(f"{api}/Task/{task_id}").json()
+        task = client.get(f"{api}/Task/{task_id}").raise_for_status().json()
         if task["businessStatus"]["coding"][0]["code"] in states:
             return task
         time.sleep(0.2)
     raise AssertionError(f"the task stayed {task.get('businessStatus')}")
 
 
-def all_events(api: str) -> list[Event]:
+def all_events(auditor: httpx.Client, api: str) -> list[Event]:
     """Every event recorded before now, through the API's own paging (events recorded while we page, by these
     very searches, are after ``date=lt<now>`` and do not shift the pages)."""
     now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     url: str | None = f"{api}/AuditEvent?" + httpx.QueryParams({"date": f"lt{now}", "_count": "200"}).__str__()
     events: list[Event] = []
     while url:
-        page = httpx.get(url, timeout=30).raise_for_status().json()
+        page = auditor.get(url, timeout=30).raise_for_status().json()
         validate(page)
         assert page["type"] == "searchset"
         events += [entry["resource"] for entry in page.get("entry", [])]
@@ -117,8 +144,12 @@ def request_ids(event: Event) -> list[str]:
 
 
 def inbound(event: Event) -> bool:
-    """A call on our API: its requestor is the client (anonymous until authentication exists)."""
-    return any(a["requestor"] and a["who"]["identifier"]["value"] == "anonymous" for a in event["agent"])
+    """A call on our API: its requestor is the client (the bridge is the requestor of its own calls and jobs)."""
+    return any(a["requestor"] and a["who"]["identifier"]["value"] != BRIDGE for a in event["agent"])
+
+
+def requestor(event: Event) -> Event:
+    return next(a for a in event["agent"] if a["requestor"])
 
 
 def codes(event: Event, system: str | None = None) -> list[str]:
@@ -136,60 +167,85 @@ def cli(bridge: Bridge, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def walked(audited: Bridge, sandbox: Sandbox) -> dict[str, Any]:
-    """Walk every API route once, through a whole case: request, collect, review, opinion, audit."""
-    api, walk = audited.api, Walk(audited.api)
+def walk(audited: Bridge) -> Iterator[Walk]:
+    walk = Walk(audited)
+    yield walk
+    walk.close()
+
+
+@pytest.fixture(scope="module")
+def auditor(audited: Bridge) -> Iterator[httpx.Client]:
+    with audited.client("auditor") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def walked(audited: Bridge, sandbox: Sandbox, walk: Walk, auditor: httpx.Client) -> dict[str, Any]:
+    """Walk every API route once, through a whole case, each call by the client that may make it: the platform
+    requests and follows its case, the assigned reviewer reads the bundle and answers, the operator refreshes,
+    the auditor reads the audit."""
+    api, platform = audited.api, walk.client("platform")
     patient = sandbox.world()["patients"][0]
     token = f"{patient['identifier']['system']}|{patient['identifier']['value']}"
-    walk("capabilities", "GET", "metadata", about_patient=False)
-    sr = walk("create", "POST", "ServiceRequest", status=201, body=second_opinion_request(patient, "AUDIT-1"),
+    walk("capabilities", "GET", "metadata", caller=None, about_patient=False)  # open to all
+    sr = walk("create", "POST", "ServiceRequest", caller="platform", status=201,
+              body=second_opinion_request(patient, "AUDIT-1"),
               headers={"If-None-Exist": "identifier=https://platform.example/requests|AUDIT-1"}).json()
-    walk("read", "GET", f"ServiceRequest/{sr['id']}")
-    walk("vread", "GET", f"ServiceRequest/{sr['id']}/_history/1")
-    walk("history-instance", "GET", f"ServiceRequest/{sr['id']}/_history")
-    walk("search-type", "GET", "ServiceRequest", params={"subject:identifier": token})
-    found = walk("search-type", "POST", "ServiceRequest/_search", about_patient=False,
+    walk("read", "GET", f"ServiceRequest/{sr['id']}", caller="platform")
+    walk("vread", "GET", f"ServiceRequest/{sr['id']}/_history/1", caller="platform")
+    walk("history-instance", "GET", f"ServiceRequest/{sr['id']}/_history", caller="platform")
+    walk("search-type", "GET", "ServiceRequest", caller="platform", params={"subject:identifier": token})
+    found = walk("search-type", "POST", "ServiceRequest/_search", caller="platform", about_patient=False,
                  content="identifier=https://platform.example/requests|AUDIT-1",
                  headers={"Content-Type": "application/x-www-form-urlencoded"}).json()
     assert found["total"] == 1
-    task = wait_task(api, sr["id"])
+    task = wait_task(platform, api, sr["id"])
     assert task["status"] == "ready", task.get("statusReason")
-    walk("read", "GET", f"Task/{task['id']}")
-    walk("vread", "GET", f"Task/{task['id']}/_history/1")
-    walk("search-type", "GET", "Task", params={"focus": f"ServiceRequest/{sr['id']}"}, about_patient=False)
-    walk("search-type", "POST", "Task/_search", content=f"focus=ServiceRequest/{sr['id']}", about_patient=False,
-         headers={"Content-Type": "application/x-www-form-urlencoded"})
-    walk("history-instance", "GET", f"Task/{task['id']}/_history")
+    walk("read", "GET", f"Task/{task['id']}", caller="platform")
+    walk("vread", "GET", f"Task/{task['id']}/_history/1", caller="platform")
+    walk("search-type", "GET", "Task", caller="platform", params={"focus": f"ServiceRequest/{sr['id']}"},
+         about_patient=False)
+    walk("search-type", "POST", "Task/_search", caller="platform", content=f"focus=ServiceRequest/{sr['id']}",
+         about_patient=False, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    walk("history-instance", "GET", f"Task/{task['id']}/_history", caller="platform")
     bundle_ref = next(o["valueReference"]["reference"] for o in task["output"]
                       if o["type"]["coding"][0]["code"] == "case-bundle")
-    bundle = walk("read", "GET", bundle_ref).json()
+    reviewer = audited.reviewer_of(task)
+    bundle = walk("read", "GET", bundle_ref, caller=reviewer).json()
     assert bundle["resourceType"] == "Bundle"
-    reviewer = owner_of(task)
-    walk("operation", "POST", f"Task/{task['id']}/$request-documents",
-         body=parameters({"reviewer": reviewer, "text": "Merci d'ajouter le compte rendu opératoire"}))
-    walk("operation", "POST", f"Task/{task['id']}/$refresh")
-    task = wait_state(api, task["id"], ("triaged-ready",))
-    walk("operation", "POST", f"Task/{task['id']}/$decline",
+    walk("operation", "POST", f"Task/{task['id']}/$request-documents", caller=reviewer,
+         body=parameters({"reviewer": owner_of(task), "text": "Merci d'ajouter le compte rendu opératoire"}))
+    walk("operation", "POST", f"Task/{task['id']}/$refresh", caller="operator")
+    task = wait_state(platform, api, task["id"], ("triaged-ready",))
+    walk("operation", "POST", f"Task/{task['id']}/$decline", caller=audited.reviewer_of(task),
          body=parameters({"reviewer": owner_of(task), "reason": "conflit d'intérêts"}))
-    report = walk("create", "POST", "DiagnosticReport", status=201, body=reviewer_opinion(sr["id"], patient)).json()
-    walk("read", "GET", f"DiagnosticReport/{report['id']}")
+    task = platform.get(f"{api}/Task/{task['id']}").raise_for_status().json()
+    assert task.get("owner"), "the declined case found no other reviewer"
+    reviewer = audited.reviewer_of(task)  # the case went to someone else: they answer it
+    report = walk("create", "POST", "DiagnosticReport", caller=reviewer, status=201,
+                  body=reviewer_opinion(sr["id"], patient)).json()
+    walk("read", "GET", f"DiagnosticReport/{report['id']}", caller=reviewer)
     amended = dict(report, status="amended", conclusion=report["conclusion"] + " (précision)")
-    walk("update", "PUT", f"DiagnosticReport/{report['id']}", body=amended, headers={"If-Match": 'W/"1"'})
-    walk("search-type", "GET", "DiagnosticReport", params={"based-on": f"ServiceRequest/{sr['id']}"},
-         about_patient=False)
-    walk("search-type", "POST", "DiagnosticReport/_search", content=f"subject:identifier={token}",
+    walk("update", "PUT", f"DiagnosticReport/{report['id']}", caller=reviewer, body=amended,
+         headers={"If-Match": 'W/"1"'})
+    walk("search-type", "GET", "DiagnosticReport", caller="platform",
+         params={"based-on": f"ServiceRequest/{sr['id']}"}, about_patient=False)
+    walk("search-type", "POST", "DiagnosticReport/_search", caller="platform", content=f"subject:identifier={token}",
          headers={"Content-Type": "application/x-www-form-urlencoded"})
-    walk("history-instance", "GET", f"DiagnosticReport/{report['id']}/_history")
-    walk("vread", "GET", f"DiagnosticReport/{report['id']}/_history/1")
-    page = walk("search-type", "GET", "AuditEvent", params={"patient": token, "_count": "3"}).json()
+    walk("history-instance", "GET", f"DiagnosticReport/{report['id']}/_history", caller="platform")
+    walk("vread", "GET", f"DiagnosticReport/{report['id']}/_history/1", caller=reviewer)
+    page = walk("search-type", "GET", "AuditEvent", caller="auditor", params={"patient": token, "_count": "3"}).json()
     assert page["total"] > 3 and any(link["relation"] == "next" for link in page["link"])
-    walk("search-type", "POST", "AuditEvent/_search", content="subtype=ITI-67&outcome=0", about_patient=False,
-         headers={"Content-Type": "application/x-www-form-urlencoded"})
-    walk("read", "GET", f"AuditEvent/{page['entry'][0]['resource']['id']}")
-    walk("operation", "GET", "AuditEvent/$verify", about_patient=False)
-    walk("operation", "POST", "AuditEvent/$verify", about_patient=False)
-    walk("read", "GET", "Task/no-such-task", status=404)  # refused calls are on the record too
-    events = all_events(api)
+    walk("search-type", "POST", "AuditEvent/_search", caller="auditor", content="subtype=ITI-67&outcome=0",
+         about_patient=False, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    walk("read", "GET", f"AuditEvent/{page['entry'][0]['resource']['id']}", caller="auditor")
+    walk("operation", "GET", "AuditEvent/$verify", caller="auditor", about_patient=False)
+    walk("operation", "POST", "AuditEvent/$verify", caller="auditor", about_patient=False)
+    # refused calls are on the record too: unknown, without a token, with the wrong role
+    walk("read", "GET", "Task/no-such-task", caller="platform", status=404)
+    walk("read", "GET", f"Task/{task['id']}", caller=None, status=401)
+    walk("search-type", "GET", "AuditEvent", caller="platform", status=403, params={"subtype": "read"})
+    events = all_events(auditor, api)
     return {"walk": walk, "events": events, "patient": patient, "sr": sr, "task_id": task["id"], "token": token}
 
 
@@ -216,6 +272,10 @@ def test_every_api_call_has_exactly_one_audit_event(walked: dict[str, Any]) -> N
         [event] = mine
         assert codes(event) == [call.interaction], call
         assert event["outcome"] == ("0" if call.status < 400 else "4"), call
+        # BALP: the client id from the token as the requestor, the token's jti in its policy
+        client = requestor(event)
+        assert client["who"]["identifier"]["value"] == call.client_id, call
+        assert client.get("policy") == ([JTI_PREFIX + call.jti] if call.jti else None), call
 
 
 def test_the_events_name_the_patient_and_the_resource_version(walked: dict[str, Any]) -> None:
@@ -259,7 +319,7 @@ def test_the_collect_job_left_its_outbound_calls_with_the_patient(walked: dict[s
 
 def test_every_task_version_written_has_its_job_event(walked: dict[str, Any], audited: Bridge) -> None:
     task_id, events = walked["task_id"], walked["events"]
-    history = httpx.get(f"{audited.api}/Task/{task_id}/_history").json()
+    history = walked["walk"].client("platform").get(f"{audited.api}/Task/{task_id}/_history").json()
     versions = sorted(int(e["resource"]["meta"]["versionId"]) for e in history["entry"])
     jobs = [e for e in events if e["type"]["code"] == "110110"]
     written = [x["what"]["reference"] for e in jobs for x in e["entity"]
@@ -272,8 +332,9 @@ def test_every_task_version_written_has_its_job_event(walked: dict[str, Any], au
     assert job_ids["triaged-ready"].startswith(f"collect:{task_id}")  # moved by the worker, in its job
 
 
-def test_the_chain_verifies_through_the_api_and_the_cli(walked: dict[str, Any], audited: Bridge) -> None:
-    result = httpx.get(f"{audited.api}/AuditEvent/$verify").json()
+def test_the_chain_verifies_through_the_api_and_the_cli(walked: dict[str, Any], audited: Bridge,
+                                                        auditor: httpx.Client) -> None:
+    result = auditor.get(f"{audited.api}/AuditEvent/$verify").raise_for_status().json()
     validate(result)
     values = {p["name"]: next(v for k, v in p.items() if k.startswith("value")) for p in result["parameter"]}
     assert values["result"] is True and values["count"] >= len(walked["events"])
@@ -303,7 +364,8 @@ def test_an_export_verifies_offline_and_a_changed_line_does_not(walked: dict[str
     assert broken.returncode == 1 and f"broken at seq {summary['firstSeq'] + 4}" in broken.stdout
 
 
-def test_a_tampered_stored_event_is_found_at_its_seq(walked: dict[str, Any], audited: Bridge) -> None:
+def test_a_tampered_stored_event_is_found_at_its_seq(walked: dict[str, Any], audited: Bridge,
+                                                     auditor: httpx.Client) -> None:
     """Last: it breaks this bridge's chain for good."""
     import redis
 
@@ -316,7 +378,7 @@ def test_a_tampered_stored_event_is_found_at_its_seq(walked: dict[str, Any], aud
     verified = cli(audited, "verify")
     assert verified.returncode == 1
     assert verified.stdout.startswith("audit chain broken at seq 12:"), verified.stdout
-    result = httpx.get(f"{audited.api}/AuditEvent/$verify").json()
+    result = auditor.get(f"{audited.api}/AuditEvent/$verify").raise_for_status().json()
     values = {p["name"]: next(v for k, v in p.items() if k.startswith("value")) for p in result["parameter"]}
     assert values["result"] is False and values["firstBrokenSeq"] == 12
 
