@@ -172,3 +172,24 @@ class ResourceStorePort(Protocol):
     ) -> SearchPage:
         """Resources matching every parameter (AND) with any of its values (OR)."""
         ...
+
+
+class PayloadSigner(Protocol):
+    """One signature being computed over a payload fed in pieces (see :class:`SignerPort`)."""
+
+    def update(self, data: bytes) -> None: ...
+
+    def finish(self) -> str:
+        """The detached JWS (compact serialisation, empty payload part)."""
+        ...
+
+
+class SignerPort(Protocol):
+    """Signs case bundles: ES384 detached JWS with an unencoded payload (RFC 7515 appendix F, RFC 7797), so a
+    bundle of any size is signed while it streams (``fhir_bridge.adapters.signing.Es384Signer``)."""
+
+    key_id: str
+
+    def payload_signer(self, signed_at: str) -> PayloadSigner:
+        """A fresh signer claiming ``signed_at`` (an RFC 3339 UTC instant) as its signing time."""
+        ...

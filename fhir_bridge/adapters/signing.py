@@ -1,10 +1,20 @@
-"""The bridge's signing key: ES384 detached JWS (RFC 7515 appendix F) for audit checkpoints and export manifests.
+"""The bridge's signing key: ES384 detached JWS (RFC 7515 appendix F) for audit checkpoints, export manifests
+and case bundles.
 
 Written on ``cryptography`` alone because all we need is one algorithm in compact detached form: the JWS
 header is ``{"alg":"ES384","kid":<thumbprint>}``, the signing input ``b64url(header) "." b64url(payload)``,
 the serialisation ``b64url(header) ".." b64url(r || s)`` (RFC 7518 §3.4: r and s as 48-byte big-endian
 integers, not DER). The key id is the key's RFC 7638 JWK thumbprint, so a verifier holding the public JWK
 needs no registry. Verification refuses any other ``alg`` (no ``none``, no HMAC confusion) and any ``crit``.
+
+Case bundles are too large to base64url-encode before signing (a case can hold 2 GB of attachments), so they
+use the unencoded-payload option of RFC 7797: the header is ``{"alg":"ES384","b64":false,"crit":["b64"],
+"kid":…,"sigT":…}`` and the signing input is ``b64url(header) "." payload`` with the payload's raw bytes, which
+:class:`UnencodedJws` hashes (SHA-384) as they stream by and signs as a pre-computed digest. ``sigT`` is the
+claimed signing time of JAdES (ETSI TS 119 182-1 §5.2.1), so the time a verifier reports is itself signed.
+These signatures are deterministic ECDSA (RFC 6979): the same payload, time and key give the same bytes,
+whether the payload was fed whole or in pieces. :meth:`JwsVerifier.verify` keeps refusing ``crit`` (audit
+signatures never use it); :meth:`JwsVerifier.verify_unencoded` accepts exactly that header and nothing else.
 
 The key lives in ``<data_dir>/keys/audit-signing.pem`` (PKCS#8, mode 0600), created on first use; the public
 JWK is written next to it (``audit-signing.jwk.json``) for auditors who verify exports offline.
@@ -26,13 +36,14 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature, encode_dss_signature
 
 from fhir_bridge.errors import BridgeError
 
 ALG = "ES384"
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _COORD = 48  # P-384 coordinates and signature halves are 48 bytes
+_UNENCODED_MEMBERS = frozenset({"alg", "b64", "crit", "kid", "sigT"})
 KEY_FILE = "audit-signing.pem"
 JWK_FILE = "audit-signing.jwk.json"
 
@@ -51,6 +62,10 @@ class JwsVerifier:
         for jwk in jwks:
             key = _public_key(jwk)
             self._keys[thumbprint(key)] = key
+
+    @property
+    def key_ids(self) -> frozenset[str]:
+        return frozenset(self._keys)
 
     @classmethod
     def from_file(cls, path: Path) -> JwsVerifier:
@@ -75,6 +90,30 @@ class JwsVerifier:
             return False
         return True
 
+    def verify_unencoded(self, payload: Iterable[bytes], signature: str) -> bool:
+        """Verify a detached RFC 7797 JWS (``b64: false``) over ``payload``, read piece by piece.
+
+        The header must be exactly ``alg`` ES384, ``b64`` false, ``crit`` ["b64"], a known ``kid`` and a
+        ``sigT`` string: any other algorithm (``none`` included), member or critical extension is refused.
+        """
+        parsed = unencoded_header(signature)
+        if parsed is None:
+            return False
+        header_b64, header, raw = parsed
+        key = self._keys.get(header["kid"])
+        if key is None:
+            return False
+        digest = hashes.Hash(hashes.SHA384())
+        digest.update(header_b64.encode("ascii") + b".")
+        for piece in payload:
+            digest.update(piece)
+        r, s = int.from_bytes(raw[:_COORD], "big"), int.from_bytes(raw[_COORD:], "big")
+        try:
+            key.verify(encode_dss_signature(r, s), digest.finalize(), ec.ECDSA(Prehashed(hashes.SHA384())))
+        except InvalidSignature:
+            return False
+        return True
+
 
 class Es384Signer(JwsVerifier):
     """Signs with a P-384 private key; verifies with its public half (see the module docstring for the format)."""
@@ -91,6 +130,18 @@ class Es384Signer(JwsVerifier):
         der = self._private.sign(_signing_input(header, payload), ec.ECDSA(hashes.SHA384()))
         r, s = decode_dss_signature(der)
         return f"{header}..{_b64(r.to_bytes(_COORD, 'big') + s.to_bytes(_COORD, 'big'))}"
+
+    def payload_signer(self, signed_at: str) -> UnencodedJws:
+        """A streaming signer for one payload (RFC 7797 ``b64: false``), claiming ``signed_at`` (RFC 3339 UTC)."""
+        return UnencodedJws(self._private, self.key_id, signed_at)
+
+    def sign_unencoded(self, payload: bytes, signed_at: str) -> str:
+        """The same JWS as :meth:`payload_signer` fed ``payload`` at once, computed the plain way (for tests
+        and small payloads)."""
+        header = _unencoded_header_b64(self.key_id, signed_at)
+        der = self._private.sign(header.encode("ascii") + b"." + payload,
+                                 ec.ECDSA(hashes.SHA384(), deterministic_signing=True))
+        return f"{header}..{_raw_signature(der)}"
 
     def public_jwk(self) -> dict[str, str]:
         """The public key as a JWK (RFC 7517) with its ``kid``, ``alg`` and ``use``."""
@@ -116,6 +167,45 @@ class Es384Signer(JwsVerifier):
     @classmethod
     def generate(cls) -> Es384Signer:
         return cls(ec.generate_private_key(ec.SECP384R1()))
+
+
+class UnencodedJws:
+    """One detached ES384 JWS with an unencoded payload (RFC 7797), computed over a payload fed in pieces.
+
+    Memory stays constant whatever the payload size: only the SHA-384 state is kept, and the digest is signed
+    with ``Prehashed`` (deterministic ECDSA, RFC 6979).
+    """
+
+    def __init__(self, private_key: ec.EllipticCurvePrivateKey, key_id: str, signed_at: str) -> None:
+        self._private = private_key
+        self.header_b64 = _unencoded_header_b64(key_id, signed_at)
+        self._digest = hashes.Hash(hashes.SHA384())
+        self._digest.update(self.header_b64.encode("ascii") + b".")
+
+    def update(self, data: bytes) -> None:
+        self._digest.update(data)
+
+    def finish(self) -> str:
+        """The JWS compact serialisation with the payload part left empty: ``header..signature``."""
+        der = self._private.sign(self._digest.finalize(),
+                                 ec.ECDSA(Prehashed(hashes.SHA384()), deterministic_signing=True))
+        return f"{self.header_b64}..{_raw_signature(der)}"
+
+
+def unencoded_header(signature: str) -> tuple[str, dict[str, str], bytes] | None:
+    """Split a detached RFC 7797 ES384 JWS into (header segment, header, r || s); None unless it has exactly the
+    shape :class:`UnencodedJws` writes (see :meth:`JwsVerifier.verify_unencoded`)."""
+    try:
+        header_b64, empty, sig_b64 = signature.split(".")
+        header = json.loads(_unb64(header_b64))
+        raw = _unb64(sig_b64)
+    except ValueError:
+        return None
+    if (empty or not isinstance(header, dict) or set(header) != _UNENCODED_MEMBERS or header["alg"] != ALG
+            or header["b64"] is not False or header["crit"] != ["b64"] or not isinstance(header["kid"], str)
+            or not isinstance(header["sigT"], str) or len(raw) != 2 * _COORD):
+        return None
+    return header_b64, {"kid": header["kid"], "sigT": header["sigT"]}, raw
 
 
 def load_or_create_signer(keys_dir: Path) -> Es384Signer:
@@ -167,6 +257,16 @@ def _public_key(jwk: Mapping[str, Any]) -> ec.EllipticCurvePublicKey:
         return ec.EllipticCurvePublicNumbers(x, y, ec.SECP384R1()).public_key()
     except (KeyError, ValueError) as exc:
         raise SigningKeyError(f"not a valid P-384 public JWK: {type(exc).__name__}") from None
+
+
+def _unencoded_header_b64(key_id: str, signed_at: str) -> str:
+    header = {"alg": ALG, "b64": False, "crit": ["b64"], "kid": key_id, "sigT": signed_at}
+    return _b64(json.dumps(header, separators=(",", ":")).encode())
+
+
+def _raw_signature(der: bytes) -> str:
+    r, s = decode_dss_signature(der)
+    return _b64(r.to_bytes(_COORD, "big") + s.to_bytes(_COORD, "big"))
 
 
 def _signing_input(header_b64: str, payload: bytes) -> bytes:

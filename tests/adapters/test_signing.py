@@ -121,3 +121,76 @@ def test_a_signer_can_use_an_existing_pem_key_and_keeps_its_thumbprint() -> None
     signer = Es384Signer.generate()
     same = Es384Signer.from_pem(signer.private_pem())
     assert same.key_id == signer.key_id and signer.verify(PAYLOAD, same.sign(PAYLOAD))
+
+
+# -- case bundles: unencoded payload (RFC 7797), streamed ------------------------------------------------------
+
+SIGNED_AT = "2026-11-21T12:00:00Z"
+BIG = b'{"entry":[' + b'{"resource":{"data":"' + b"QUJD" * 50_000 + b'"}}' + b'],"type":"document"}'
+
+
+def pieces(data: bytes, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+def test_a_bundle_signature_is_a_detached_unencoded_es384_jws_naming_its_time() -> None:
+    signer = Es384Signer.generate()
+    header, payload, signature = signer.sign_unencoded(BIG, SIGNED_AT).split(".")
+    assert payload == ""
+    assert json.loads(base64.urlsafe_b64decode(header + "==")) == {
+        "alg": "ES384", "b64": False, "crit": ["b64"], "kid": signer.key_id, "sigT": SIGNED_AT}
+    assert len(base64.urlsafe_b64decode(signature + "==")) == 96
+
+
+def test_the_streaming_signer_equals_the_plain_one_for_any_cut_of_the_payload() -> None:
+    signer = Es384Signer.generate()
+    plain = signer.sign_unencoded(BIG, SIGNED_AT)
+    for cut in ([BIG], pieces(BIG, 7), pieces(BIG, 4096), [*pieces(BIG[:300], 1), BIG[300:]]):
+        streaming = signer.payload_signer(SIGNED_AT)
+        for piece in cut:
+            streaming.update(piece)
+        assert streaming.finish() == plain  # deterministic ECDSA (RFC 6979): the same bytes
+    assert signer.verify_unencoded(pieces(BIG, 1000), plain)
+    assert signer.verify_unencoded([BIG], plain)
+
+
+def test_unencoded_verification_refuses_other_payloads_keys_headers_and_algorithms() -> None:
+    signer, other = Es384Signer.generate(), Es384Signer.generate()
+    jws = signer.sign_unencoded(BIG, SIGNED_AT)
+    header, _, signature = jws.split(".")
+    assert not signer.verify_unencoded([BIG[:-1] + b" "], jws)
+    assert not signer.verify_unencoded([BIG, b"x"], jws)
+    assert not other.verify_unencoded([BIG], jws)
+    good = {"alg": "ES384", "b64": False, "crit": ["b64"], "kid": signer.key_id, "sigT": SIGNED_AT}
+    for change in ({"alg": "none"}, {"alg": "HS384"}, {"alg": "ES256"}, {"b64": True}, {"crit": []},
+                   {"crit": ["b64", "exp"]}, {"sigT": "2027-01-01T00:00:00Z"}, {"typ": "JOSE"}):
+        forged = b64(json.dumps({**good, **change}).encode())
+        assert not signer.verify_unencoded([BIG], f"{forged}..{signature}"), change
+    assert not signer.verify_unencoded([BIG], signer.sign(BIG))  # an audit (b64 true) signature is not one
+    assert not signer.verify(BIG, jws)  # and the audit verifier keeps refusing crit
+    for garbage in ("", "a.b", f"{header}.{b64(BIG)}.{signature}", f"{header}..{signature}A", "e30..AAAA"):
+        assert not signer.verify_unencoded([BIG], garbage)
+
+
+def test_another_jose_implementation_verifies_unencoded_bundle_signatures() -> None:
+    pytest.importorskip("joserfc")
+    from joserfc import jws
+    from joserfc.jwk import ECKey
+    from joserfc.registry import HeaderParameter
+
+    signer = Es384Signer.generate()
+    small = b'{"resourceType":"Bundle","type":"document"}'
+    public = ECKey.import_key({**signer.public_jwk()})
+    # joserfc refuses header members it does not know: teach it JAdES sigT (RFC 7515 §4 lets verifiers ignore it)
+    registry = jws.JWSRegistry(header_registry={"sigT": HeaderParameter("JAdES claimed signing time", "str")},
+                               algorithms=["ES384"])
+    checked = jws.deserialize_compact(signer.sign_unencoded(small, SIGNED_AT), public, registry=registry,
+                                      payload=small)
+    assert checked.payload == small and checked.protected["b64"] is False
+    streaming = signer.payload_signer(SIGNED_AT)
+    streaming.update(small[:10])
+    streaming.update(small[10:])
+    jws.deserialize_compact(streaming.finish(), public, registry=registry, payload=small)
+    with pytest.raises(jws.BadSignatureError):
+        jws.deserialize_compact(signer.sign_unencoded(small, SIGNED_AT), public, registry=registry,
+                                payload=small + b" ")
