@@ -1,18 +1,19 @@
-"""FHIR R4 XML <-> FHIR JSON, exact both ways (FHIR R4 xml.html, json.html).
+"""FHIR R4 XML <-> FHIR JSON, exact both ways (FHIR R4 xml.html and json.html).
 
 Why not ``fhir.resources``' own ``model_dump_xml`` / ``model_validate_xml``: they go through the pydantic
-models, which are lossy (``1.50`` comes back ``1.5``, ``…T10:00:00.000+02:00`` loses its milliseconds: FHIR
-datatypes §2.24.0.1 says precision is significant, and we sign bytes, STANDARDS.md §6), and they parse the
-narrative ``div`` with a bare ``etree.fromstring`` (no hardening). So this module converts between XML and
-the plain JSON dicts the bridge works on, and reads from ``fhir.resources`` only its *metadata*: the element
-order of each type (``elements_sequence()``, xml.html §1.1 "elements SHALL appear in the order of the
-definition"), which elements repeat (JSON arrays, json.html §2.6.2.3), which primitives are JSON numbers or
-booleans (json.html §2.6.2.2), where a resource is contained (``contained``, ``Bundle.entry.resource``,
-``Parameters.parameter.resource``: xml.html §1.1.4, the resource element inside its container element) and
-which element is the XHTML ``div``. No model is ever built, so no value is re-formatted: a primitive's text
-moves between the ``value`` attribute and the JSON string (or Decimal, int, bool) unchanged.
+models, which are lossy (``1.50`` comes back ``1.5``, ``…T10:00:00.000+02:00`` loses its milliseconds, while
+datatypes.html "decimal" says precision is significant and we sign bytes, STANDARDS.md §6), their XML reader
+drops the ``id`` of a primitive (``<birthDate id="…">``), and they parse the narrative ``div`` with a bare
+``etree.fromstring`` (no hardening). So this module converts between XML and the plain JSON dicts the bridge
+works on, and reads from ``fhir.resources`` only its *metadata*: the element order of each type
+(``elements_sequence()``; xml.html: "elements must always appear in the order documented"), which elements
+repeat (JSON arrays), which primitives are JSON numbers or booleans (json.html: integer, decimal and boolean
+values are JSON numbers and booleans), where a resource sits inside a container element (``contained``,
+``Bundle.entry.resource``, ``Parameters.parameter.resource``) and which element is the XHTML ``div``. No model
+is ever built (this module only reads class metadata), so no value is re-formatted: a primitive's text moves
+between the ``value`` attribute and the JSON string (or Decimal, int, bool) unchanged.
 
-The mapping (xml.html §1.1, json.html §2.6.2):
+The mapping (xml.html, json.html "JSON representation of primitive elements"):
 
 * a primitive is ``<name value="…"/>``; its ``id`` and extensions (JSON ``_name``) are the element's ``id``
   attribute and ``extension`` children; a repeating primitive pads the JSON arrays with ``null``;
@@ -21,10 +22,10 @@ The mapping (xml.html §1.1, json.html §2.6.2):
 
 Reading is strict, like the spec's own parsers: XML input always goes through
 :func:`fhir_bridge.xml_safety.parse_xml` (no DTD, no entity, no network, size limit); unknown elements or
-attributes, elements out of order, text where FHIR has none, an element without value or children (ele-1)
-and a malformed boolean/integer/decimal are refused with a :class:`~fhir_bridge.errors.MalformedResource`
-naming the path, never the value. ``fhir.resources`` ships R4B models; every element of the resources we
-serve is the same in R4 (see :mod:`fhir_bridge.resources`).
+attributes, elements out of order, text where FHIR has none, an empty attribute, an element without value or
+children (ele-1) and a malformed boolean/integer/decimal are refused with a
+:class:`~fhir_bridge.errors.MalformedResource` naming the path, never the value. ``fhir.resources`` ships R4B
+models; every element of the resources we serve is the same in R4 (see :mod:`fhir_bridge.resources`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ _DEFAULT_NS: Any = {None: FHIR_NS}  # the stubs type nsmap keys as str; None is 
 
 # FHIR R4 datatypes.html regular expressions for the primitives that are not strings in JSON
 _INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")
+# characters XML 1.0 can not carry (§2.2 Char), which JSON strings can; FHIR strings forbid them too (datatypes.html)
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 _DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
 Kind = Literal["primitive", "complex", "resource", "xhtml"]
@@ -149,7 +152,7 @@ def _is_extension(model: Any) -> bool:
 
 
 def _attributes(model: Any) -> frozenset[str]:
-    """Elements written as XML attributes on this type (xml.html §1.1: ``Element.id``, ``Extension.url``)."""
+    """Elements written as XML attributes on this type (xml.html: ``Element.id``, ``Extension.url``)."""
     if _is_resource(model):
         return frozenset()
     return frozenset({"id", "url"}) if _is_extension(model) else frozenset({"id"})
@@ -250,6 +253,8 @@ def _text(value: Any, path: str) -> str:
     if value is True or value is False:
         return "true" if value else "false"
     if isinstance(value, str):
+        if _NOT_XML.search(value):
+            raise MalformedResource(f"{path}: a character XML can not carry", expression=[path])
         return value
     if isinstance(value, int):
         return int.__repr__(value)
@@ -262,7 +267,7 @@ def _text(value: Any, path: str) -> str:
 
 
 def _xhtml(value: Any, path: str) -> etree._Element:
-    if not isinstance(value, str):
+    if not isinstance(value, str) or _NOT_XML.search(value):
         raise MalformedResource(f"{path}: the narrative is an XHTML string", expression=[path])
     div = parse_xml(value.encode("utf-8"), max_bytes=len(value.encode("utf-8")) + 1)
     if div.tag != f"{{{XHTML_NS}}}div":
@@ -376,6 +381,8 @@ def _read_primitive(child: etree._Element, element: _Element, path: str) -> tupl
     if extensions:
         extra["extension"] = extensions
     text = child.get("value")
+    if text is not None and not text.strip():
+        raise MalformedResource(f"{path}: an attribute can not be empty", expression=[path])  # xml.html
     if text is None and not extra:
         raise MalformedResource(f"{path}: an element needs a value or children (ele-1)", expression=[path])
     return (None if text is None else _json_value(text, element.json_type, path)), (extra or None)

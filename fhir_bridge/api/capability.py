@@ -33,6 +33,10 @@ AUDIT_SEARCH_PARAMS: dict[str, tuple[str, str]] = {
 }
 #: resource type → operations served (``POST [type]/{id}/$name``, or type-level ``[type]/$name``)
 OPERATIONS: dict[str, dict[str, str]] = {}
+#: resource type → what a client must know beyond the interactions (CapabilityStatement.rest.resource.documentation)
+DOCUMENTATION: dict[str, str] = {
+    "Bundle": "The case Bundle is streamed as application/fhir+json only; a read asking for XML gets 406.",
+}
 COMMON_SEARCH = [("_count", "number", "Page size"), ("_offset", "number", "Where the page starts")]
 
 
@@ -46,6 +50,8 @@ def capability_statement(base_url: str, date: str) -> dict[str, Any]:
             "readHistory": "history-instance" in interactions,
             "updateCreate": False,
         }
+        if rtype in DOCUMENTATION:
+            entry["documentation"] = DOCUMENTATION[rtype]
         if rtype in CONDITIONAL_CREATE:
             entry["conditionalCreate"] = True
         if "update" in interactions:
@@ -71,6 +77,7 @@ def capability_statement(base_url: str, date: str) -> dict[str, Any]:
         "software": {"name": "fhir-bridge", "version": __version__},
         "implementation": {"description": "fhir-bridge second-opinion exchange", "url": base_url},
         "fhirVersion": "4.0.1",
-        "format": ["application/fhir+json", "json"],
+        # every interaction speaks both, but the streamed case Bundle read (JSON only, 406 for XML: see DOCUMENTATION)
+        "format": ["application/fhir+json", "json", "application/fhir+xml", "xml"],
         "rest": [{"mode": "server", "resource": resources}],
     }

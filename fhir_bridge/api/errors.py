@@ -1,7 +1,9 @@
 """The one place where errors become HTTP: error class → status, error → OperationOutcome.
 
 FHIR R4 http.html §3.1.0.4 and operationoutcome.html: every error answer carries an OperationOutcome.
-Routes never build error bodies; they raise from :mod:`fhir_bridge.errors` and this module answers.
+Routes never build error bodies; they raise from :mod:`fhir_bridge.errors` and this module answers, in the
+format the client negotiated (:func:`fhir_bridge.api.fhir_io.fhir_response`: FHIR XML when ``_format`` or
+``Accept`` asked for it, even on a 404 of an unknown endpoint; JSON when the negotiation itself failed).
 Unexpected exceptions answer 500 with a generic text (the detail goes to the log, without patient data).
 """
 

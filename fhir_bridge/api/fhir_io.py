@@ -1,10 +1,18 @@
 """FHIR over HTTP: reading bodies and writing resources (FHIR R4 http.html).
 
-* bodies: ``application/fhir+json`` (or ``application/json``), at most ``max_body_bytes`` (413), parsed
-  keeping decimals exact; anything else is 415;
-* answers: ``application/fhir+json; charset=utf-8``, ``ETag: W/"<versionId>"`` and ``Last-Modified`` for a
-  resource (http.html#versioning), ``_format`` overriding ``Accept`` (http.html#mime-type);
+* bodies: ``application/fhir+json`` (or ``application/json``), parsed keeping decimals exact, or
+  ``application/fhir+xml`` (or ``application/xml``, ``text/xml``), parsed by the hardened parser
+  (:mod:`fhir_bridge.xml_safety`: no DTD, no entity, no network) and converted to the same JSON dict
+  (:mod:`fhir_bridge.fhir_xml`); at most ``max_body_bytes`` (413); anything else is 415;
+* answers: FHIR JSON or FHIR XML (``application/fhir+xml; charset=utf-8``) as negotiated by :func:`negotiate`,
+  ``_format`` overriding ``Accept`` (http.html#mime-type; ``Accept: application/json`` gets FHIR JSON), error
+  OperationOutcomes included; ``ETag: W/"<versionId>"`` and ``Last-Modified`` for a resource
+  (http.html#versioning);
 * ``Prefer: return=minimal | representation | OperationOutcome`` on create/update (http.html#ops).
+
+The streamed case Bundle (``GET /fhir/Bundle/{id}``, possibly gigabytes of base64) is written as JSON while it
+streams and has no XML form: asking it in XML is a 406 (:data:`JSON_ONLY_ROUTES`, and the CapabilityStatement
+says so).
 """
 
 from __future__ import annotations
@@ -17,37 +25,91 @@ from urllib.parse import parse_qsl, urlencode
 from fastapi import Request
 from starlette.responses import Response
 
-from fhir_bridge.errors import InvalidInput, NotAcceptable, TooLarge, UnsupportedMediaType
-from fhir_bridge.resources import FHIR_JSON, Resource, dumps, loads, operation_outcome
+from fhir_bridge.errors import InvalidInput, MalformedResource, NotAcceptable, TooLarge, UnsupportedMediaType
+from fhir_bridge.fhir_xml import from_xml, to_xml
+from fhir_bridge.resources import FHIR_JSON, FHIR_XML, Resource, dumps, loads, operation_outcome
 
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
-_FORMATS = {"json": FHIR_JSON, "application/json": FHIR_JSON, "application/fhir+json": FHIR_JSON,
-            "application/json+fhir": FHIR_JSON}
+XML_TYPES = ("application/fhir+xml", "application/xml", "text/xml", "application/xml+fhir")
+#: ``_format`` values (http.html#mime-type: the short forms ``json`` and ``xml``, or a media type)
+_FORMATS = {"json": FHIR_JSON, "xml": FHIR_XML, **dict.fromkeys(JSON_TYPES, FHIR_JSON),
+            **dict.fromkeys(XML_TYPES, FHIR_XML)}
+_ANY = ("*/*", "application/*")
+#: routes whose answer is streamed as JSON and has no XML form (route path as mounted)
+JSON_ONLY_ROUTES = frozenset({"/fhir/Bundle/{resource_id}"})
+
+
+def _accepted(accept: str) -> list[str]:
+    """The media types of an ``Accept`` header, most wanted first (RFC 9110 §12.5.1 q-values; q=0 refuses)."""
+    ranked: list[tuple[float, int, str]] = []
+    for i, part in enumerate(accept.split(",")):
+        media, *params = (p.strip() for p in part.split(";"))
+        weight = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        if media and weight > 0:
+            ranked.append((-weight, i, media.lower()))
+    return [media for _, _, media in sorted(ranked)]
+
+
+def _wanted(request: Request) -> tuple[str | None, str]:
+    """``(format or None when nothing we write was asked for, what was asked)``; never raises."""
+    wanted = request.query_params.get("_format")
+    if wanted is not None:
+        return _FORMATS.get(wanted.split(";")[0].strip().lower()), f"_format {wanted[:80]!r}"
+    accept = request.headers.get("accept", "")
+    if not accept.strip():
+        return FHIR_JSON, "no Accept"
+    for media in _accepted(accept):
+        if media in _FORMATS:
+            return _FORMATS[media], media
+        if media in _ANY:
+            return FHIR_JSON, media
+    return None, f"Accept {accept[:80]!r}"
+
+
+def answer_format(request: Request | None) -> str:
+    """The media type answers to ``request`` are written in, errors included: FHIR JSON unless XML was asked."""
+    if request is None:
+        return FHIR_JSON
+    chosen = getattr(request.state, "fhir_format", None)
+    if chosen is None:
+        chosen = _wanted(request)[0] or FHIR_JSON
+    return str(chosen)
 
 
 def negotiate(request: Request) -> str:
-    """The answer's media type: ``_format`` first, then ``Accept``; JSON is all we write for now."""
-    wanted = request.query_params.get("_format")
-    if wanted is not None:
-        if wanted.split(";")[0].strip() not in _FORMATS:
-            raise NotAcceptable(f"_format {wanted!r} is not supported; use json")
-        return FHIR_JSON
-    accept = request.headers.get("accept", "")
-    if not accept:
-        return FHIR_JSON
-    for part in accept.split(","):
-        media = part.split(";")[0].strip().lower()
-        if media in JSON_TYPES or media in ("*/*", "application/*"):
-            return FHIR_JSON
-    raise NotAcceptable("only application/fhir+json is served")
+    """The answer's media type: ``_format`` first, then ``Accept`` (FHIR R4 http.html#mime-type).
+
+    JSON for ``application/fhir+json``, ``application/json``, ``json``, ``*/*`` or no preference; XML for
+    ``application/fhir+xml``, ``application/xml``, ``text/xml``, ``xml``. Anything else, or XML on a route
+    that only streams JSON, is a 406 (answered in JSON). The choice is kept on ``request.state.fhir_format``.
+    """
+    chosen, asked = _wanted(request)
+    if chosen is None:
+        raise NotAcceptable(f"{asked} is not supported; use application/fhir+json or application/fhir+xml")
+    route = request.scope.get("route")
+    if chosen == FHIR_XML and getattr(route, "path", None) in JSON_ONLY_ROUTES:
+        raise NotAcceptable("the case Bundle is streamed as application/fhir+json only; ask for JSON")
+    request.state.fhir_format = chosen
+    return chosen
 
 
 async def read_body(request: Request, max_bytes: int) -> Any:
-    """The request's JSON body, size-limited while it is read (a lying Content-Length changes nothing)."""
+    """The request's body as FHIR JSON, from a JSON or an XML body, size-limited while it is read.
+
+    A lying Content-Length changes nothing; XML goes through the hardened parser (FHIR R4 xml.html, issue 6:
+    a DTD or an entity declaration is refused, 400, before anything is expanded, fetched or stored).
+    """
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type not in JSON_TYPES:
-        raise UnsupportedMediaType(f"Content-Type {content_type or 'none'} is not supported; send "
-                                   "application/fhir+json")
+    if content_type not in JSON_TYPES and content_type not in XML_TYPES:
+        raise UnsupportedMediaType(f"Content-Type {content_type[:80] or 'none'} is not supported; send "
+                                   "application/fhir+json or application/fhir+xml")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise TooLarge(f"request body over the limit of {max_bytes} bytes")
@@ -58,11 +120,24 @@ async def read_body(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise TooLarge(f"request body over the limit of {max_bytes} bytes")
         chunks.append(chunk)
+    if content_type in XML_TYPES:
+        return from_xml(b"".join(chunks), max_bytes=max_bytes)
     return loads(b"".join(chunks))
 
 
 def fhir_response(request: Request | None, body: Any, *, status: int = 200,
                   headers: dict[str, str] | None = None) -> Response:
+    """A resource answer in the negotiated format (:func:`answer_format`), errors included."""
+    if answer_format(request) == FHIR_XML:
+        try:
+            xml = to_xml(body)
+        except MalformedResource as exc:  # our own data with no XML form: the server's limit, not a bad request
+            if status < 400:
+                raise NotAcceptable(f"this answer has no FHIR XML form ({exc.message}); ask for "
+                                    "application/fhir+json", expression=exc.expression) from None
+            # an error answer must get out whatever it carries (an error handler can not raise): in JSON
+        else:
+            return Response(xml, status_code=status, media_type=f"{FHIR_XML}; charset=utf-8", headers=headers)
     return Response(dumps(body), status_code=status, media_type=f"{FHIR_JSON}; charset=utf-8", headers=headers)
 
 

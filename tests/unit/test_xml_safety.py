@@ -139,3 +139,9 @@ def test_xinclude_is_not_processed(tmp_path: Path) -> None:
                ).encode()
     root = parse_xml(payload, max_bytes=LIMIT)
     assert "TOP SECRET" not in "".join(str(t) for t in root.itertext())
+
+
+def test_a_deeply_nested_document_is_refused_by_libxml2s_depth_limit() -> None:
+    depth = 100_000  # huge_tree stays off: libxml2 stops long before this depth, with nothing built
+    with pytest.raises(MalformedResource, match="not well-formed"):
+        parse_xml(b"<a>" * depth + b"</a>" * depth, max_bytes=LIMIT)
