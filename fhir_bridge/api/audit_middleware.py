@@ -53,7 +53,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fhir_bridge import audit_context
 from fhir_bridge.audit import OBJECT_ROLE, Party, rest_event
-from fhir_bridge.errors import AuditUnavailable
+from fhir_bridge.errors import AuditUnavailable, BridgeError
+from fhir_bridge.fhir_xml import from_xml
 from fhir_bridge.identity import PatientIdentifier
 from fhir_bridge.resources import FHIR_JSON, dumps, operation_outcome
 
@@ -323,11 +324,12 @@ def _searched_patient(params: list[tuple[str, str]]) -> PatientIdentifier | None
 
 
 def _peek(headers: Headers, body: bytes | None) -> Any:
-    if not body or len(body) > _PEEK_BYTES or "json" not in headers.get("content-type", ""):
+    content_type = headers.get("content-type", "")
+    if not body or len(body) > _PEEK_BYTES or ("json" not in content_type and "xml" not in content_type):
         return None
-    try:
-        return json.loads(body)
-    except ValueError:
+    try:  # an answer in FHIR XML (fhir_bridge.api.fhir_io) is read back to the same JSON
+        return from_xml(body, max_bytes=_PEEK_BYTES) if "xml" in content_type else json.loads(body)
+    except (ValueError, BridgeError):
         return None
 
 
