@@ -28,17 +28,19 @@ def server_env(certs: DevCertificates, mode: str) -> dict[str, str]:
             "FHIR_BRIDGE_API__TLS_CLIENT_CA": str(certs.ca.cert), "FHIR_BRIDGE_API__TLS_CLIENT_CERT": mode}
 
 
-def start_tls(group: ProcessGroup, name: str, args: Sequence[str], health_path: str, certs: DevCertificates,
+def start_tls(group: ProcessGroup, name: str, args: Sequence[str], health_path: str, certs: DevCertificates | None,
               client: CertAndKey | None = None, extra_env: Mapping[str, str] | None = None,
               timeout: float = 30.0) -> int:
     """Start ``python -m fhir_bridge *args --port P`` (``{port}`` in ``args`` is replaced by P) and wait until
-    ``https://127.0.0.1:P<health_path>`` answers 200; another port is tried if P was taken meanwhile."""
+    ``https://127.0.0.1:P<health_path>`` answers 200 (``http://`` when ``certs`` is None); another port is tried
+    if P was taken meanwhile."""
+    scheme, context = ("https", tls_context(certs, client)) if certs is not None else ("http", True)
     for attempt in range(3):
         port = free_port()
         child = group.start(name, [*(a.replace("{port}", str(port)) for a in args), "--port", str(port)],
                             extra_env=extra_env)
         try:
-            _wait_healthy(child, f"https://127.0.0.1:{port}{health_path}", tls_context(certs, client), timeout)
+            _wait_healthy(child, f"{scheme}://127.0.0.1:{port}{health_path}", context, timeout)
             return port
         except RuntimeError:
             group.stop(child)
