@@ -187,7 +187,7 @@ def _fill(parent: etree._Element, obj: Any, model: Any, path: str) -> None:
     for key in obj:
         name = key[1:] if key.startswith("_") else key
         known = elements.get(name)
-        if known is None or (key.startswith("_") and known.kind != "primitive"):
+        if known is None or (key.startswith("_") and (known.kind != "primitive" or name in attributes)):
             raise MalformedResource(f"{path}: unknown element {key[:64]!r}", expression=[f"{path}.{key[:64]}"])
     for name in attributes & obj.keys():
         parent.set(name, _text(obj[name], f"{path}.{name}"))

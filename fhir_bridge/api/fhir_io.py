@@ -61,7 +61,9 @@ def _wanted(request: Request) -> tuple[str | None, str]:
     """``(format or None when nothing we write was asked for, what was asked)``; never raises."""
     wanted = request.query_params.get("_format")
     if wanted is not None:
-        return _FORMATS.get(wanted.split(";")[0].strip().lower()), f"_format {wanted[:80]!r}"
+        # an unencoded "+" in the query arrives as a space (application/fhir xml)
+        media = wanted.split(";")[0].strip().lower().replace(" ", "+")
+        return _FORMATS.get(media), f"_format {wanted[:80]!r}"
     accept = request.headers.get("accept", "")
     if not accept.strip():
         return FHIR_JSON, "no Accept"
@@ -87,8 +89,9 @@ def negotiate(request: Request) -> str:
     """The answer's media type: ``_format`` first, then ``Accept`` (FHIR R4 http.html#mime-type).
 
     JSON for ``application/fhir+json``, ``application/json``, ``json``, ``*/*`` or no preference; XML for
-    ``application/fhir+xml``, ``application/xml``, ``text/xml``, ``xml``. Anything else, or XML on a route
-    that only streams JSON, is a 406 (answered in JSON). The choice is kept on ``request.state.fhir_format``.
+    ``application/fhir+xml``, ``application/xml``, ``text/xml``, ``xml``. Anything else is a 406 answered in
+    JSON; XML on a route that only streams JSON is a 406 answered in XML. The choice is kept on
+    ``request.state.fhir_format`` for :func:`answer_format`.
     """
     chosen, asked = _wanted(request)
     if chosen is None:

@@ -98,6 +98,7 @@ def json_answer(answer: httpx.Response) -> Any:
     ({"_format": "json"}, XML, "json"),
     ({"_format": "application/fhir+xml"}, None, "xml"),
     ({"_format": "text/xml"}, None, "xml"),
+    ({"_format": "application/fhir xml"}, None, "xml"),  # an unencoded + in the query string
 ])  # fmt: skip
 async def test_format_comes_from_format_then_accept(api: Api, query: dict[str, str], accept: str | None,
                                                    expected: str) -> None:

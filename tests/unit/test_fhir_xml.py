@@ -338,6 +338,7 @@ def test_a_narrative_div_with_a_doctype_or_not_a_div_is_refused_when_writing_xml
 def test_json_that_is_not_fhir_is_refused_when_writing_xml() -> None:
     for resource in ({"resourceType": "Patient", "colour": "blue"}, {"resourceType": "Nope"},
                      {"resourceType": "Patient", "name": {"family": "not an array"}},
-                     {"resourceType": "Patient", "_active": {"bad": 1}}):
+                     {"resourceType": "Patient", "_active": {"bad": 1}},
+                     {"resourceType": "Patient", "extension": [{"url": "http://x", "_url": {"id": "u"}}]}):
         with pytest.raises(MalformedResource):
             to_xml(resource)
