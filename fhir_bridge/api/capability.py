@@ -79,5 +79,23 @@ def capability_statement(base_url: str, date: str) -> dict[str, Any]:
         "fhirVersion": "4.0.1",
         # every interaction speaks both, but the streamed case Bundle read (JSON only, 406 for XML: see DOCUMENTATION)
         "format": ["application/fhir+json", "json", "application/fhir+xml", "xml"],
-        "rest": [{"mode": "server", "resource": resources}],
+        "rest": [{"mode": "server", "security": _security(base_url), "resource": resources}],
+    }
+
+
+def _security(base_url: str) -> dict[str, Any]:
+    """``rest.security``: SMART Backend Services (R4 capabilitystatement.html, SMART App Launch 2.2
+    conformance.html: the ``oauth-uris`` extension names the token endpoint; discovery is the
+    ``.well-known/smart-configuration`` document)."""
+    root = base_url.removesuffix("/fhir")
+    return {
+        "cors": False,
+        "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                 "code": "SMART-on-FHIR"}]}],
+        "description": "SMART Backend Services: client_credentials with a private_key_jwt assertion (RS384/ES384) "
+                       f"at {root}/auth/token; Bearer tokens of at most 300 s, system/ scopes; optional mutual TLS "
+                       "with certificate-bound tokens. Platforms see their tenant's cases, reviewers the cases "
+                       "assigned to them, auditors the AuditEvents; anything else answers 404.",
+        "extension": [{"url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                       "extension": [{"url": "token", "valueUri": f"{root}/auth/token"}]}],
     }
