@@ -19,14 +19,12 @@ from typing import Any
 import pytest
 
 from fhir_bridge.adapters.signing import Es384Signer
-from fhir_bridge.packaging import (
+from fhir_bridge.packaging import CaseContent, FileBase64, PackagedDocument, build_case_bundle, write_bundle
+from fhir_bridge.resources import dumps, loads, validate
+from fhir_bridge.signed_bundles import (
     SKELETON_PREFIX,
     BundleLayout,
-    CaseContent,
-    FileBase64,
-    PackagedDocument,
     SignatureCheck,
-    build_case_bundle,
     check_bundle_signature,
     layout_of,
     parse_skeleton,
@@ -34,9 +32,7 @@ from fhir_bridge.packaging import (
     sign_from_files,
     signed_payload,
     skeleton_bytes,
-    write_bundle,
 )
-from fhir_bridge.resources import dumps, loads, validate
 from fhir_bridge.terminology import load_terminology
 
 BASE = "https://source.test/fhir"
