@@ -11,7 +11,10 @@ against R4 at load, of
   has no such code); the extension ``https://fhir-bridge.dev/fhir/StructureDefinition/reviewer-capacity``
   (valueInteger: how many open cases at once); ``location`` → ``Location`` entries whose ``address.country``
   is the ISO 3166-1 alpha-2 country (a real Location rather than an extension, so the registry stays plain
-  R4); ``active`` and ``notAvailable.during`` (holidays) are honoured;
+  R4); ``active`` and ``notAvailable.during`` (holidays) are honoured; the extension
+  ``https://fhir-bridge.dev/fhir/StructureDefinition/reviewer-network`` (valueCode) names the reviewer network of
+  ``config/reviewer-networks.json`` (:mod:`fhir_bridge.pseudonym`), which decides whether they see cases
+  pseudonymised; without it the reviewer is in that file's default network;
 * ``CareTeam``: a panel (tumor board / RCP), ``category`` the specialty codes it sits for, ``participant.member``
   references to PractitionerRoles, and the disciplines it must cover as repeated extensions
   ``https://fhir-bridge.dev/fhir/StructureDefinition/panel-required-discipline`` (valueCoding).
@@ -51,6 +54,7 @@ SPECIALTY = f"{CANONICAL_BASE}/CodeSystem/specialty"
 DISCIPLINE = f"{CANONICAL_BASE}/CodeSystem/discipline"
 CAPACITY = f"{CANONICAL_BASE}/StructureDefinition/reviewer-capacity"
 REQUIRED_DISCIPLINE = f"{CANONICAL_BASE}/StructureDefinition/panel-required-discipline"
+NETWORK = f"{CANONICAL_BASE}/StructureDefinition/reviewer-network"
 BCP47 = "urn:ietf:bcp:47"
 PANEL_KIND = "tumor-board-opinion"
 _ALLOWED = frozenset({"Practitioner", "PractitionerRole", "CareTeam", "Location", "Organization"})
@@ -70,6 +74,7 @@ class Reviewer:
     capacity: int
     active: bool = True
     away: tuple[tuple[datetime | None, datetime | None], ...] = ()
+    network: str | None = None
 
     @property
     def reference(self) -> str:
@@ -205,6 +210,8 @@ def _reviewer(role: Resource, by_type: Mapping[str, Mapping[str, Resource]], whe
         languages=frozenset(_language(c) for c in _codes(person.get("communication"), BCP47)),
         countries=frozenset(countries), capacity=capacities[0],
         active=role.get("active", True) is not False and person.get("active", True) is not False, away=away,
+        network=next((str(e["valueCode"]) for e in role.get("extension") or []
+                      if e.get("url") == NETWORK and e.get("valueCode")), None),
     )
 
 
