@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 from fhir_bridge import audit_context
 from fhir_bridge.adapters.audit_log import RedisAuditLog
 from fhir_bridge.adapters.blobstore import BlobKeyring, FileBlobStore
+from fhir_bridge.adapters.pseudonym_key import load_or_create_pseudonym_key
 from fhir_bridge.adapters.queue import RedisJobQueue
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.adapters.redis_store import RedisResourceStore
@@ -207,6 +208,9 @@ async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") ->
         max_attempts=settings.worker.max_attempts,
         audit=audit,
         audit_agent=bridge,
+        # case bundles are signed with the bridge's (audit) key; reviewers abroad read them pseudonymised
+        signer=audit_signer(settings),
+        pseudonym_key=load_or_create_pseudonym_key(settings.data_dir / "keys"),
     )
     timer = asyncio.create_task(_checkpoint_timer(audit, settings.audit.checkpoint_seconds))
     try:

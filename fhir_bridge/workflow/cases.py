@@ -7,7 +7,10 @@ at any point leaves a state a retry repairs, never a duplicate:
 * a request is stored under its If-None-Exist key (atomic), its Task under ``task-for:<request>``, and the
   collect job is enqueued with the Task id as job id (idempotent), so a retried POST re-creates nothing;
 * the case Bundle is created under ``case-bundle:<task>:<generation>``: a second worker finishing a
-  reclaimed job finds the first one's bundle instead of making another; a refresh is a new generation;
+  reclaimed job finds the first one's bundle instead of making another; a refresh is a new generation.
+  The documents go to the blob store one by one; the bundle itself is stored as a small signed skeleton
+  (:mod:`fhir_bridge.packaging`) that :meth:`CaseService.bundle_chunks` fills with the documents' base64 when
+  it is read, pseudonymised and signed again for readers whose network asks for it (:mod:`fhir_bridge.pseudonym`);
 * after packaging, triage (:mod:`fhir_bridge.triage`, rules in ``mappings/``) decides: a blocking finding
   puts the case on hold (``waiting-for-documents``, what is missing in ``statusReason``), otherwise it is
   ready and routed to a reviewer or panel (:mod:`fhir_bridge.workflow.assignment`);
@@ -33,6 +36,7 @@ from typing import Any
 import structlog
 
 from fhir_bridge import audit_context
+from fhir_bridge.access import AccessContext
 from fhir_bridge.audit import Party
 from fhir_bridge.deadlines import DeadlinePolicy, due_date, load_deadline_policy, parse_fhir_datetime
 from fhir_bridge.errors import (
@@ -47,24 +51,26 @@ from fhir_bridge.errors import (
 from fhir_bridge.identity import PatientIdentifier
 from fhir_bridge.intake import check_request
 from fhir_bridge.opinion import based_on_request, check_against_case, check_amendment, check_new_opinion
-from fhir_bridge.packaging import build_case_bundle, write_bundle
-from fhir_bridge.ports import AuditPort, BlobStorePort, Job, JobQueuePort, ResourceStorePort, SourcePort
+from fhir_bridge.packaging import build_case_bundle
+from fhir_bridge.ports import AuditPort, BlobStorePort, Job, JobQueuePort, ResourceStorePort, SignerPort, SourcePort
+from fhir_bridge.pseudonym import ReviewerNetworks, load_networks
 from fhir_bridge.resources import Resource
 from fhir_bridge.routing import ReviewerRegistry, load_registry
 from fhir_bridge.search_index import TENANT_TERM, index_terms, parse_criteria, tenant_of, with_tenant
 from fhir_bridge.selection import Problem
+from fhir_bridge.signed_bundles import skeleton_bytes
 from fhir_bridge.tasks import new_task, state_of
 from fhir_bridge.terminology import CANONICAL_BASE, Terminology
 from fhir_bridge.triage import findings_outcome, missing_summary, triage_case
 from fhir_bridge.triage_rules import TriageRules, load_triage_rules
 from fhir_bridge.workflow.assignment import Assignments
+from fhir_bridge.workflow.case_bundles import BLOB_EXTENSION, CASE_TASK, CaseBundles
 from fhir_bridge.workflow.collect import collect_case
 from fhir_bridge.workflow.taskbook import TaskBook, extension_value, now_instant, output_type, set_extension
 
 log = structlog.get_logger("fhir_bridge.cases")
 
 COLLECT_JOB = "collect-case"
-BLOB_EXTENSION = f"{CANONICAL_BASE}/StructureDefinition/blob-digest"
 #: on the stored case Bundle stub only (never served): whose case it is, for the audit of a Bundle read
 BUNDLE_PATIENT = f"{CANONICAL_BASE}/StructureDefinition/case-patient"
 GENERATION = f"{CANONICAL_BASE}/StructureDefinition/collect-generation"
@@ -98,6 +104,9 @@ class CaseService:
         deadlines: DeadlinePolicy | None = None,
         audit: AuditPort | None = None,
         audit_agent: Party | None = None,
+        signer: SignerPort | None = None,
+        pseudonym_key: bytes | None = None,
+        networks: ReviewerNetworks | None = None,
     ) -> None:
         self.store = store
         self.queue = queue
@@ -111,7 +120,12 @@ class CaseService:
         self.deadlines = deadlines or load_deadline_policy()
         self.audit = audit
         self.book = TaskBook(store, terminology, clock, audit=audit, agent=audit_agent)
-        self.assignments = Assignments(self.book, store, registry or load_registry(), self.deadlines, clock)
+        self.registry = registry or load_registry()
+        self.assignments = Assignments(self.book, store, self.registry, self.deadlines, clock)
+        # bundles are signed when a signer is given (the composition root always gives the bridge's key)
+        self.bundles = CaseBundles(store=store, blobs=blobs, registry=self.registry,
+                                   networks=networks or load_networks(), signer=signer,
+                                   pseudonym_key=pseudonym_key, clock=clock)
 
     # -- reads ----------------------------------------------------------------------------------------
 
@@ -244,11 +258,7 @@ class CaseService:
                 now=self._now(),
                 left_out=collected.unreadable,
             )
-            path = work / "bundle.json"
-            await asyncio.to_thread(write_bundle, bundle, path)
-            for document in collected.content.documents:
-                await self.blobs.put_file(document.path)
-            blob = await self.blobs.put_file(path)
+            layout = await self.bundles.package(bundle, collected.content.documents)
         except SourceError as exc:
             if isinstance(exc, SourceUnavailable) and job.attempt < self.max_attempts:
                 raise  # the queue retries with backoff
@@ -259,18 +269,21 @@ class CaseService:
             return
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
+        skeleton = await self.blobs.put_bytes(skeleton_bytes(layout))
         stub: Resource = {
             "resourceType": "Bundle",
             "identifier": bundle["identifier"],
             "type": "document",
             "timestamp": bundle["timestamp"],
             "extension": [
-                {"url": BLOB_EXTENSION, "valueString": blob.digest},
+                {"url": BLOB_EXTENSION, "valueString": skeleton.digest},
                 {"url": BUNDLE_PATIENT, "valueIdentifier": {"system": checked.patient.system,
                                                             "value": checked.patient.value}},
+                {"url": CASE_TASK, "valueReference": {"reference": f"Task/{task['id']}"}},
             ],
         }
-        stored, _ = await self.store.create(stub, index={}, unique_key=f"case-bundle:Task/{task['id']}:{generation}")
+        stored, _ = await self.store.create(stub, index=self.bundles.stub_index(task["id"]),
+                                            unique_key=f"case-bundle:Task/{task['id']}:{generation}")
         current = await self.store.read("Task", task["id"])
         if current["status"] != "in-progress" or _generation(current) != generation:
             return
@@ -339,19 +352,40 @@ class CaseService:
 
     # -- the bundle -----------------------------------------------------------------------------------
 
-    async def bundle_chunks(self, bundle_id: str) -> AsyncIterator[bytes]:
-        """The case bundle as stored (canonical JSON) with ``id`` and ``meta`` put in front."""
-        stub = await self.store.read("Bundle", bundle_id)
-        digest = next(e["valueString"] for e in stub.get("extension", []) if e.get("url") == BLOB_EXTENSION)
-        from fhir_bridge.resources import dumps
-
-        head = dumps({"id": stub["id"], "meta": stub["meta"]})[:-1] + b","
-        first = True
-        async for chunk in self.blobs.open_chunks(digest):
-            if first:
-                chunk = head + chunk[1:]  # the blob starts with "{"
-                first = False
+    async def bundle_chunks(self, bundle_id: str, reader: AccessContext | None = None) -> AsyncIterator[bytes]:
+        """The case bundle (canonical JSON) with ``id`` and ``meta`` in front and its signature in place; for a
+        ``reader`` who :meth:`needs_pseudonym`, the pseudonymised variant, signed as it streams
+        (:mod:`fhir_bridge.workflow.case_bundles`)."""
+        async for chunk in self.bundles.chunks(bundle_id, reader):
             yield chunk
+
+    # -- pseudonymised readers (fhir_bridge.pseudonym) -------------------------------------------------
+
+    def needs_pseudonym(self, reader: AccessContext | None) -> bool:
+        """Whether ``reader`` sees cases pseudonymised: a reviewer whose network (``config/reviewers.json``,
+        ``config/reviewer-networks.json``) asks for it; a reviewer client naming no known PractitionerRole is
+        treated as pseudonymised (fail closed)."""
+        return self.bundles.needs_pseudonym(reader)
+
+    def case_pseudonym(self, task_id: str) -> str:
+        """The case pseudonym of the case whose Task is ``task_id`` (HMAC of the Task id, bridge secret)."""
+        return self.bundles.case_pseudonym(task_id)
+
+    async def case_for_pseudonym(self, pseudonym: str) -> Resource:
+        """The Task of the case with this pseudonym (the mapping back, which stays in the bridge); NotFound
+        when no packaged case has it."""
+        return await self.bundles.case_for_pseudonym(pseudonym)
+
+    async def reader_view(self, resource: Resource, reader: AccessContext | None) -> Resource:
+        """A ServiceRequest, Task or DiagnosticReport as ``reader`` may see it: pseudonymised when
+        :meth:`needs_pseudonym` (:func:`~fhir_bridge.pseudonym.pseudonymise_view`), else as stored."""
+        return await self.bundles.reader_view(resource, reader)
+
+    async def reidentified_opinion(self, body: Any, reader: AccessContext | None) -> Any:
+        """A DiagnosticReport posted (or amended) by ``reader`` with the INS back in place of the case pseudonym
+        when the reader is pseudonymised (else ``body`` as is); give the result to :meth:`submit_opinion` or
+        :meth:`amend_opinion`. The pseudonym must be that of the case ``basedOn`` names."""
+        return await self.bundles.reidentified_opinion(body, reader)
 
     # -- the opinion ----------------------------------------------------------------------------------
 

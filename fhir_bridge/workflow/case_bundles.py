@@ -1,0 +1,193 @@
+"""Case bundles at rest and in the hands of readers: packaged as a signed skeleton, served whole, or
+pseudonymised for reviewers abroad. Used by :class:`~fhir_bridge.workflow.cases.CaseService`.
+
+* Packaging (the collect job's tail): each document goes to the blob store, the bundle's layout names the
+  blobs (:func:`~fhir_bridge.packaging.layout_of`), and the bundle is signed over the files still on disk;
+  the small skeleton is what the stub's ``blob-digest`` extension names.
+* Reading: the skeleton is filled with each document's base64 as it streams, ``id`` and ``meta`` in front.
+  A reviewer whose network pseudonymises (``config/reviewer-networks.json``) gets the variant of
+  :func:`~fhir_bridge.pseudonym.pseudonymise_bundle`, signed while it streams, its ``meta.security``
+  saying PSEUDED; the same reader sees ServiceRequest, Task and DiagnosticReport through
+  :func:`~fhir_bridge.pseudonym.pseudonymise_view`, and posts opinions that :meth:`reidentified_opinion`
+  puts back under the INS. Nothing pseudonymised is stored: the variant is a transform of the skeleton.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from fhir_bridge.access import AccessContext
+from fhir_bridge.errors import BusinessRuleViolation, Forbidden, NotFound
+from fhir_bridge.opinion import based_on_request
+from fhir_bridge.packaging import PackagedDocument
+from fhir_bridge.ports import BlobStorePort, ResourceStorePort, SignerPort
+from fhir_bridge.pseudonym import (
+    PSEUDONYM_TERM,
+    PSEUDONYMISED_LABEL,
+    CasePseudonyms,
+    ReviewerNetworks,
+    pseudonymise_bundle,
+    pseudonymise_view,
+    reidentify_opinion,
+)
+from fhir_bridge.resources import Resource, check_resource_type, dumps
+from fhir_bridge.routing import ReviewerRegistry
+from fhir_bridge.search_index import OUTPUT_TERM
+from fhir_bridge.signed_bundles import (
+    SKELETON_PREFIX,
+    BundleLayout,
+    instant,
+    layout_document,
+    layout_of,
+    parse_skeleton,
+    served_chunks,
+    sign_from_files,
+)
+from fhir_bridge.terminology import CANONICAL_BASE
+from fhir_bridge.workflow.taskbook import extension_value
+
+BLOB_EXTENSION = f"{CANONICAL_BASE}/StructureDefinition/blob-digest"
+#: on the stub only: the case's Task (the pseudonym of a bundle is the pseudonym of its case)
+CASE_TASK = f"{CANONICAL_BASE}/StructureDefinition/case-task"
+
+
+class CaseBundles:
+    """Packaging and reading case bundles; ``signer`` None leaves bundles unsigned (tests of the workflow
+    without keys), ``pseudonym_key`` None refuses pseudonymised readers (fail closed)."""
+
+    def __init__(
+        self,
+        *,
+        store: ResourceStorePort,
+        blobs: BlobStorePort,
+        registry: ReviewerRegistry,
+        networks: ReviewerNetworks,
+        signer: SignerPort | None,
+        pseudonym_key: bytes | None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.registry = registry
+        self.networks = networks
+        self.signer = signer
+        self.pseudonyms = CasePseudonyms(pseudonym_key) if pseudonym_key is not None else None
+        self.clock = clock
+        networks.check(registry)
+
+    def _now(self) -> datetime:
+        return self.clock() if self.clock else datetime.now(UTC)
+
+    async def package(self, bundle: Resource, documents: list[PackagedDocument]) -> BundleLayout:
+        """Put each document in the blob store and sign the bundle over the files still on disk (a worker
+        thread hashes them: memory stays bounded whatever the case's size)."""
+        digests = {}
+        for document in documents:
+            digests[document.path] = (await self.blobs.put_file(document.path)).digest
+        layout = layout_of(bundle, digests)
+        if self.signer is None:
+            return layout
+        files = {digest: path for path, digest in digests.items()}
+        return await asyncio.to_thread(sign_from_files, layout, files, self.signer, instant(self._now()))
+
+    def stub_index(self, task_id: str) -> dict[str, list[str]]:
+        """The stored stub's index: the case pseudonym, so :meth:`case_for_pseudonym` finds the case."""
+        return {PSEUDONYM_TERM: [self.pseudonyms.of(task_id)]} if self.pseudonyms else {}
+
+    async def chunks(self, bundle_id: str, reader: AccessContext | None) -> AsyncIterator[bytes]:
+        """The served bundle; see the module docstring."""
+        stub = await self.store.read("Bundle", bundle_id)
+        digest = next(e["valueString"] for e in stub.get("extension", []) if e.get("url") == BLOB_EXTENSION)
+        head: Resource = {"id": stub["id"], "meta": stub["meta"]}
+        pseudonymise = self.needs_pseudonym(reader)
+        stored = self.blobs.open_chunks(digest)
+        first = await anext(stored, b"")
+        if not first.startswith(SKELETON_PREFIX):  # packaged before skeletons: the whole bundle, unsigned
+            if pseudonymise:
+                await _aclose(stored)
+                raise Forbidden("this case was packaged before pseudonymisation existed: refresh it first")
+            yield dumps(head)[:-1] + b"," + first[1:]
+            async for chunk in stored:
+                yield chunk
+            return
+        layout = parse_skeleton(first + b"".join([chunk async for chunk in stored]))
+        if not pseudonymise:
+            async for chunk in served_chunks(layout, head, self.blobs.open_chunks):
+                yield chunk
+            return
+        pseudonym = self.case_pseudonym(await self._task_id(stub))
+        variant = layout_of(pseudonymise_bundle(layout_document(layout), pseudonym))
+        head["meta"] = {**head["meta"], "security": [*head["meta"].get("security", []), PSEUDONYMISED_LABEL]}
+        async for chunk in served_chunks(variant, head, self.blobs.open_chunks, signer=self.signer,
+                                         when=instant(self._now())):
+            yield chunk
+
+    def needs_pseudonym(self, reader: AccessContext | None) -> bool:
+        """A reviewer whose network pseudonymises; a reviewer client naming no known PractitionerRole too."""
+        if reader is None or reader.role != "reviewer":
+            return False
+        reviewer = self.registry.reviewers.get(reader.reviewer or "")
+        return reviewer is None or self.networks.pseudonymises(reviewer.network)
+
+    def case_pseudonym(self, task_id: str) -> str:
+        if self.pseudonyms is None:
+            raise Forbidden("this reader's cases are pseudonymised and the bridge has no pseudonym key")
+        return self.pseudonyms.of(task_id)
+
+    async def case_for_pseudonym(self, pseudonym: str) -> Resource:
+        page = await self.store.search("Bundle", {PSEUDONYM_TERM: [pseudonym]}, count=1)
+        for stub in page.resources:
+            task_id = await self._task_id(stub)
+            if self.pseudonyms is not None and self.pseudonyms.belongs_to(pseudonym, task_id):
+                return await self.store.read("Task", task_id)
+        raise NotFound("no case has that pseudonym")
+
+    async def reader_view(self, resource: Resource, reader: AccessContext | None) -> Resource:
+        if not self.needs_pseudonym(reader):
+            return resource
+        rtype = resource.get("resourceType")
+        if rtype == "Task":
+            task_id = str(resource["id"])
+        elif rtype == "ServiceRequest":
+            task_id = await self._task_for(str(resource["id"]))
+        elif rtype == "DiagnosticReport":
+            task_id = await self._task_for(based_on_request(resource))
+        else:
+            raise Forbidden(f"{rtype} has no pseudonymised view")
+        return pseudonymise_view(resource, self.case_pseudonym(task_id))
+
+    async def reidentified_opinion(self, body: Any, reader: AccessContext | None) -> Any:
+        if not self.needs_pseudonym(reader):
+            return body
+        report = check_resource_type(body, "DiagnosticReport")
+        request_id = based_on_request(report)
+        try:
+            request = await self.store.read("ServiceRequest", request_id)
+        except NotFound:
+            raise BusinessRuleViolation("basedOn names an unknown ServiceRequest", expression=["basedOn"]) from None
+        pseudonym = self.case_pseudonym(await self._task_for(request_id))
+        return reidentify_opinion(report, pseudonym, request["subject"]["identifier"])
+
+    async def _task_for(self, request_id: str) -> str:
+        page = await self.store.search("Task", {"focus": [f"ServiceRequest/{request_id}"]}, count=1)
+        if not page.resources:
+            raise NotFound("no case for that ServiceRequest")
+        return str(page.resources[0]["id"])
+
+    async def _task_id(self, stub: Resource) -> str:
+        reference = (extension_value(stub, CASE_TASK, "valueReference") or {}).get("reference")
+        if isinstance(reference, str) and reference.startswith("Task/"):
+            return reference.split("/", 1)[1]
+        page = await self.store.search("Task", {OUTPUT_TERM: [f"Bundle/{stub['id']}"]}, count=1)
+        if not page.resources:
+            raise NotFound("no case for that Bundle")
+        return str(page.resources[0]["id"])
+
+
+async def _aclose(chunks: AsyncIterator[bytes]) -> None:
+    close = getattr(chunks, "aclose", None)
+    if close is not None:
+        await close()
