@@ -11,6 +11,8 @@ The checks themselves live in :mod:`fhir_bridge.adapters.auth`; this module only
 
 from __future__ import annotations
 
+import hmac
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,12 +24,14 @@ from fhir_bridge.access import load_role_ceilings
 from fhir_bridge.adapters.auth import (
     BridgeKeys,
     ClientRegistry,
+    InvalidClient,
     ReplayCache,
     issue_access_token,
     read_token_request,
     smart_configuration,
     verify_client_assertion,
 )
+from fhir_bridge.adapters.clients import certificate_thumbprint
 from fhir_bridge.api.fhir_io import read_form
 from fhir_bridge.api.routes import base_url
 
@@ -56,6 +60,18 @@ def token_url(request: Request) -> str:
     return base_url(request).removesuffix("/fhir") + "/auth/token"
 
 
+def client_certificate_thumbprint(request: Request) -> str | None:
+    """``x5t#S256`` of the client certificate this connection presented (mutual TLS), or None."""
+    tls = (request.scope.get("extensions") or {}).get("tls") or {}
+    chain = tls.get("client_cert_chain") or []
+    if not chain:
+        return None
+    try:
+        return certificate_thumbprint(ssl.PEM_cert_to_DER_cert(str(chain[0])))
+    except ValueError:
+        return None
+
+
 @router.post("/auth/token", include_in_schema=False)
 async def token(request: Request) -> Response:
     server = _server(request)
@@ -64,6 +80,10 @@ async def token(request: Request) -> Response:
     now = time.time()
     client = await verify_client_assertion(asked.assertion, token_url=token_url(request), registry=server.registry,
                                            replay_cache=server.replay_cache, now=now)
+    if client.cert_thumbprint and not hmac.compare_digest(client.cert_thumbprint,
+                                                          client_certificate_thumbprint(request) or ""):
+        # RFC 8705 §3: a certificate-bound client gets its tokens over mutual TLS with that certificate only
+        raise InvalidClient("this client is bound to a certificate: ask for tokens over mutual TLS presenting it")
     answer = issue_access_token(client, asked.scope, signing_key=server.keys, issuer=token_url(request),
                                 audience=base_url(request), lifetime_s=server.token_lifetime, now=now,
                                 ceilings=server.ceilings)

@@ -17,7 +17,6 @@ Refusals: no token → 401 ``WWW-Authenticate: Bearer realm="fhir-bridge"``; a t
 
 from __future__ import annotations
 
-import ssl
 import time
 from dataclasses import replace
 from typing import Annotated
@@ -26,8 +25,7 @@ from fastapi import Depends, Request
 
 from fhir_bridge.access import AccessContext, within_ceiling
 from fhir_bridge.adapters.auth import verify_access_token
-from fhir_bridge.adapters.clients import certificate_thumbprint
-from fhir_bridge.api.auth_routes import AuthServer
+from fhir_bridge.api.auth_routes import AuthServer, client_certificate_thumbprint
 from fhir_bridge.api.routes import base_url
 from fhir_bridge.errors import Unauthenticated
 
@@ -45,18 +43,6 @@ def bearer_token(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     return token.strip() or None if scheme.lower() == "bearer" else None
-
-
-def client_certificate_thumbprint(request: Request) -> str | None:
-    """``x5t#S256`` of the client certificate this connection presented (mutual TLS), or None."""
-    tls = (request.scope.get("extensions") or {}).get("tls") or {}
-    chain = tls.get("client_cert_chain") or []
-    if not chain:
-        return None
-    try:
-        return certificate_thumbprint(ssl.PEM_cert_to_DER_cert(str(chain[0])))
-    except ValueError:
-        return None
 
 
 def context_from(request: Request, token: str | None) -> AccessContext:

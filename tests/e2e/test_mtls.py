@@ -174,3 +174,13 @@ def test_in_optional_mode_a_bound_token_without_its_certificate_is_refused(bridg
     with httpx.Client(auth=bridges.clients.auth("platform", bridges.optional), verify=tls_context(bridges.certs),
                       timeout=30) as http:
         assert http.get(f"{bridges.optional}/Task", params={"_count": "0"}).status_code == 200
+
+
+def test_a_bound_client_gets_no_token_without_its_certificate(bridges: TlsBridges) -> None:
+    """RFC 8705 §3: the token endpoint itself refuses a bound client that does not present its certificate."""
+    for over in (None, bridges.cert("other-host")):
+        auth = bridges.bound_auth(bridges.optional)
+        with httpx.Client(verify=tls_context(bridges.certs, over), timeout=30) as http:
+            answer = http.send(auth.token_request())
+        assert answer.status_code == 401 and answer.json()["error"] == "invalid_client", answer.text
+        assert "certificate" in answer.json()["error_description"]
