@@ -1,6 +1,6 @@
 """SMART Backend Services token endpoint over real HTTP: a client made with `fhir-bridge clients keygen|add` gets
-a token; forged, replayed or mis-addressed assertions are refused (STANDARDS.md §8). Route enforcement of the
-token comes with the rest of the security issue."""
+a token; forged, replayed or mis-addressed assertions are refused (STANDARDS.md §8); the token it gets opens the
+FHIR routes its scopes name and no others (the full route-by-route rules are tests/e2e/test_security.py)."""
 
 from __future__ import annotations
 
@@ -73,6 +73,22 @@ def test_a_registered_client_gets_a_short_lived_token_with_its_granted_scopes(au
 
     replayed = ask(bridge, assertion)  # the same jti again
     assert replayed.status_code == 401 and replayed.json()["error"] == "invalid_client"
+
+
+def test_the_token_opens_the_routes_of_its_scopes_only(auth_bridge: tuple[Bridge, dict]) -> None:
+    bridge, private = auth_bridge
+    assertion = make_client_assertion(private, client_id="platform-a", token_url=token_url(bridge), now=time.time())
+    token = ask(bridge, assertion).raise_for_status().json()["access_token"]
+    bearer = {"Authorization": f"Bearer {token}"}
+    found = httpx.get(f"{bridge.api}/DiagnosticReport", headers=bearer, timeout=30)  # system/DiagnosticReport.rs
+    assert found.status_code == 200 and found.json()["total"] == 0  # its tenant has no case yet
+    assert httpx.get(f"{bridge.api}/Task", headers=bearer, timeout=30).status_code == 403  # no Task scope
+    refused = httpx.get(f"{bridge.api}/DiagnosticReport", timeout=30)
+    assert refused.status_code == 401 and refused.headers["WWW-Authenticate"].startswith("Bearer")
+    tampered = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    bad = httpx.get(f"{bridge.api}/DiagnosticReport", headers={"Authorization": f"Bearer {tampered}"}, timeout=30)
+    assert bad.status_code == 401 and 'error="invalid_token"' in bad.headers["WWW-Authenticate"]
+    assert token not in bad.text
 
 
 def _b64(obj: dict[str, Any]) -> str:
