@@ -13,6 +13,7 @@ precision when we write it back (FHIR R4 datatypes §2.24.0.1 "decimal": precisi
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from decimal import Decimal
 from functools import cache
@@ -36,6 +37,30 @@ def loads(data: bytes | str, *, max_bytes: int | None = None) -> Any:
         return json.loads(data, parse_float=Decimal)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedResource(f"not valid JSON: {type(exc).__name__} at position {_pos(exc)}") from None
+
+
+_FORBIDDEN_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def check_characters(obj: Any, path: str = "") -> None:
+    """Refuse control characters FHIR forbids in strings and keys (R4 datatypes.html#string: "Strings SHALL NOT
+    contain Unicode character points below 32, except for u0009 (horizontal tab), u0010 (carriage return) and
+    u0013 (line feed)"). They would be stored and later break an XML answer or a terminal; the error names the
+    element, never the value."""
+    stack: list[tuple[Any, str]] = [(obj, path)]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if _FORBIDDEN_CHARS.search(value):
+                raise MalformedResource("a string holds a control character FHIR forbids (below U+0020 other than "
+                                        "tab, CR and LF)", expression=[where or "(root)"])
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if _FORBIDDEN_CHARS.search(key):
+                    raise MalformedResource("a property name holds a control character", expression=[where])
+                stack.append((item, f"{where}.{key}" if where else key))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))
 
 
 def _pos(exc: Exception) -> str:

@@ -27,7 +27,7 @@ from starlette.responses import Response
 
 from fhir_bridge.errors import InvalidInput, MalformedResource, NotAcceptable, TooLarge, UnsupportedMediaType
 from fhir_bridge.fhir_xml import from_xml, to_xml
-from fhir_bridge.resources import FHIR_JSON, FHIR_XML, Resource, dumps, loads, operation_outcome
+from fhir_bridge.resources import FHIR_JSON, FHIR_XML, Resource, check_characters, dumps, loads, operation_outcome
 
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 XML_TYPES = ("application/fhir+xml", "application/xml", "text/xml", "application/xml+fhir")
@@ -123,9 +123,9 @@ async def read_body(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise TooLarge(f"request body over the limit of {max_bytes} bytes")
         chunks.append(chunk)
-    if content_type in XML_TYPES:
-        return from_xml(b"".join(chunks), max_bytes=max_bytes)
-    return loads(b"".join(chunks))
+    body = from_xml(b"".join(chunks), max_bytes=max_bytes) if content_type in XML_TYPES else loads(b"".join(chunks))
+    check_characters(body)
+    return body
 
 
 def fhir_response(request: Request | None, body: Any, *, status: int = 200,

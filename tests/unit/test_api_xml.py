@@ -35,6 +35,7 @@ from tests.unit.test_xml_safety import billion_laughs
 
 XML = "application/fhir+xml"
 XML_BODY = {"Content-Type": XML}
+JSON_BODY = {"Content-Type": "application/fhir+json"}
 ASK_XML = {"Accept": XML}
 LIMIT = 10 * 1024 * 1024
 NIR = PATIENT["identifier"]["value"]
@@ -343,3 +344,15 @@ async def test_a_stored_resource_with_no_xml_form_is_406_in_xml_and_still_served
     assert refused.status_code == 406
     assert xml_answer(refused)["issue"][0]["expression"] == ["ServiceRequest.note[0].text"]
     assert (await api.client.get(f"/fhir/ServiceRequest/{resource_id}")).status_code == 200
+
+
+async def test_a_control_character_in_a_string_is_refused_by_name_not_value(api: Api) -> None:
+    """R4 datatypes.html#string: no code point below U+0020 but tab, CR and LF — in JSON and XML bodies alike."""
+    request = second_opinion_request(PATIENT, "CTRL")
+    request["note"] = [{"text": "fine\tline\r\n"}, {"text": "bell\x07"}]
+    before = await api.totals()
+    answer = await api.client.post("/fhir/ServiceRequest", content=json.dumps(request), headers=JSON_BODY)
+    assert answer.status_code == 400, answer.text
+    outcome = json_answer(answer)
+    assert outcome["issue"][0]["expression"] == ["note[1].text"] and "bell" not in answer.text
+    assert await api.totals() == before
