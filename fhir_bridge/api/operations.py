@@ -19,9 +19,10 @@ from starlette.responses import Response
 from fhir_bridge.access import AccessContext
 from fhir_bridge.api.capability import OPERATIONS
 from fhir_bridge.api.fhir_io import fhir_response, read_body, version_headers
-from fhir_bridge.api.routes import Caller, Cases, Tenants, max_body, router
+from fhir_bridge.api.routes import Caller, Cases, Tenants, max_body, router, seen_by
 from fhir_bridge.errors import Forbidden, InvalidInput
 from fhir_bridge.resources import check_resource_type
+from fhir_bridge.workflow.cases import CaseService
 from fhir_bridge.workflow.tenancy import require_scope
 
 __all__ = ["TASK_OPERATIONS", "parameter", "router"]
@@ -52,8 +53,8 @@ async def _parameters(request: Request) -> dict[str, Any]:
     return check_resource_type(await read_body(request, max_body(request)), "Parameters")
 
 
-def _answer(request: Request, task: dict[str, Any]) -> Response:
-    return fhir_response(request, task, headers=version_headers(task))
+async def _answer(request: Request, service: CaseService, who: AccessContext, task: dict[str, Any]) -> Response:
+    return fhir_response(request, await seen_by(request, service, who, task), headers=version_headers(task))
 
 
 def _reviewer(who: AccessContext, body: dict[str, Any]) -> str:
@@ -71,20 +72,20 @@ def register(target: APIRouter) -> None:
     async def refresh(request: Request, resource_id: str, service: Cases, who: Caller, rules: Tenants) -> Response:
         await allowed(service, who, rules, "refresh", resource_id)
         await _parameters(request)
-        return _answer(request, await service.refresh(resource_id))
+        return await _answer(request, service, who, await service.refresh(resource_id))
 
     async def decline(request: Request, resource_id: str, service: Cases, who: Caller, rules: Tenants) -> Response:
         await allowed(service, who, rules, "decline", resource_id)
         body = await _parameters(request)
         reason = parameter(body, "reason", required=False)
-        return _answer(request, await service.decline(resource_id, _reviewer(who, body), reason))
+        return await _answer(request, service, who, await service.decline(resource_id, _reviewer(who, body), reason))
 
     async def request_documents(request: Request, resource_id: str, service: Cases, who: Caller,
                                 rules: Tenants) -> Response:
         await allowed(service, who, rules, "request-documents", resource_id)
         body = await _parameters(request)
         task = await service.request_documents(resource_id, _reviewer(who, body), parameter(body, "text"))
-        return _answer(request, task)
+        return await _answer(request, service, who, task)
 
     for name, handler in (("refresh", refresh), ("decline", decline), ("request-documents", request_documents)):
         target.add_api_route(f"/Task/{{resource_id}}/${name}", handler, methods=["POST"], name=f"task-{name}")

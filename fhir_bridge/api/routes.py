@@ -6,12 +6,13 @@ Every error is raised and turned into an OperationOutcome in :mod:`fhir_bridge.a
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
 from starlette.responses import Response, StreamingResponse
 
 from fhir_bridge.access import AccessContext
+from fhir_bridge.api.audit_middleware import resource_patient
 from fhir_bridge.api.capability import capability_statement
 from fhir_bridge.api.fhir_io import (
     fhir_response,
@@ -24,8 +25,9 @@ from fhir_bridge.api.fhir_io import (
     version_headers,
     written,
 )
-from fhir_bridge.errors import Forbidden
-from fhir_bridge.resources import FHIR_JSON, Resource
+from fhir_bridge.errors import BridgeError, Forbidden
+from fhir_bridge.opinion import based_on_request
+from fhir_bridge.resources import FHIR_JSON, Resource, check_resource_type
 from fhir_bridge.workflow.cases import CaseService, bundle_patient, now_instant
 from fhir_bridge.workflow.tenancy import Tenancy, require_scope
 
@@ -98,8 +100,10 @@ async def create_diagnostic_report(
     async def guard(request_id: str) -> None:
         await rules.check_opinion_allowed(who, request_id)
 
+    body = await _reidentified(service, who, rules, body)
     result = await service.submit_opinion(body, if_none_exist=if_none_exist, guard=guard)
-    return _created(request, "DiagnosticReport", result.resource, result.created)
+    seen = await seen_by(request, service, who, result.resource)
+    return _created(request, "DiagnosticReport", seen, result.created)
 
 
 @router.put("/DiagnosticReport/{resource_id}")
@@ -114,8 +118,34 @@ async def update_diagnostic_report(
     async def guard(request_id: str) -> None:
         await rules.check_opinion_allowed(who, request_id)
 
+    body = await _reidentified(service, who, rules, body)
     stored = await service.amend_opinion(resource_id, body, if_match=parse_if_match(if_match), guard=guard)
-    return written(request, stored, status=200, location=_location(request, "DiagnosticReport", stored))
+    seen = await seen_by(request, service, who, stored)
+    return written(request, seen, status=200, location=_location(request, "DiagnosticReport", stored))
+
+
+async def _reidentified(service: CaseService, who: AccessContext, rules: Tenancy, body: Any) -> Any:
+    """A reviewer abroad names the patient by the case pseudonym: put the INS back. The right to the case is
+    checked first, so the pseudonym lookup never tells a stranger whether a ServiceRequest exists."""
+    if not service.needs_pseudonym(who):
+        return body
+    try:
+        request_id: str | None = based_on_request(check_resource_type(body, "DiagnosticReport"))
+    except BridgeError:
+        request_id = None  # the opinion's own checks will say what is wrong with it
+    if request_id:
+        await rules.check_opinion_allowed(who, request_id)
+    return await service.reidentified_opinion(body, who)
+
+
+async def seen_by(request: Request, service: CaseService, who: AccessContext, resource: Resource) -> Resource:
+    """``resource`` as ``who`` may see it: pseudonymised for a reviewer whose network asks for it
+    (:mod:`fhir_bridge.pseudonym`), the audit still naming the real patient (``request.state.audit_patient``)."""
+    if not service.needs_pseudonym(who):
+        return resource
+    if getattr(request.state, "audit_patient", None) is None:
+        request.state.audit_patient = resource_patient(resource)
+    return await service.reader_view(resource, who)
 
 
 def _location(request: Request, rtype: str, resource: Resource) -> str:
@@ -138,7 +168,7 @@ async def read_bundle(request: Request, resource_id: str, service: Cases, who: C
     await rules.check_visible(who, "Bundle", stub)
     # the answer is streamed, so the audit can not read the patient from it: the stub knows (audit_middleware)
     request.state.audit_patient = bundle_patient(stub)
-    chunks = service.bundle_chunks(resource_id)
+    chunks = service.bundle_chunks(resource_id, who)  # pseudonymised for a reviewer whose network asks for it
     return StreamingResponse(chunks, media_type=f"{FHIR_JSON}; charset=utf-8", headers=version_headers(stub))
 
 
@@ -151,17 +181,19 @@ def _register_reads(rtype: str) -> None:
 
     async def read(request: Request, resource_id: str, service: Cases, who: Caller, rules: Tenants) -> Response:
         resource = await visible(service, who, rules, resource_id)
-        return fhir_response(request, resource, headers=version_headers(resource))
+        return fhir_response(request, await seen_by(request, service, who, resource),
+                             headers=version_headers(resource))
 
     async def vread(request: Request, resource_id: str, version_id: str, service: Cases, who: Caller,
                     rules: Tenants) -> Response:
         await visible(service, who, rules, resource_id)
         resource = await service.store.vread(rtype, resource_id, version_id)
-        return fhir_response(request, resource, headers=version_headers(resource))
+        return fhir_response(request, await seen_by(request, service, who, resource),
+                             headers=version_headers(resource))
 
     async def history(request: Request, resource_id: str, service: Cases, who: Caller, rules: Tenants) -> Response:
         await visible(service, who, rules, resource_id)
-        versions = await service.store.history(rtype, resource_id)
+        versions = [await seen_by(request, service, who, v) for v in await service.store.history(rtype, resource_id)]
         base = base_url(request)
         bundle = {
             "resourceType": "Bundle",
@@ -189,11 +221,11 @@ def _register_reads(rtype: str) -> None:
 
     async def search(request: Request, service: Cases, who: Caller, rules: Tenants) -> Response:
         scope = _search_scope(who, rules, rtype)
-        return await _search(request, service, rtype, list(request.query_params.multi_items()), scope)
+        return await _search(request, service, who, rtype, list(request.query_params.multi_items()), scope)
 
     async def search_post(request: Request, service: Cases, who: Caller, rules: Tenants) -> Response:
         scope = _search_scope(who, rules, rtype)
-        return await _search(request, service, rtype, await search_form(request), scope)
+        return await _search(request, service, who, rtype, await search_form(request), scope)
 
     router.add_api_route(f"/{rtype}", search, methods=["GET"], name=f"search-{rtype}")
     router.add_api_route(f"/{rtype}/_search", search_post, methods=["POST"], name=f"search-post-{rtype}")
@@ -214,10 +246,11 @@ def _search_scope(who: AccessContext, rules: Tenancy, rtype: str) -> dict[str, l
     return rules.search_scope(who, rtype)
 
 
-async def _search(request: Request, service: CaseService, rtype: str, params: list[tuple[str, str]],
-                  scope: dict[str, list[str]]) -> Response:
+async def _search(request: Request, service: CaseService, who: AccessContext, rtype: str,
+                  params: list[tuple[str, str]], scope: dict[str, list[str]]) -> Response:
     count, offset = paging(request, params)
-    resources, total = await service.search(rtype, params, count, offset, scope=scope)
+    found, total = await service.search(rtype, params, count, offset, scope=scope)
+    resources = [await service.reader_view(r, who) for r in found] if service.needs_pseudonym(who) else found
     return fhir_response(request, searchset(base_url(request), rtype, resources, total, params, count, offset))
 
 
