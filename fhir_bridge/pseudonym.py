@@ -13,8 +13,9 @@ PractitionerRole in ``config/reviewers.json``) read every case through these tra
 * every **reference to the patient** (``subject``, ``for``, ``patient``, ``sourcePatientInfo`` or one naming a
   Patient of the bundle) loses its ``display`` and carries the pseudonym instead of its identifier; any other
   INS-system identifier (FR Core, STANDARDS.md §2) is replaced by the pseudonym too;
-* every other **string** (titles, descriptions, narrative, ``meta.source`` URLs) has the patient's identifier
-  values and name parts replaced by the pseudonym, whole words, any case: free text is not trusted to be clean;
+* every other **string** (titles, descriptions, narrative, ``meta.source`` URLs; codes, systems and references
+  excepted) has the patient's identifier values and name parts replaced by the pseudonym, whole words, any
+  case: free text is not trusted to be clean;
 * **Binary** resources, the documents themselves, are NOT rewritten (a PDF or a CDA document still names the
   patient): the README says so, and networks that must not see them should not be sent the case.
 
@@ -52,6 +53,9 @@ PSEUDONYMISED_LABEL = {"system": "http://terminology.hl7.org/CodeSystem/v3-Obser
                        "display": "pseudonymized"}
 _DOMAIN = b"fhir-bridge case pseudonym v1\x00"
 _PATIENT_KEYS = frozenset({"subject", "for", "patient", "sourcePatientInfo"})
+#: strings that are codes, not text: never rewritten (a patient named like a code must not break the resource)
+_CODED = frozenset({"resourceType", "system", "code", "status", "docStatus", "use", "gender", "contentType",
+                    "language", "reference", "fullUrl", "url", "type", "mode", "intent", "priority", "id"})
 
 
 class CasePseudonyms:
@@ -201,7 +205,7 @@ class _Scrubber:
 
     def __call__(self, obj: Any, key: str | None = None) -> Any:
         if isinstance(obj, str):
-            return self.text.sub(self.pseudonym, obj) if self.text is not None else obj
+            return self.text.sub(self.pseudonym, obj) if self.text is not None and key not in _CODED else obj
         if isinstance(obj, list):
             out = [self(item, key) for item in obj]
             # two identifiers of the patient both became the pseudonym: keep it once

@@ -21,7 +21,7 @@ from fhir_bridge.adapters.settings import SourceSettings
 from fhir_bridge.adapters.signing import Es384Signer
 from fhir_bridge.adapters.source_client import SourceClient
 from fhir_bridge.demo import reviewer_opinion, second_opinion_request
-from fhir_bridge.errors import BusinessRuleViolation, InvalidInput, NotFound
+from fhir_bridge.errors import BusinessRuleViolation, Forbidden, InvalidInput, NotFound
 from fhir_bridge.identity import NIR_SYSTEMS, PatientIdentifier
 from fhir_bridge.packaging import FileBase64, build_case_bundle
 from fhir_bridge.pseudonym import (
@@ -303,3 +303,34 @@ async def test_the_case_is_found_from_its_pseudonym_and_the_opinion_goes_back_un
                                                                  "value": service.case_pseudonym(other["id"])}})
     with pytest.raises(BusinessRuleViolation):
         await service.reidentified_opinion(wrong_case, abroad)
+
+
+def test_a_patient_named_like_a_code_leaves_the_codes_alone(sandbox_cases: list[SandboxCase]) -> None:
+    bundle = copy.deepcopy(sandbox_cases[0].bundle)
+    patient = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+    patient["name"] = [{"family": "Final", "given": ["Current"]}]
+    doc = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DocumentReference")
+    doc["description"] = "Compte rendu de Mme FINAL"
+    out = pseudonymise_bundle(bundle, "CP-X")
+    doc = next(e["resource"] for e in out["entry"] if e["resource"]["resourceType"] == "DocumentReference")
+    assert (doc["status"], doc["docStatus"], doc["description"]) == ("current", "final", "Compte rendu de Mme CP-X")
+    for entry in out["entry"]:
+        if entry["resource"]["resourceType"] != "Binary":
+            validate(loads(dumps(entry["resource"])))
+
+
+async def test_a_bundle_packaged_before_skeletons_is_served_as_stored_and_never_to_a_reviewer_abroad(
+    bridge: Bridge,
+) -> None:
+    _, task = await bridge.ready()
+    service = bridge.service
+    stub_id = output_reference(task, "case-bundle").split("/")[1]
+    stub = await service.store.read("Bundle", stub_id)
+    old = await service.blobs.put_bytes(b'{"entry":[],"resourceType":"Bundle","type":"document"}')
+    extension = next(e for e in stub["extension"] if e["url"].endswith("blob-digest"))
+    extension["valueString"] = old.digest
+    await service.store.update(stub, index={})
+    served = loads(await bridge.read(task, reader("onco-fr-1")))
+    assert (served["id"], served["type"], "signature" in served) == (stub_id, "document", False)
+    with pytest.raises(Forbidden):
+        await bridge.read(task, reader("onco-de-1"))
