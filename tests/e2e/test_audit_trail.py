@@ -25,11 +25,11 @@ import pytest
 
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.audit import IHE_EVENT_TYPE, JTI_PREFIX
-from fhir_bridge.demo import reviewer_opinion, second_opinion_request
+from fhir_bridge.demo import second_opinion_request
 from fhir_bridge.processes import ProcessGroup
 from fhir_bridge.resources import validate
 from tests.e2e.conftest import Bridge, Sandbox, start_bridge
-from tests.e2e.test_exchange import FHIR, wait_task
+from tests.e2e.test_exchange import FHIR, opinion_as_seen, wait_task
 
 pytestmark = pytest.mark.e2e
 EV, HEAD = "fhir-bridge:{audit}:ev", "fhir-bridge:{audit}:head"
@@ -223,7 +223,7 @@ def walked(audited: Bridge, sandbox: Sandbox, walk: Walk, auditor: httpx.Client)
     assert task.get("owner"), "the declined case found no other reviewer"
     reviewer = audited.reviewer_of(task)  # the case went to someone else: they answer it
     report = walk("create", "POST", "DiagnosticReport", caller=reviewer, status=201,
-                  body=reviewer_opinion(sr["id"], patient)).json()
+                  body=opinion_as_seen(walk.client(reviewer), api, sr["id"])).json()
     walk("read", "GET", f"DiagnosticReport/{report['id']}", caller=reviewer)
     amended = dict(report, status="amended", conclusion=report["conclusion"] + " (précision)")
     walk("update", "PUT", f"DiagnosticReport/{report['id']}", caller=reviewer, body=amended,
