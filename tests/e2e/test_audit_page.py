@@ -107,8 +107,8 @@ class Chromium:
         markup = ('<!DOCTYPE html><html><body><form method="post" action="' + html_attr(session_url) + '">'
                   '<input type="hidden" name="access_token" value="' + html_attr(token) + '"></form>'
                   "<script>document.forms[0].submit()</script></body></html>")  # fmt: skip
-        with os.fdopen(os.open(form, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:  # a token inside
-            out.write(markup)
+        with os.fdopen(os.open(form, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as page:  # a token inside
+            page.write(markup)
         try:
             out, err = self.run(form.as_uri(), "--virtual-time-budget=10000", "--dump-dom", session=session)
         finally:

@@ -19,7 +19,7 @@ FHIR = {"Content-Type": "application/fhir+json"}
 
 
 def wait_task(client: httpx.Client, api: str, sr_id: str, statuses: tuple[str, ...] = ("ready", "failed"),
-              timeout: float = 60) -> dict:
+              timeout: float = 60) -> dict[str, Any]:
     """The Task of ServiceRequest ``sr_id`` once in one of ``statuses``, as ``client`` finds it by search."""
     deadline = time.monotonic() + timeout
     task: dict[str, Any] = {}
