@@ -1,7 +1,8 @@
-"""The CapabilityStatement says exactly what the mounted routes do (STANDARDS.md §9)."""
+"""The CapabilityStatement says exactly what the mounted routes do (STANDARDS.md §9), and how to get in (§8)."""
 
 from __future__ import annotations
 
+import httpx
 from fastapi.routing import APIRoute
 
 from fhir_bridge.adapters.settings import Settings
@@ -53,3 +54,19 @@ def test_declared_search_parameters_are_the_ones_we_index() -> None:
         # AuditEvents are searched over the audit log's own index (fhir_bridge.api.audit_routes)
         indexed = AUDIT_SEARCH_PARAMS if resource["type"] == "AuditEvent" else SEARCH_PARAMS.get(resource["type"], {})
         assert names == set(indexed)
+
+
+async def test_metadata_and_discovery_are_open_and_name_the_same_token_endpoint() -> None:
+    # SMART App Launch 2.2 conformance.html: a server SHALL publish .well-known/smart-configuration; the
+    # CapabilityStatement's rest.security says SMART-on-FHIR (R4 restful-security-service) and oauth-uris agrees
+    transport = httpx.ASGITransport(app=create_app(Settings(), None))
+    async with httpx.AsyncClient(transport=transport, base_url="http://bridge.test") as client:
+        metadata = await client.get("/fhir/metadata")
+        discovery = await client.get("/fhir/.well-known/smart-configuration")
+    assert metadata.status_code == discovery.status_code == 200  # no token asked for either
+    security = metadata.json()["rest"][0]["security"]
+    assert {"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+            "code": "SMART-on-FHIR"} in security["service"][0]["coding"]  # fmt: skip
+    [uris] = [e for e in security["extension"] if e["url"].endswith("/oauth-uris")]
+    token = next(e["valueUri"] for e in uris["extension"] if e["url"] == "token")
+    assert token == discovery.json()["token_endpoint"] == "http://bridge.test/auth/token"
