@@ -4,8 +4,6 @@ XML; hostile XML is refused with nothing stored, read or fetched."""
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,32 +78,6 @@ def test_a_case_in_xml_from_request_to_opinion(bridge: Bridge, sandbox: Sandbox,
         "based-on": f"ServiceRequest/{sr['id']}", "_format": "xml"}))
     assert reports["total"] == 1
     validate(reports["entry"][0]["resource"])
-
-
-@pytest.fixture
-def listener() -> Iterator[tuple[int, list[bytes]]]:
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    server.settimeout(0.2)
-    seen: list[bytes] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                seen.append(conn.recv(1024) or b"<connected>")
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield server.getsockname()[1], seen
-    stop.set()
-    thread.join()
-    server.close()
 
 
 def test_hostile_xml_over_http_is_refused_with_nothing_stored_read_or_fetched(

@@ -10,9 +10,7 @@ reviewer rules still decide).
 from __future__ import annotations
 
 import json
-import socket
-import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -219,33 +217,6 @@ async def test_the_streamed_case_bundle_is_json_only_and_xml_for_it_is_406(api: 
 
 
 # -- hostile XML ---------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def listener() -> Iterator[tuple[int, list[bytes]]]:
-    """A TCP server on a free port that records anything that connects to it (an external DTD or entity)."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    server.settimeout(0.2)
-    seen: list[bytes] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                seen.append(conn.recv(1024) or b"<connected>")
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield server.getsockname()[1], seen
-    stop.set()
-    thread.join()
-    server.close()
-
 
 def hostile(kind: str, secret_file: Path, port: int) -> bytes:
     request = to_xml(second_opinion_request(PATIENT, "EVIL-1")).decode()
