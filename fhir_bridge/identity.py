@@ -37,7 +37,7 @@ _NIR_SHAPE = re.compile(r"^[12378][0-9]{2}(0[1-9]|1[0-2]|[2-9][0-9])(2[AB]|[0-9]
 def nir_key(first13: str) -> int:
     """The NIR control key of the first 13 characters (Corsican ``2A``/``2B`` substituted)."""
     digits = first13.upper().replace("2A", "19", 1).replace("2B", "18", 1)
-    if len(digits) != 13 or not digits.isdigit():
+    if len(digits) != 13 or not (digits.isascii() and digits.isdigit()):
         raise InvalidIdentifier("a NIR's first 13 characters must be digits (2A/2B allowed for Corsica)")
     return 97 - (int(digits) % 97)
 

@@ -219,7 +219,7 @@ async def audit_list(request: Request) -> Response:
 
 @router.get(PAGE_PATH + "/{seq}")
 async def audit_detail(request: Request, seq: str) -> Response:
-    valid = seq.isdigit() and len(seq) <= _MAX_SEQ_DIGITS and int(seq) >= 1
+    valid = seq.isascii() and seq.isdigit() and len(seq) <= _MAX_SEQ_DIGITS and int(seq) >= 1
     view = _View("read", resource_id=str(int(seq)) if valid else None)
 
     async def render(request: Request, view: _View) -> tuple[str, str]:
@@ -436,7 +436,7 @@ async def _list(request: Request, view: _View) -> tuple[str, str]:
 def _int(given: dict[str, str], name: str, default: int, low: int, high: int) -> int:
     if name not in given:
         return default
-    if not given[name].isdigit():
+    if not (given[name].isascii() and given[name].isdigit()):
         raise InvalidInput(f"{name} must be a non-negative integer", expression=[name])
     return max(low, min(high, int(given[name])))
 
@@ -472,7 +472,7 @@ def _form(base: str, given: dict[str, str], count: int) -> str:
 
 def _row(base: str, event: dict[str, Any]) -> str:
     seq = str(event.get("id", ""))
-    link = f'<a href="{text(base)}/{text(seq)}">{text(seq)}</a>' if seq.isdigit() else text(seq)
+    link = f'<a href="{text(base)}/{text(seq)}">{text(seq)}</a>' if seq.isascii() and seq.isdigit() else text(seq)
     outcome = str(event.get("outcome", ""))
     requestors = [_agent_name(a) for a in event.get("agent") or [] if isinstance(a, dict) and a.get("requestor")]
     objects = []

@@ -175,7 +175,9 @@ async def stored_event(request: Request, seq: int) -> bytes:
 
 
 async def read(request: Request, resource_id: str) -> Response:
-    if not resource_id.isdigit() or len(resource_id) > _MAX_SEQ_DIGITS or int(resource_id) < 1:
+    # ASCII digits only: str.isdigit() also takes "³" and "١", which int() refuses or reads as another number
+    if not (resource_id.isascii() and resource_id.isdigit()) or len(resource_id) > _MAX_SEQ_DIGITS or \
+            int(resource_id) < 1:
         raise NotFound("no such AuditEvent")
     return fhir_response(request, loads(await stored_event(request, int(resource_id))))
 

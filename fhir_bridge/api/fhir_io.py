@@ -114,7 +114,7 @@ async def read_body(request: Request, max_bytes: int) -> Any:
         raise UnsupportedMediaType(f"Content-Type {content_type[:80] or 'none'} is not supported; send "
                                    "application/fhir+json or application/fhir+xml")
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
         raise TooLarge(f"request body over the limit of {max_bytes} bytes")
     chunks: list[bytes] = []
     size = 0
@@ -184,7 +184,7 @@ def int_param(params: list[tuple[str, str]], name: str, default: int, high: int)
     values = [v for k, v in params if k == name]
     if not values:
         return default
-    if not values[-1].isdigit():
+    if not (values[-1].isascii() and values[-1].isdigit()):
         raise InvalidInput(f"{name} must be a non-negative integer", expression=[name])
     return min(high, int(values[-1]))
 

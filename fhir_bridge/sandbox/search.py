@@ -101,7 +101,7 @@ def paging(params: Params, cap: int) -> Paging:
     count, offset = cap, 0
     for name, value in params:
         if name in ("_count", "_offset"):
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 raise InvalidInput(f"{name} must be a non-negative integer", expression=[name])
             if name == "_count":
                 count = min(int(value), cap)

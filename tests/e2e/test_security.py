@@ -355,3 +355,11 @@ def test_clients_token_prints_a_token_the_api_takes(bridge: Bridge) -> None:
                            capture_output=True, text=True, timeout=60, env=env)
     assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
     assert wrong.stderr.strip().count("\n") == 0 and "invalid_client" in wrong.stderr
+
+
+@pytest.mark.parametrize("odd", ["³", "١٢", "²³⁴", "1e3", "-1", "0"])
+def test_unicode_or_odd_digits_in_ids_are_404_not_500(bridge: Bridge, odd: str) -> None:
+    """Found by schemathesis: ``"³".isdigit()`` is True but ``int("³")`` raises; ids are ASCII digits only."""
+    with bridge.client("auditor") as auditor:
+        assert_refused(auditor.get(f"{bridge.api}/AuditEvent/{odd}"), 404)
+        assert auditor.get(f"{bridge.api.removesuffix('/fhir')}/audit/{odd}").status_code == 404

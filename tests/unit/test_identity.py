@@ -61,3 +61,13 @@ def test_bad_patient_identifiers_are_refused(text: str) -> None:
 def test_non_ins_systems_are_accepted_as_given() -> None:
     ident = parse_patient_identifier("https://hospital.example/mrn|A-42")
     assert ident.value == "A-42" and not ident.is_ins
+
+
+
+def test_a_nir_in_other_scripts_digits_is_refused() -> None:
+    """``str.isdigit`` accepts Arabic-Indic or superscript digits; a NIR is ASCII digits only."""
+    arabic = "".join(chr(0x0660 + int(c)) for c in "165113523882658")
+    with pytest.raises(InvalidIdentifier):
+        validate_nir(arabic)
+    with pytest.raises(InvalidIdentifier):
+        validate_nir("16511352388²658")
