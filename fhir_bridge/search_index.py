@@ -20,22 +20,31 @@ TENANT_TAG = "https://fhir-bridge.dev/fhir/CodeSystem/tenant"
 #: index terms for access control, never search parameters (a client's ``_``-parameters are not criteria)
 TENANT_TERM, OWNER_TERM, OUTPUT_TERM = "_tenant", "_owner", "_output"
 
+#: ``_lastUpdated`` (search.html#lastUpdated, http.html#history "incremental sync"): answered by the store from
+#: its order by ``meta.lastUpdated``, prefixes eq ge gt le lt; repeats AND, so ``ge…&_lastUpdated=lt…`` is a window
+LAST_UPDATED = "_lastUpdated"
+_LAST_UPDATED_DOC = ("When the resource last changed (meta.lastUpdated); prefixes eq ge gt le lt, repeat for a "
+                     "window (ge…&_lastUpdated=lt…)")
+
 #: resource type → {parameter: (type, description)}
 SEARCH_PARAMS: dict[str, dict[str, tuple[str, str]]] = {
     "ServiceRequest": {
         "identifier": ("token", "A business identifier of the request"),
         "subject:identifier": ("token", "The patient's identifier (INS)"),
         "status": ("token", "Request status"),
+        LAST_UPDATED: ("date", _LAST_UPDATED_DOC),
     },
     "Task": {
         "focus": ("reference", "The ServiceRequest the Task fulfils"),
         "status": ("token", "Task status"),
         "business-status": ("token", "Fine-grained case state"),
+        LAST_UPDATED: ("date", _LAST_UPDATED_DOC),
     },
     "DiagnosticReport": {
         "based-on": ("reference", "The ServiceRequest the opinion answers"),
         "subject:identifier": ("token", "The patient's identifier (INS)"),
         "status": ("token", "Report status"),
+        LAST_UPDATED: ("date", _LAST_UPDATED_DOC),
     },
 }
 
@@ -110,11 +119,19 @@ def parse_criteria(resource_type: str, params: Iterable[tuple[str, str]]) -> dic
 
     Unknown parameters are an error rather than silently ignored (a client filtering on a patient must
     never get everyone's resources because we did not understand the filter; search.html §3.1.1.1 lets a
-    server refuse them). Result parameters (``_count``, ``_offset``, ``_format``…) are left to the caller.
+    server refuse them). ``_lastUpdated`` is a criterion (its repeats AND: a window); result parameters
+    (``_count``, ``_offset``, ``_format``…) are left to the caller.
     """
     known = SEARCH_PARAMS.get(resource_type, {})
     criteria: dict[str, list[str]] = {}
     for name, value in params:
+        if name == LAST_UPDATED and name in known:
+            # date bounds AND (the store intersects them); a comma would mean OR, which a window can not say
+            if "," in value or not value.strip():
+                raise InvalidInput("_lastUpdated takes one date per parameter; repeat it for a window",
+                                   expression=[name])
+            criteria.setdefault(name, []).append(value.strip())
+            continue
         if name.startswith("_"):
             continue
         if name not in known:
