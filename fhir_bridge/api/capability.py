@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from fhir_bridge import __version__
+from fhir_bridge.profiles import Profiles, default_profiles
 from fhir_bridge.search_index import SEARCH_PARAMS
 from fhir_bridge.terminology import CANONICAL_BASE
 
@@ -40,7 +41,9 @@ DOCUMENTATION: dict[str, str] = {
 COMMON_SEARCH = [("_count", "number", "Page size"), ("_offset", "number", "Where the page starts")]
 
 
-def capability_statement(base_url: str, date: str) -> dict[str, Any]:
+def capability_statement(base_url: str, date: str, profiles: Profiles | None = None) -> dict[str, Any]:
+    """The statement; ``rest.resource.supportedProfile`` names our profile of each type served (profiles/)."""
+    known = profiles if profiles is not None else default_profiles()
     resources = []
     for rtype, interactions in INTERACTIONS.items():
         entry: dict[str, Any] = {
@@ -50,6 +53,8 @@ def capability_statement(base_url: str, date: str) -> dict[str, Any]:
             "readHistory": "history-instance" in interactions,
             "updateCreate": False,
         }
+        if (profile := known.for_type(rtype)) is not None:
+            entry["supportedProfile"] = [profile["url"]]
         if rtype in DOCUMENTATION:
             entry["documentation"] = DOCUMENTATION[rtype]
         if rtype in CONDITIONAL_CREATE:

@@ -203,3 +203,15 @@ def test_a_declared_profile_is_the_one_checked(profiles: Profiles, terminology: 
     assert conform(declared, profiles, terminology) == []
     foreign = task() | {"meta": {"profile": ["http://example.org/not-ours"]}}
     assert conform(foreign, profiles, terminology) == []  # falls back to our profile of the type
+
+
+def test_the_capability_statement_names_our_profile_of_every_type_served(profiles: Profiles) -> None:
+    from fhir_bridge.api.capability import capability_statement
+
+    statement = capability_statement("http://bridge.test/fhir", "2026-11-21T00:00:00Z", profiles)
+    validate(statement)
+    declared = {r["type"]: r.get("supportedProfile") for r in statement["rest"][0]["resource"]}
+    assert declared == {t: [profiles.by_type[t]["url"]] for t in declared}
+    moved = load_profiles(base="https://fhir.example.org/bridge")
+    rebased = capability_statement("http://bridge.test/fhir", "2026-11-21T00:00:00Z", moved)
+    assert rebased["rest"][0]["resource"][0]["supportedProfile"][0].startswith("https://fhir.example.org/bridge/")
