@@ -83,3 +83,14 @@ def test_the_terminology_loader_reads_every_file_by_id() -> None:
     terminology = load_terminology()
     assert set(terminology.resources) == {p.stem for p in mapping_files()}
     assert terminology.section_for([{"system": "http://loinc.org", "code": "60568-3"}]) == "pathology"
+
+
+def test_code_systems_mirroring_code_say_the_same_codes() -> None:
+    from fhir_bridge.selection import REASONS
+    from fhir_bridge.workflow.taskbook import EDIT_STEP
+
+    systems = our_code_systems()
+    assert systems[f"{CANONICAL_BASE}/CodeSystem/left-out-reason"] == set(REASONS)
+    states = {c["code"] for c in read(MAPPINGS_DIR / "case-states.json")["compose"]["include"][0]["concept"]}
+    assert states <= systems[f"{CANONICAL_BASE}/CodeSystem/case-codes"]
+    assert systems[f"{CANONICAL_BASE}/CodeSystem/audit-event"] == states | {EDIT_STEP, "delivery"}

@@ -1,0 +1,141 @@
+"""Everything the bridge emits, read back over the API as the clients who read it, is valid base R4 and
+conforms to our profiles (issue 10, items 1 and 4): the request and its Task (every version) as the platform,
+the case Bundle and its Composition as the reviewer, the opinion as both, the AuditEvents as the auditor.
+Real redis-server, `fhir-bridge serve`, a worker and the sandbox."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from fhir_bridge.demo import second_opinion_request
+from fhir_bridge.profile_check import conform
+from fhir_bridge.profiles import Profiles, load_profiles
+from fhir_bridge.resources import validate
+from fhir_bridge.terminology import CANONICAL_BASE, Terminology, load_terminology
+from tests.e2e.conftest import Bridge, Sandbox
+from tests.e2e.test_exchange import opinion_as_seen, post, wait_task
+
+pytestmark = pytest.mark.e2e
+Resource = dict[str, Any]
+
+
+def every_page(client: httpx.Client, url: str, params: dict[str, str]) -> list[Resource]:
+    """Every resource of a search, following Bundle.link[next] (each page validated as R4 too)."""
+    found: list[Resource] = []
+    page = client.get(url, params=params).raise_for_status().json()
+    while True:
+        validate(page)
+        found += [e["resource"] for e in page.get("entry", [])]
+        following = [link["url"] for link in page.get("link", []) if link["relation"] == "next"]
+        if not following:
+            return found
+        page = client.get(following[0]).raise_for_status().json()
+
+
+@pytest.fixture(scope="module")
+def emitted(bridge: Bridge, sandbox: Sandbox) -> Iterator[dict[str, list[Resource]]]:
+    """One case end to end; what each party reads of it, by resource type."""
+    patient = sandbox.world()["patients"][0]
+    out: dict[str, list[Resource]] = {}
+    with bridge.client("platform") as platform:
+        created = post(platform, bridge.api, "ServiceRequest", second_opinion_request(patient, "CONFORMANCE-1"))
+        assert created.status_code == 201, created.text
+        sr_id = created.json()["id"]
+        task = wait_task(platform, bridge.api, sr_id)
+        assert task["status"] == "ready", task.get("statusReason")
+        with bridge.client(bridge.reviewer_of(task)) as reviewer:
+            case_bundle = reviewer.get(f"{bridge.api}/{task['output'][0]['valueReference']['reference']}")
+            report = post(reviewer, bridge.api, "DiagnosticReport", opinion_as_seen(reviewer, bridge.api, sr_id))
+            assert report.status_code == 201, report.text
+            reviewer_view = [reviewer.get(f"{bridge.api}/ServiceRequest/{sr_id}").raise_for_status().json(),
+                             reviewer.get(f"{bridge.api}/Task/{task['id']}").raise_for_status().json()]
+        bundle = case_bundle.raise_for_status().json()
+        versions = platform.get(f"{bridge.api}/Task/{task['id']}/_history").raise_for_status().json()
+        out["ServiceRequest"] = [platform.get(f"{bridge.api}/ServiceRequest/{sr_id}").raise_for_status().json(),
+                                 reviewer_view[0]]
+        out["Task"] = [e["resource"] for e in versions["entry"]] + [reviewer_view[1]]
+        out["Bundle"] = [bundle]
+        out["Composition"] = [bundle["entry"][0]["resource"]]
+        out["DiagnosticReport"] = [report.json(), *every_page(platform, f"{bridge.api}/DiagnosticReport",
+                                                              {"based-on": f"ServiceRequest/{sr_id}"})]
+    with bridge.client("auditor") as auditor:
+        out["AuditEvent"] = every_page(auditor, f"{bridge.api}/AuditEvent", {"_count": "50"})
+    yield out
+
+
+@pytest.fixture(scope="module")
+def profiles() -> Profiles:
+    return load_profiles()
+
+
+@pytest.fixture(scope="module")
+def terminology() -> Terminology:
+    return load_terminology()
+
+
+@pytest.mark.parametrize("resource_type",
+                         ["ServiceRequest", "Task", "Bundle", "Composition", "DiagnosticReport", "AuditEvent"])
+def test_every_emitted_resource_is_valid_r4_and_conforms_to_our_profile(
+    emitted: dict[str, list[Resource]], resource_type: str, profiles: Profiles, terminology: Terminology
+) -> None:
+    assert emitted[resource_type], f"no {resource_type} was read"
+    for resource in emitted[resource_type]:
+        validate(resource)
+        conform(resource, profiles, terminology)  # raises naming the paths and invariants it breaks
+
+
+def test_every_code_of_our_systems_is_defined_in_mappings(
+    emitted: dict[str, list[Resource]], terminology: Terminology
+) -> None:
+    systems = {r["url"]: r for r in terminology.resources.values() if r.get("resourceType") == "CodeSystem"}
+
+    def codes(concepts: list[Resource]) -> set[str]:
+        return {c["code"] for c in concepts} | {x for c in concepts for x in codes(c.get("concept", []))}
+
+    def codings(node: Any) -> Iterator[tuple[str, str]]:
+        if isinstance(node, dict):
+            if isinstance(node.get("system"), str) and isinstance(node.get("code"), str):
+                yield node["system"], node["code"]
+            for value in node.values():
+                yield from codings(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from codings(value)
+
+    ours = {pair for resources in emitted.values() for pair in codings(resources)
+            if pair[0].startswith(f"{CANONICAL_BASE}/CodeSystem/")}
+    assert ours
+    unknown = {(s, c) for s, c in ours if s not in systems
+               or (systems[s]["content"] != "not-present" and c not in codes(systems[s].get("concept", [])))}
+    assert unknown == set()
+
+
+def test_last_updated_finds_what_changed_in_a_window(bridge: Bridge, emitted: dict[str, list[Resource]]) -> None:
+    # search.html#lastUpdated: incremental sync (STANDARDS.md §9); the store orders by meta.lastUpdated
+    request = emitted["ServiceRequest"][0]
+    changed = datetime.fromisoformat(request["meta"]["lastUpdated"].replace("Z", "+00:00"))
+    before, after = (changed - timedelta(seconds=1)).isoformat(), (changed + timedelta(seconds=1)).isoformat()
+    with bridge.client("platform") as platform:
+        def ids(*window: str) -> set[str]:
+            params = [("identifier", "https://platform.example/requests|CONFORMANCE-1"),
+                      *(("_lastUpdated", w) for w in window)]
+            page = platform.get(f"{bridge.api}/ServiceRequest", params=params).raise_for_status().json()
+            return {e["resource"]["id"] for e in page.get("entry", [])}
+
+        assert ids(f"ge{before}") == {request["id"]} == ids(f"ge{before}", f"lt{after}")
+        assert ids(f"lt{before}") == set() == ids(f"gt{after}")
+        tasks = platform.get(f"{bridge.api}/Task", params={"_lastUpdated": f"ge{before}"}).raise_for_status().json()
+        assert tasks["total"] >= 1
+        assert platform.get(f"{bridge.api}/Task", params={"_lastUpdated": "ge2026-13-01"}).status_code == 400
+        assert platform.get(f"{bridge.api}/Task", params={"_lastUpdated": "ge2026-01-01,lt2026-02-01"}).status_code \
+            == 400
+        now = datetime.now(UTC)
+        time.sleep(0.01)
+        late = platform.get(f"{bridge.api}/DiagnosticReport", params={"_lastUpdated": f"gt{now.isoformat()}"})
+        assert late.raise_for_status().json()["total"] == 0
