@@ -93,3 +93,58 @@ def load_terminology(directory: Path = MAPPINGS_DIR) -> Terminology:
         never_forward=frozenset(never),
         displays=displays,
     )
+
+
+REQUIRED_DOCUMENTS_MAP = "specialty-to-required-documents"
+
+
+def required_documents_map(rules: dict[str, Any], version: str = "0.1.0") -> dict[str, Any]:
+    """The FHIR form of ``triage-rules.json``'s document requirements: a ConceptMap from each specialty (the
+    ServiceRequest.category) to the JDV_J07 document types a case needs (R4 conceptmap.html).
+
+    ``triage-rules.json`` stays the one source the triage reads (it also carries ages, severities, imaging and
+    consistency parameters a ConceptMap can not say); this map is derived from it, published in ``mappings/``
+    for other systems, and a test keeps the committed file equal to this function's answer. Each target is one
+    document type, ``relatedto``; ``dependsOn`` names the case kind; ``product`` the document group (any of
+    its types satisfies it) and the severity when it is missing.
+    """
+    base = f"{CANONICAL_BASE}/ConceptMap/{REQUIRED_DOCUMENTS_MAP}"
+    groups = rules.get("documentGroups", {})
+    by_target: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for rule in rules.get("rules", []):
+        for requirement in rule.get("documents", []):
+            group = requirement["group"]
+            age = requirement.get("maxAgeDays")
+            for doc_type in groups[group]["types"]:
+                targets = by_target.setdefault(doc_type["system"], {}).setdefault(rule["specialty"], [])
+                for kind in rule["kinds"]:
+                    targets.append({
+                        "code": doc_type["code"],
+                        "equivalence": "relatedto",
+                        "comment": f"{groups[group]['label']['en']}: {requirement['severityIfMissing']} if missing"
+                                   + (f", at most {age} days old" if age is not None else ""),
+                        "dependsOn": [{"property": f"{base}#kind", "system": CASE_CODES, "value": kind}],
+                        "product": [{"property": f"{base}#group", "value": group},
+                                    {"property": f"{base}#severity-if-missing",
+                                     "value": requirement["severityIfMissing"]}],
+                    })
+    return {
+        "resourceType": "ConceptMap",
+        "id": REQUIRED_DOCUMENTS_MAP,
+        "url": base,
+        "version": version,
+        "name": "SpecialtyToRequiredDocuments",
+        "title": "Specialty → documents a second-opinion case needs",
+        "status": "active",
+        "experimental": False,
+        "description": "Derived from mappings/triage-rules.json (fhir_bridge.terminology.required_documents_map; "
+                       "edit the rules, not this file): for each specialty and kind of case, the JDV_J07 document "
+                       "types the triage looks for. Types of one group (product 'group') stand in for each other.",
+        "sourceCanonical": f"{CANONICAL_BASE}/ValueSet/specialties",
+        "targetCanonical": "https://mos.esante.gouv.fr/NOS/JDV_J07-XdsTypeCode-CISIS/FHIR/JDV-J07-XdsTypeCode-CISIS",
+        "group": [
+            {"source": f"{CANONICAL_BASE}/CodeSystem/specialty", "target": system,
+             "element": [{"code": specialty, "target": targets} for specialty, targets in specialties.items()]}
+            for system, specialties in by_target.items()
+        ],
+    }

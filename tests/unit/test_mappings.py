@@ -94,3 +94,16 @@ def test_code_systems_mirroring_code_say_the_same_codes() -> None:
     states = {c["code"] for c in read(MAPPINGS_DIR / "case-states.json")["compose"]["include"][0]["concept"]}
     assert states <= systems[f"{CANONICAL_BASE}/CodeSystem/case-codes"]
     assert systems[f"{CANONICAL_BASE}/CodeSystem/audit-event"] == states | {EDIT_STEP, "delivery"}
+
+
+def test_the_specialty_to_documents_concept_map_is_the_triage_rules_in_fhir_form() -> None:
+    from fhir_bridge.terminology import REQUIRED_DOCUMENTS_MAP, required_documents_map
+
+    rules = read(MAPPINGS_DIR / "triage-rules.json")
+    published = read(MAPPINGS_DIR / f"{REQUIRED_DOCUMENTS_MAP}.json")
+    assert published == required_documents_map(rules, published["version"]), \
+        "triage-rules.json changed: rewrite the ConceptMap with fhir_bridge.terminology.required_documents_map"
+    oncology = next(e for e in published["group"][0]["element"] if e["code"] == "oncology")
+    pathology = [t for t in oncology["target"] if t["dependsOn"][0]["value"] == "tumor-board-opinion"
+                 and {"property": f"{published['url']}#group", "value": "pathology"} in t["product"]]
+    assert {t["code"] for t in pathology} == {"60568-3", "11526-1"}  # either pathology code satisfies the group
