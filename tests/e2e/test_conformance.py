@@ -40,7 +40,8 @@ def every_page(client: httpx.Client, url: str, params: dict[str, str]) -> list[R
 
 @pytest.fixture(scope="module")
 def emitted(bridge: Bridge, sandbox: Sandbox) -> Iterator[dict[str, list[Resource]]]:
-    """One case end to end; what each party reads of it, by resource type."""
+    """A second-opinion case end to end and a tumor-board case up to its Bundle; what each party reads of
+    them, by resource type."""
     patient = sandbox.world()["patients"][0]
     out: dict[str, list[Resource]] = {}
     with bridge.client("platform") as platform:
@@ -55,13 +56,23 @@ def emitted(bridge: Bridge, sandbox: Sandbox) -> Iterator[dict[str, list[Resourc
             assert report.status_code == 201, report.text
             reviewer_view = [reviewer.get(f"{bridge.api}/ServiceRequest/{sr_id}").raise_for_status().json(),
                              reviewer.get(f"{bridge.api}/Task/{task['id']}").raise_for_status().json()]
+        # a tumor-board case: its Task is owned by a panel (CareTeam), its Bundle read by a panel member
+        board_body = second_opinion_request(patient, "CONFORMANCE-BOARD")
+        board_body["code"]["coding"][0]["code"] = "tumor-board-opinion"
+        board = post(platform, bridge.api, "ServiceRequest", board_body)
+        assert board.status_code == 201, board.text
+        board_task = wait_task(platform, bridge.api, board.json()["id"])
+        assert board_task["owner"]["reference"].startswith("CareTeam/")
+        with bridge.client(bridge.reviewer_of(board_task)) as member:
+            board_bundle = member.get(f"{bridge.api}/{board_task['output'][0]['valueReference']['reference']}")
+            board_bundle = board_bundle.raise_for_status().json()
         bundle = case_bundle.raise_for_status().json()
         versions = platform.get(f"{bridge.api}/Task/{task['id']}/_history").raise_for_status().json()
         out["ServiceRequest"] = [platform.get(f"{bridge.api}/ServiceRequest/{sr_id}").raise_for_status().json(),
-                                 reviewer_view[0]]
-        out["Task"] = [e["resource"] for e in versions["entry"]] + [reviewer_view[1]]
-        out["Bundle"] = [bundle]
-        out["Composition"] = [bundle["entry"][0]["resource"]]
+                                 reviewer_view[0], board.json()]
+        out["Task"] = [e["resource"] for e in versions["entry"]] + [reviewer_view[1], board_task]
+        out["Bundle"] = [bundle, board_bundle]
+        out["Composition"] = [b["entry"][0]["resource"] for b in out["Bundle"]]
         out["DiagnosticReport"] = [report.json(), *every_page(platform, f"{bridge.api}/DiagnosticReport",
                                                               {"based-on": f"ServiceRequest/{sr_id}"})]
     with bridge.client("auditor") as auditor:
