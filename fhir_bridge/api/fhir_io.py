@@ -28,6 +28,7 @@ from starlette.responses import Response
 from fhir_bridge.errors import InvalidInput, MalformedResource, NotAcceptable, TooLarge, UnsupportedMediaType
 from fhir_bridge.fhir_xml import from_xml, to_xml
 from fhir_bridge.resources import FHIR_JSON, FHIR_XML, Resource, check_characters, dumps, loads, operation_outcome
+from fhir_bridge.search_index import SEARCH_PARAMS
 
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 XML_TYPES = ("application/fhir+xml", "application/xml", "text/xml", "application/xml+fhir")
@@ -198,8 +199,13 @@ def paging(request: Request, params: list[tuple[str, str]]) -> tuple[int, int]:
 
 def searchset(base: str, resource_type: str, resources: list[Resource], total: int,
               params: list[tuple[str, str]], count: int, offset: int) -> Resource:
-    """A searchset page with self/next/previous links (FHIR R4 http.html#paging, search.html)."""
-    kept = [(k, v) for k, v in params if k not in ("_count", "_offset")]
+    """A searchset page with self/next/previous links (FHIR R4 http.html#paging, search.html).
+
+    The links carry only the parameters the search applied (search.html#errors: the self link tells the client
+    which criteria were used): unknown criteria were refused (400), but other ``_`` parameters (``_id``,
+    ``_sort``…) are ignored, so they are left out; ``_format`` and the type's declared ``_lastUpdated`` stay."""
+    applied = {"_format", *(n for n in SEARCH_PARAMS.get(resource_type, {}) if n.startswith("_"))}
+    kept = [(k, v) for k, v in params if not k.startswith("_") or k in applied]
 
     def link(relation: str, at: int) -> dict[str, str]:
         query = urlencode([*kept, ("_count", str(count)), ("_offset", str(at))])
