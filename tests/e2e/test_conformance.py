@@ -150,3 +150,35 @@ def test_last_updated_finds_what_changed_in_a_window(bridge: Bridge, emitted: di
         time.sleep(0.01)
         late = platform.get(f"{bridge.api}/DiagnosticReport", params={"_lastUpdated": f"gt{now.isoformat()}"})
         assert late.raise_for_status().json()["total"] == 0
+
+
+def test_what_a_reviewer_abroad_reads_pseudonymised_conforms_too(
+    bridge: Bridge, sandbox: Sandbox, profiles: Profiles, terminology: Terminology
+) -> None:
+    from tests.e2e.test_cross_border import cross_border_reviewers
+
+    patient = next(p for p in sandbox.world()["patients"] if p.get("specialty") == "oncology")
+    abroad = cross_border_reviewers(bridge)
+    with bridge.client("platform") as platform:
+        created = post(platform, bridge.api, "ServiceRequest", second_opinion_request(patient, "CONFORMANCE-XB"))
+        sr_id = created.raise_for_status().json()["id"]
+        task = wait_task(platform, bridge.api, sr_id)
+        for _ in range(6):  # French reviewers decline until the case reaches one abroad
+            if task["owner"]["reference"].split("/")[1] in abroad:
+                break
+            with bridge.client(bridge.reviewer_of(task)) as french:
+                french.post(f"{bridge.api}/Task/{task['id']}/$decline", json={
+                    "resourceType": "Parameters", "parameter": [{"name": "reason", "valueString": "away"}],
+                }, headers={"Content-Type": "application/fhir+json"}).raise_for_status()
+            task = platform.get(f"{bridge.api}/Task/{task['id']}").raise_for_status().json()
+        assert task["owner"]["reference"].split("/")[1] in abroad
+        history = platform.get(f"{bridge.api}/Task/{task['id']}/_history").raise_for_status().json()
+    with bridge.client(bridge.reviewer_of(task)) as reviewer:
+        seen = [reviewer.get(f"{bridge.api}/ServiceRequest/{sr_id}").raise_for_status().json(),
+                reviewer.get(f"{bridge.api}/Task/{task['id']}").raise_for_status().json()]
+        bundle = reviewer.get(f"{bridge.api}/{task['output'][0]['valueReference']['reference']}")
+        seen += [bundle.raise_for_status().json(), bundle.json()["entry"][0]["resource"]]
+    assert seen[2]["meta"]["security"], "the reviewer abroad reads the pseudonymised Bundle"
+    for resource in [*seen, *(e["resource"] for e in history["entry"])]:
+        validate(resource)
+        conform(resource, profiles, terminology)
