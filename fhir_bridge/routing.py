@@ -14,10 +14,15 @@ against R4 at load, of
   R4); ``active`` and ``notAvailable.during`` (holidays) are honoured; the extension
   ``https://fhir-bridge.dev/fhir/StructureDefinition/reviewer-network`` (valueCode) names the reviewer network of
   ``config/reviewer-networks.json`` (:mod:`fhir_bridge.pseudonym`), which decides whether they see cases
-  pseudonymised; without it the reviewer is in that file's default network;
+  pseudonymised; without it the reviewer is in that file's default network; ``organization`` → the
+  ``Organization`` they give opinions for (``DiagnosticReport.performer``, issue 5);
 * ``CareTeam``: a panel (tumor board / RCP), ``category`` the specialty codes it sits for, ``participant.member``
   references to PractitionerRoles, and the disciplines it must cover as repeated extensions
-  ``https://fhir-bridge.dev/fhir/StructureDefinition/panel-required-discipline`` (valueCoding).
+  ``https://fhir-bridge.dev/fhir/StructureDefinition/panel-required-discipline`` (valueCoding); the member
+  whose ``participant.role`` holds ``panel-role#coordinator`` issues the panel's final opinion, and the extension
+  ``https://fhir-bridge.dev/fhir/StructureDefinition/consensus-method`` (valueCoding of CodeSystem ``opinion``:
+  ``coordinator``, ``unanimous`` or ``majority``; default ``coordinator``) says when the bridge may issue it
+  itself (:mod:`fhir_bridge.consensus`).
 
 Rules of :func:`route`, in order:
 
@@ -55,6 +60,9 @@ DISCIPLINE = f"{CANONICAL_BASE}/CodeSystem/discipline"
 CAPACITY = f"{CANONICAL_BASE}/StructureDefinition/reviewer-capacity"
 REQUIRED_DISCIPLINE = f"{CANONICAL_BASE}/StructureDefinition/panel-required-discipline"
 NETWORK = f"{CANONICAL_BASE}/StructureDefinition/reviewer-network"
+PANEL_ROLE = f"{CANONICAL_BASE}/CodeSystem/panel-role"
+CONSENSUS = f"{CANONICAL_BASE}/StructureDefinition/consensus-method"
+CONSENSUS_METHODS = frozenset({"coordinator", "unanimous", "majority"})
 BCP47 = "urn:ietf:bcp:47"
 PANEL_KIND = "tumor-board-opinion"
 _ALLOWED = frozenset({"Practitioner", "PractitionerRole", "CareTeam", "Location", "Organization"})
@@ -75,6 +83,8 @@ class Reviewer:
     active: bool = True
     away: tuple[tuple[datetime | None, datetime | None], ...] = ()
     network: str | None = None
+    organization: str | None = None  # Organization id
+    discipline_display: str | None = None
 
     @property
     def reference(self) -> str:
@@ -94,6 +104,8 @@ class Panel:
     required: frozenset[str]
     members: tuple[str, ...]
     active: bool = True
+    coordinator: str | None = None  # PractitionerRole id
+    consensus: str = "coordinator"  # coordinator | unanimous | majority
 
     @property
     def reference(self) -> str:
@@ -101,9 +113,20 @@ class Panel:
 
 
 @dataclass(frozen=True)
+class Organisation:
+    id: str
+    display: str
+
+    @property
+    def reference(self) -> str:
+        return f"Organization/{self.id}"
+
+
+@dataclass(frozen=True)
 class ReviewerRegistry:
     reviewers: Mapping[str, Reviewer]
     panels: Mapping[str, Panel]
+    organisations: Mapping[str, Organisation] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -163,7 +186,10 @@ def load_registry(path: Path = REGISTRY_FILE) -> ReviewerRegistry:
                  for rid, role in by_type["PractitionerRole"].items()}
     panels = {pid: _panel(team, reviewers, f"reviewer registry {path.name}: CareTeam/{pid}")
               for pid, team in by_type["CareTeam"].items()}
-    return ReviewerRegistry(reviewers=MappingProxyType(reviewers), panels=MappingProxyType(panels))
+    organisations = {oid: Organisation(oid, str(org.get("name") or oid))
+                     for oid, org in by_type["Organization"].items()}
+    return ReviewerRegistry(reviewers=MappingProxyType(reviewers), panels=MappingProxyType(panels),
+                            organisations=MappingProxyType(organisations))
 
 
 def _target(reference: Any, resource_type: str, known: Mapping[str, Resource], where: str) -> Resource:
@@ -212,6 +238,11 @@ def _reviewer(role: Resource, by_type: Mapping[str, Mapping[str, Resource]], whe
         active=role.get("active", True) is not False and person.get("active", True) is not False, away=away,
         network=next((str(e["valueCode"]) for e in role.get("extension") or []
                       if e.get("url") == NETWORK and e.get("valueCode")), None),
+        organization=(_target(role["organization"], "Organization", by_type["Organization"], where)["id"]
+                      if role.get("organization") else None),
+        discipline_display=next((str(c.get("display")) for concept in role.get("code") or []
+                                 for c in concept.get("coding") or []
+                                 if c.get("system") == DISCIPLINE and c.get("display")), None),
     )
 
 
@@ -230,8 +261,21 @@ def _panel(team: Resource, reviewers: Mapping[str, Reviewer], where: str) -> Pan
         if not specialties <= reviewers[member].specialties:
             raise InvalidInput(f"{where}: member PractitionerRole/{member} lacks one of the panel's specialties "
                                f"({', '.join(sorted(specialties))}): nobody may sit on a case outside their specialty")
+    coordinators = [m for m, p in zip(members, team.get("participant") or [], strict=True)
+                    if "coordinator" in _codes(p.get("role"), PANEL_ROLE)]
+    if len(coordinators) > 1:
+        raise InvalidInput(f"{where}: a panel has at most one coordinator ({PANEL_ROLE}#coordinator)")
+    methods = [str((e.get("valueCoding") or {}).get("code")) for e in team.get("extension") or []
+               if e.get("url") == CONSENSUS]
+    if len(methods) > 1 or (methods and methods[0] not in CONSENSUS_METHODS):
+        raise InvalidInput(f"{where}: at most one {CONSENSUS} extension, one of "
+                           + ", ".join(sorted(CONSENSUS_METHODS)))
+    consensus = methods[0] if methods else "coordinator"
+    if consensus == "coordinator" and not coordinators:
+        raise InvalidInput(f"{where}: a panel whose consensus method is 'coordinator' needs a coordinator")
     return Panel(id=team["id"], display=str(team.get("name") or team["id"]), specialties=specialties,
-                 required=required, members=members, active=team.get("status", "active") == "active")
+                 required=required, members=members, active=team.get("status", "active") == "active",
+                 coordinator=coordinators[0] if coordinators else None, consensus=consensus)
 
 
 # -- routing ------------------------------------------------------------------------------------------------

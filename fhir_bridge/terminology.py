@@ -80,7 +80,7 @@ def load_terminology(directory: Path = MAPPINGS_DIR) -> Terminology:
     for resource in resources.values():
         if resource.get("resourceType") != "CodeSystem":
             continue
-        for concept in resource.get("concept", []):
+        for concept in _concepts(resource.get("concept", [])):
             names = {"en": concept.get("display", concept["code"])}
             for designation in concept.get("designation", []):
                 names[designation.get("language", "")[:2]] = designation["value"]
@@ -93,6 +93,13 @@ def load_terminology(directory: Path = MAPPINGS_DIR) -> Terminology:
         never_forward=frozenset(never),
         displays=displays,
     )
+
+
+def _concepts(concepts: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+    """Every concept of a CodeSystem, nested ones too (codesystem.html#hierarchy: ``concept.concept``)."""
+    for concept in concepts:
+        yield concept
+        yield from _concepts(concept.get("concept", []))
 
 
 REQUIRED_DOCUMENTS_MAP = "specialty-to-required-documents"

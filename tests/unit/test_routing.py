@@ -48,7 +48,8 @@ def test_the_registry_is_valid_r4_and_covers_every_specialty() -> None:
     assert bundle["type"] == "collection"
     for specialty in SPECIALTIES:
         assert assign(ask(specialty)) is not None, specialty
-    assert len(REGISTRY.panels) == 2
+    assert len(REGISTRY.panels) == 3
+    assert all(panel.coordinator in panel.members for panel in REGISTRY.panels.values())
 
 
 def test_specialty_and_language_are_respected() -> None:
@@ -238,6 +239,14 @@ def _break(bundle: dict[str, Any], rid: str, change: dict[str, Any]) -> dict[str
     ("rcp-thoracic", {"participant": [{"member": {"reference": "PractitionerRole/ghost"}}]}, "does not resolve"),
     ("rcp-thoracic", {"participant": [{"member": {"reference": "PractitionerRole/pharm-fr-1"}}]},
      "outside their specialty"),
+    ("rcp-thoracic", {"participant": [
+        {"role": [{"coding": [{"system": "https://fhir-bridge.dev/fhir/CodeSystem/panel-role",
+                               "code": "coordinator"}]}],
+         "member": {"reference": f"PractitionerRole/{rid}"}} for rid in ("onco-fr-1", "radio-fr-1")]},
+     "at most one coordinator"),
+    ("rcp-thoracic", {"participant": [{"member": {"reference": "PractitionerRole/onco-fr-1"}}]}, "needs a coordinator"),
+    ("rcp-thoracic", {"extension": [{"url": "https://fhir-bridge.dev/fhir/StructureDefinition/consensus-method",
+                                     "valueCoding": {"code": "coin-toss"}}]}, "consensus-method"),
 ])
 def test_a_broken_registry_is_refused_with_a_clear_error(tmp_path: Path, rid: str, change: dict[str, Any],
                                                         message: str) -> None:
