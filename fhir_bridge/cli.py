@@ -542,11 +542,14 @@ def clients_keygen(out_dir: Path, alg: str) -> None:
 @click.option("--reviewer", default=None, help="For a reviewer: its PractitionerRole id in config/reviewers.json.")
 @click.option("--cert", "cert_file", default=None, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="The client's TLS certificate (PEM): its tokens are then accepted only over mutual TLS with it.")
+@click.option("--webhook", "webhook_url", default=None,
+              help="Notify this client at this URL when its opinions are ready (https; http only to loopback). "
+                   "The signing secret is printed once.")
 @one_line_errors
 def clients_add(client_id: str, role: str, jwks_file: Path, scopes: tuple[str, ...], tenant: str | None,
-                reviewer: str | None, cert_file: Path | None) -> None:
+                reviewer: str | None, cert_file: Path | None, webhook_url: str | None) -> None:
     """Register a client in the registry file (auth.clients_file); the API reads it when it starts."""
-    from fhir_bridge.adapters.clients import add_client
+    from fhir_bridge.adapters.clients import add_client, set_webhook
     from fhir_bridge.adapters.settings import clients_file
     from fhir_bridge.adapters.tls import certificate_file_thumbprint
 
@@ -554,11 +557,30 @@ def clients_add(client_id: str, role: str, jwks_file: Path, scopes: tuple[str, .
     thumbprint = certificate_file_thumbprint(cert_file) if cert_file else None  # RFC 8705 x5t#S256
     client = add_client(clients_file(settings), client_id, role, jwks_file, list(scopes), tenant or client_id,
                         reviewer=reviewer, cert_thumbprint=thumbprint)
-    answer = {"id": client.id, "role": client.role, "scopes": list(client.scopes),
-              "registry": str(clients_file(settings))}
+    answer: dict[str, Any] = {"id": client.id, "role": client.role, "scopes": list(client.scopes),
+                              "registry": str(clients_file(settings))}
     if thumbprint:
         answer["x5t#S256"] = thumbprint
+    if webhook_url:
+        answer["webhook"] = {"url": webhook_url,
+                             "secret": set_webhook(clients_file(settings), client.id, webhook_url)}
     click.echo(json.dumps(answer))
+
+
+@clients.command("webhook")
+@click.option("--id", "client_id", required=True, help="The registered client_id.")
+@click.option("--url", "url", default=None, help="The new webhook URL (a new secret is made and printed once).")
+@click.option("--remove", is_flag=True, default=False, help="Remove the client's webhook.")
+@one_line_errors
+def clients_webhook(client_id: str, url: str | None, remove: bool) -> None:
+    """Set (or rotate the secret of) a client's opinion webhook, or remove it; restart serve and workers."""
+    from fhir_bridge.adapters.clients import set_webhook
+    from fhir_bridge.adapters.settings import clients_file
+
+    if bool(url) == remove:
+        raise click.UsageError("give either --url URL or --remove")
+    secret = set_webhook(clients_file(_settings()), client_id, None if remove else url)
+    click.echo(json.dumps({"id": client_id, "webhook": {"url": url, "secret": secret} if url else None}))
 
 
 @clients.command("token")

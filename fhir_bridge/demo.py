@@ -27,6 +27,7 @@ from fhir_bridge.terminology import CANONICAL_BASE
 
 FHIR_JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
 LOINC = "http://loinc.org"
+OPINION = f"{CANONICAL_BASE}/CodeSystem/opinion"
 
 
 @dataclass
@@ -59,18 +60,53 @@ def second_opinion_request(patient: dict[str, Any], request_id: str) -> dict[str
     }
 
 
-def reviewer_opinion(request_id: str, patient: dict[str, Any]) -> dict[str, Any]:
-    return {
+def opinion_report(request_id: str, patient: dict[str, Any], *, status: str = "final",
+                   diagnosis: str | None = "confirmed", plan: str | None = "agree",
+                   conclusion: str = "Diagnostic confirmé. Le plan proposé est approprié ; une TEP de contrôle est "
+                                     "recommandée.",
+                   alternatives: tuple[str, ...] = (), tests: tuple[str, ...] = ("TEP-TDM de contrôle à 3 mois",),
+                   risk: str | None = "Bénéfice attendu supérieur aux risques opératoires.",
+                   codes: tuple[tuple[str, str, str], ...] = ()) -> dict[str, Any]:
+    """A second opinion as a reviewer posts it: the coded content as contained Observations in ``result``
+    (CodeSystem ``opinion``, see fhir_bridge.opinion_content), the conclusion and its codes."""
+    items: list[dict[str, Any]] = []
+
+    def item(code: str, **value: Any) -> None:
+        items.append({"resourceType": "Observation", "id": f"item-{len(items) + 1}", "status": status if status
+                      in ("preliminary", "final", "amended", "corrected") else "final",
+                      "code": {"coding": [{"system": OPINION, "code": code}]}, **value})
+
+    if diagnosis:
+        item("diagnosis-agreement", valueCodeableConcept={"coding": [{"system": OPINION, "code": diagnosis}]})
+    if plan:
+        item("treatment-plan-assessment", valueCodeableConcept={"coding": [{"system": OPINION, "code": plan}]})
+    for text in alternatives:
+        item("alternative-treatment", valueString=text)
+    for text in tests:
+        item("recommended-test", valueCodeableConcept={"text": text})
+    if risk:
+        item("risk-benefit", valueString=risk)
+    report: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
-        "status": "final",
+        "status": status,
         "basedOn": [{"reference": f"ServiceRequest/{request_id}"}],
         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "OTH"}]}],
         "code": {"coding": [{"system": LOINC, "code": "11488-4", "display": "Consult note"}]},
         "subject": {"identifier": patient["identifier"]},
-        "performer": [{"display": "Centre expert de cancérologie (démo)"}],
-        "resultsInterpreter": [{"display": "Pr Jean Dupont, oncologue"}],
-        "conclusion": "Diagnostic confirmé. Le plan proposé est approprié ; une TEP de contrôle est recommandée.",
+        "conclusion": conclusion,
     }
+    if items:
+        report["contained"] = items
+        report["result"] = [{"reference": f"#{i['id']}"} for i in items]
+    if codes:
+        report["conclusionCode"] = [{"coding": [{"system": system, "code": code, "display": display}]}
+                                    for system, code, display in codes]
+    return report
+
+
+def reviewer_opinion(request_id: str, patient: dict[str, Any]) -> dict[str, Any]:
+    """The demo reviewer's final opinion: diagnosis confirmed, plan agreed, one test recommended."""
+    return opinion_report(request_id, patient)
 
 
 def run_demo(out_dir: Path, console: Console, *, log_level: str = "WARNING") -> DemoResult:

@@ -19,6 +19,7 @@ Drawn the way httpx draws its own (``_exceptions.py``)::
     ├── BlobUnreadable               "exception" our stored bytes fail decryption/authentication (500)
     ├── AuditUnavailable             "transient" the audit log can not store an event: the exchange is refused
     ├── AuditIntegrityError          "exception" the stored audit chain does not verify (export, purge refused)
+    ├── DeliveryFailed               "transient" a recipient did not take an opinion's notification (retried)
     └── SourceError                  "exception" (the national-record source misbehaved)
         ├── NotAFhirSource           "invalid"   the URL does not answer FHIR at all
         ├── SourceProtocolError      "invalid"   a FHIR answer that breaks the protocol (page not a Bundle…)
@@ -204,6 +205,13 @@ class AuditIntegrityError(BridgeError):
 
     issue_type = "exception"
     code = "audit-chain-broken"
+
+
+class DeliveryFailed(BridgeError):
+    """A delivery (a webhook notification) was not acknowledged; the delivery job is retried with backoff."""
+
+    issue_type = "transient"
+    code = "delivery-failed"
 
 
 class AttachmentError(SourceError):

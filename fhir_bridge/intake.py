@@ -8,7 +8,10 @@ A request is a FHIR R4 ``ServiceRequest`` (workflow pattern, STANDARDS.md §5):
 * ``category``: the specialty (mappings/specialty.json), which decides triage rules and reviewers;
 * ``reasonCode`` and/or ``note``: the clinical question; ``occurrenceDateTime`` or ``occurrencePeriod.end``:
   the deadline; ``requester``; the proposed treatment plan as a ``note`` or ``supportingInfo``.
-* ``status`` active (draft is not a request yet), ``intent`` order/original-order.
+* ``status`` active (draft is not a request yet), ``intent`` order/original-order;
+* optionally the extension ``https://fhir-bridge.dev/fhir/StructureDefinition/write-back`` (valueBoolean):
+  ``true`` asks for the final opinion to be written back into the patient's record at the source (ITI-65,
+  :mod:`fhir_bridge.writeback`); the platform asks it because the patient agreed to it.
 
 Violations are :class:`BusinessRuleViolation` (HTTP 422), structural problems :class:`MalformedResource` (400).
 """
@@ -26,6 +29,7 @@ from fhir_bridge.terminology import CANONICAL_BASE, CASE_CODES, Terminology
 Resource = dict[str, Any]
 SPECIALTY = f"{CANONICAL_BASE}/CodeSystem/specialty"
 REQUEST_CODES = frozenset({"second-opinion", "tumor-board-opinion"})
+WRITE_BACK = f"{CANONICAL_BASE}/StructureDefinition/write-back"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +40,7 @@ class OpinionRequest:
     specialty: str
     kind: str
     deadline: str | None
+    write_back: bool = False
 
 
 def check_request(resource: Any, terminology: Terminology) -> OpinionRequest:
@@ -76,5 +81,9 @@ def check_request(resource: Any, terminology: Terminology) -> OpinionRequest:
         raise BusinessRuleViolation("the clinical question is missing (reasonCode or note)",
                                     expression=["reasonCode", "note"])
     deadline = sr.get("occurrenceDateTime") or (sr.get("occurrencePeriod") or {}).get("end")
+    flags = [e for e in sr.get("extension", []) or [] if e.get("url") == WRITE_BACK]
+    if len(flags) > 1 or (flags and not isinstance(flags[0].get("valueBoolean"), bool)):
+        raise BusinessRuleViolation(f"at most one {WRITE_BACK} extension, with a valueBoolean",
+                                    expression=["extension"])
     return OpinionRequest(patient=PatientIdentifier(system, value), specialty=specialty, kind=kind,
-                          deadline=deadline)
+                          deadline=deadline, write_back=bool(flags and flags[0]["valueBoolean"]))

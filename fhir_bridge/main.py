@@ -34,18 +34,21 @@ from redis.exceptions import RedisError
 from fhir_bridge import audit_context
 from fhir_bridge.adapters.audit_log import RedisAuditLog
 from fhir_bridge.adapters.blobstore import BlobKeyring, FileBlobStore
+from fhir_bridge.adapters.clients import ClientRegistry
 from fhir_bridge.adapters.pseudonym_key import load_or_create_pseudonym_key
-from fhir_bridge.adapters.queue import RedisJobQueue
+from fhir_bridge.adapters.queue import KindPolicy, PermanentJobError, RedisJobQueue
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.adapters.redis_store import RedisResourceStore
-from fhir_bridge.adapters.settings import Settings
+from fhir_bridge.adapters.settings import Settings, clients_file
 from fhir_bridge.adapters.signing import Es384Signer, JwsVerifier, SigningKeyError, load_or_create_signer
 from fhir_bridge.adapters.source_client import SourceClient, SourceExchange
+from fhir_bridge.adapters.webhooks import HttpWebhooks
 from fhir_bridge.audit import Party, rest_event, source_event
-from fhir_bridge.errors import AuditUnavailable, InvalidInput
+from fhir_bridge.errors import AuditUnavailable, BusinessRuleViolation, InvalidInput, NotFound, SourceRejected
 from fhir_bridge.ports import AuditPort, Job, SourcePort
 from fhir_bridge.terminology import load_terminology
 from fhir_bridge.workflow.cases import COLLECT_JOB, CaseService
+from fhir_bridge.workflow.delivery import DELIVERY_KINDS, RECORD_JOB, WEBHOOK_JOB
 
 log = structlog.get_logger("fhir_bridge.main")
 
@@ -113,6 +116,7 @@ def source_recorder(audit: AuditPort, bridge: Party, source: Party) -> Callable[
             event = source_event(transaction=exchange.transaction, status=exchange.status, bridge=bridge,
                                  source=source, patient=patient, query=exchange.query,
                                  document=exchange.url if exchange.transaction == "ITI-68" else None,
+                                 submission_set=exchange.submission_set,
                                  request_id=exchange.request_id, outcome_desc=exchange.error)  # fmt: skip
         else:
             resource_id = exchange.url.rstrip("/").rsplit("/", 1)[-1] if exchange.interaction == "read" else None
@@ -177,13 +181,18 @@ async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") ->
     redis = Redis.from_url(redis_url)
     audit = open_audit_log(settings, redis)
     bridge = bridge_party(settings, role)
+    delivery = KindPolicy(settings.delivery.max_attempts, settings.delivery.backoff_initial,
+                          settings.delivery.backoff_max)
     queue = RedisJobQueue.from_url(
         redis_url,
         max_attempts=settings.worker.max_attempts,
         reclaim_idle_ms=settings.worker.reclaim_idle_ms,
         backoff_initial=settings.worker.retry_backoff_initial,
         backoff_max=settings.worker.retry_backoff_max,
+        policies=dict.fromkeys(DELIVERY_KINDS, delivery),
     )
+    webhooks = HttpWebhooks(ClientRegistry.load(clients_file(settings), missing_ok=True),
+                            timeout=settings.delivery.webhook_timeout)
     source = None
     if settings.source.url:
         source_as_party = Party(settings.source.url.rstrip("/"), address=settings.source.url.rstrip("/"))
@@ -211,6 +220,8 @@ async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") ->
         # case bundles are signed with the bridge's (audit) key; reviewers abroad read them pseudonymised
         signer=audit_signer(settings),
         pseudonym_key=load_or_create_pseudonym_key(settings.data_dir / "keys"),
+        webhooks=webhooks,
+        public_base=settings.api.public_base_url,
     )
     timer = asyncio.create_task(_checkpoint_timer(audit, settings.audit.checkpoint_seconds))
     try:
@@ -222,6 +233,7 @@ async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") ->
         await _checkpoint(audit)
         if source is not None:
             await source.aclose()
+        await webhooks.aclose()
         await queue.aclose()
         await redis.aclose()
 
@@ -244,7 +256,6 @@ async def _checkpoint_timer(audit: RedisAuditLog, seconds: float) -> None:
 def build_app(settings: Settings, redis_url: str) -> FastAPI:
     """The API app; its lifespan opens the runtime."""
     from fhir_bridge.adapters.auth import BridgeKeys, ClientRegistry, RedisReplayCache
-    from fhir_bridge.adapters.settings import clients_file
     from fhir_bridge.api.app import create_app
     from fhir_bridge.api.auth_routes import AuthServer
 
@@ -280,7 +291,9 @@ async def run_worker(settings: Settings, redis_url: str, name: str | None = None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with open_runtime(settings, redis_url, "worker") as runtime:
-        handlers = {COLLECT_JOB: runtime.cases.run_collect_job}
+        deliveries = runtime.cases.deliveries
+        handlers = {COLLECT_JOB: runtime.cases.run_collect_job, WEBHOOK_JOB: deliveries.run_webhook_job,
+                    RECORD_JOB: deliveries.run_record_job}
 
         async def handle(job: Job) -> None:
             handler = handlers.get(job.kind)
@@ -290,6 +303,12 @@ async def run_worker(settings: Settings, redis_url: str, name: str | None = None
             try:
                 with audit_context.bound(job_id=job.id):
                     await handler(job)
+            except (BusinessRuleViolation, InvalidInput, NotFound, SourceRejected) as exc:
+                if job.kind not in DELIVERY_KINDS or (isinstance(exc, SourceRejected) and exc.status in (408, 429)):
+                    raise
+                # a delivery that can not succeed as it is (no PDF, the source refuses the document): a dead
+                # letter at once, for `fhir-bridge sync deliver` once the cause is fixed
+                raise PermanentJobError(f"{type(exc).__name__}: {exc.message}") from None
             finally:
                 structlog.contextvars.clear_contextvars()
 

@@ -58,6 +58,11 @@ class SourcePort(Protocol):
         """A reference or URL made absolute against the source's base."""
         ...
 
+    async def provide_document_bundle(self, bundle: Resource, *, patient: PatientIdentifier | None = None
+                                      ) -> Resource:
+        """ITI-65: POST the transaction Bundle to the source's base; its ``transaction-response``."""
+        ...
+
 
 class AuditPort(Protocol):
     """The audit trail (``fhir_bridge.adapters.audit_log.RedisAuditLog``): stores one AuditEvent for good.
@@ -68,6 +73,26 @@ class AuditPort(Protocol):
     """
 
     async def append(self, event: dict[str, Any]) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookTarget:
+    """Where and with which secret a client is notified (Standard Webhooks: ``whsec_`` + base64 key)."""
+
+    url: str
+    secret: str = field(repr=False)
+
+
+class WebhookPort(Protocol):
+    """Notifies requesting clients (``fhir_bridge.adapters.webhooks``)."""
+
+    def target(self, client_id: str) -> WebhookTarget | None:
+        """The client's webhook, or None when it has none."""
+        ...
+
+    async def send(self, url: str, body: bytes, headers: Mapping[str, str]) -> int:
+        """POST ``body``; the HTTP status, or DeliveryFailed when no answer came (connection, timeout)."""
+        ...
 
 
 class Clock(Protocol):
@@ -160,6 +185,10 @@ class ResourceStorePort(Protocol):
         if_match: str | None = None,
     ) -> Resource:
         """Store a new version; PreconditionFailed when ``if_match`` (a versionId) is not the current one."""
+        ...
+
+    async def delete(self, resource_type: str, resource_id: str) -> None:
+        """FHIR delete: later reads answer Gone; history keeps the versions; the unique key is released."""
         ...
 
     async def search(

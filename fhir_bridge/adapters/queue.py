@@ -11,6 +11,8 @@ guarantees:
   the deliveries lost to dead workers, so a job that kills its worker every time still ends in dead letters;
 * a failed attempt is retried after an exponential backoff with jitter, waiting in a delayed zset until the
   first worker to see it due moves it back to the stream (one Lua script: it moves exactly once);
+* a kind of job may have its own :class:`KindPolicy` (attempts and backoff): a delivery to a webhook that is
+  down for hours is retried for hours, a collect job gives up sooner;
 * after ``max_attempts``, or at once on :class:`PermanentJobError`, the job goes to the dead-letter stream with
   the error's class and message (never into logs: messages may quote data) until retried or purged.
 
@@ -102,6 +104,15 @@ class PermanentJobError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class KindPolicy:
+    """Retry policy of one kind of job (overrides the queue's defaults)."""
+
+    max_attempts: int
+    backoff_initial: float
+    backoff_max: float
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     """A job that will not be retried by itself; ``payload`` is left out of ``repr`` (it may reach logs)."""
 
@@ -145,6 +156,7 @@ class RedisJobQueue:
         backoff_max: float = 60.0,
         block_ms: int = 1000,
         state_ttl_s: int = 7 * 24 * 3600,
+        policies: dict[str, KindPolicy] | None = None,
     ) -> None:
         if max_attempts < 1 or reclaim_idle_ms < 1 or block_ms < 1 or "{" in prefix + name or "}" in prefix + name:
             raise ValueError("max_attempts, reclaim_idle_ms and block_ms must be positive; no braces in names")
@@ -153,6 +165,7 @@ class RedisJobQueue:
         self._owned: list[Redis] = []
         self.max_attempts, self.reclaim_idle_ms, self.block_ms = max_attempts, reclaim_idle_ms, block_ms
         self.backoff_initial, self.backoff_max, self.state_ttl_s = backoff_initial, backoff_max, state_ttl_s
+        self.policies = dict(policies or {})
         self.counters = QueueCounters()
         base = f"{prefix}{{{name}}}:"
         self.stream, self.delayed, self.dead, self._state_prefix = (
@@ -321,7 +334,8 @@ class RedisJobQueue:
         except (KeyError, ValueError) as exc:
             await self._bury(d, d.attempt, "MalformedJob", f"unreadable entry: {exc!r}")
             return
-        if d.attempt > self.max_attempts:  # every earlier delivery died with its worker
+        policy = self._policy(job.kind)
+        if d.attempt > policy.max_attempts:  # every earlier delivery died with its worker
             message = f"the worker running it stopped on each of its {d.attempt - 1} attempts"
             await self._bury(d, d.attempt - 1, "WorkerLost", message)
             return
@@ -329,10 +343,10 @@ class RedisJobQueue:
         try:
             await handler(job)
         except Exception as exc:
-            if d.attempt >= self.max_attempts or isinstance(exc, PermanentJobError):
+            if d.attempt >= policy.max_attempts or isinstance(exc, PermanentJobError):
                 await self._bury(d, d.attempt, type(exc).__name__, str(exc))
             else:
-                await self._retry_later(d, type(exc).__name__)
+                await self._retry_later(d, type(exc).__name__, policy)
         else:
             if await self._settle_entry(d, "done"):
                 self.counters.processed += 1
@@ -341,8 +355,11 @@ class RedisJobQueue:
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
 
-    async def _retry_later(self, d: _Delivery, error: str) -> None:
-        delay = min(self.backoff_max, self.backoff_initial * 2 ** (d.attempt - 1))
+    def _policy(self, kind: str) -> KindPolicy:
+        return self.policies.get(kind) or KindPolicy(self.max_attempts, self.backoff_initial, self.backoff_max)
+
+    async def _retry_later(self, d: _Delivery, error: str, policy: KindPolicy) -> None:
+        delay = min(policy.backoff_max, policy.backoff_initial * 2 ** (d.attempt - 1))
         delay *= 0.5 + random.random() / 2  # jitter: the jobs failed by one outage do not all return at once
         job = json.dumps({**{k: d.fields[k] for k in _FIELDS}, "attempt": str(d.attempt + 1)}, ensure_ascii=False)
         if await self._settle_entry(d, "retry", int(delay * 1000), job):

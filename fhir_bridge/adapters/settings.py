@@ -104,6 +104,13 @@ class WorkerSettings(BaseModel):
     retry_backoff_max: float = 60.0
 
 
+class DeliverySettings(BaseModel):
+    max_attempts: int = 30
+    backoff_initial: float = 5.0
+    backoff_max: float = 900.0
+    webhook_timeout: float = 10.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FHIR_BRIDGE_",
@@ -116,6 +123,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     api: ApiSettings = ApiSettings()
     worker: WorkerSettings = WorkerSettings()
+    delivery: DeliverySettings = DeliverySettings()
     audit: AuditSettings = AuditSettings()
     auth: AuthSettings = AuthSettings()
     log_level: str = "INFO"

@@ -72,7 +72,7 @@ from fhir_bridge.errors import (
 )
 from fhir_bridge.identity import PatientIdentifier
 from fhir_bridge.ports import RetrievedAttachment
-from fhir_bridge.resources import FHIR_JSON, Resource, loads
+from fhir_bridge.resources import FHIR_JSON, Resource, dumps, loads
 from fhir_bridge.retry import RetryPolicy
 
 log = structlog.get_logger("fhir_bridge.source")
@@ -104,6 +104,7 @@ class SourceExchange:
     request_id: str
     patient: PatientIdentifier | None = None
     error: str | None = None
+    submission_set: str | None = None  # ITI-65: the SubmissionSet's uniqueId
 
 
 ExchangeHook = Callable[[SourceExchange], Awaitable[None]]
@@ -116,6 +117,7 @@ class _Exchange:
     request_id: str
     first_url: str | None = None
     status: int | None = None
+    submission_set: str | None = None
 
 
 class OutboundAuth(Protocol):
@@ -280,13 +282,14 @@ class SourceClient:
         await self._on_exchange(SourceExchange(
             transaction=transaction, interaction=interaction, resource_type=resource_type, url=redact(url),
             query=query, status=status, request_id=exchange.request_id, patient=patient, error=code,
+            submission_set=exchange.submission_set,
         ))  # fmt: skip
 
     # -- the one request loop ----------------------------------------------------------------------
 
     async def _send(self, method: str, url: str, *, params: Mapping[str, str] | None = None,
                     accept: str = FHIR_JSON, stream: bool = False,
-                    exchange: _Exchange | None = None) -> httpx.Response:
+                    exchange: _Exchange | None = None, content: bytes | None = None) -> httpx.Response:
         """Send with retries; returns a response whose status is not retryable (caller closes it when streaming)."""
         deadline = time.monotonic() + self._settings.total_deadline
         attempt = 0
@@ -295,6 +298,8 @@ class SourceClient:
         while True:
             attempt += 1
             headers = {"Accept": accept}
+            if content is not None:
+                headers["Content-Type"] = FHIR_JSON
             if exchange is not None:
                 headers["X-Request-Id"] = exchange.request_id
             credentials: dict[str, str] = {}
@@ -308,7 +313,7 @@ class SourceClient:
                     headers.update(credentials)
                 async with self._slots:
                     self.requests_made += 1
-                    request = self._http.build_request(method, url, params=params, headers=headers)
+                    request = self._http.build_request(method, url, params=params, headers=headers, content=content)
                     if exchange is not None and exchange.first_url is None:
                         exchange.first_url = str(request.url)
                     response = await self._http.send(request, stream=stream)
@@ -354,6 +359,10 @@ class SourceClient:
     async def _get_json(self, url: str, params: Mapping[str, str] | None = None,
                         exchange: _Exchange | None = None) -> Resource:
         response = await self._send("GET", url, params=params, stream=True, exchange=exchange)
+        return await self._json_answer(response, url)
+
+    async def _json_answer(self, response: httpx.Response, url: str) -> Resource:
+        """The FHIR JSON resource of an answer (capped), or the error the answer amounts to."""
         try:
             body = await self._read_capped(response, self._settings.max_json_bytes)
         finally:
@@ -489,6 +498,23 @@ class SourceClient:
         if not isinstance(patient.get("id"), str):
             raise SourceProtocolError("the source's Patient has no id")
         return patient
+
+    async def provide_document_bundle(self, bundle: Resource, *, patient: PatientIdentifier | None = None
+                                      ) -> Resource:
+        """ITI-65 Provide Document Bundle (MHD 4.2 §2:3.65.4.1.2): POST the ``transaction`` Bundle to the base and
+        return the ``transaction-response`` (§2:3.65.4.2). Retried like every request: a retry after a lost answer
+        is refused by the source as a duplicate masterIdentifier (409, SourceRejected), which the caller checks."""
+        lists = [e.get("resource") or {} for e in bundle.get("entry", []) if (e.get("resource") or {}).get(
+            "resourceType") == "List"]
+        url = self.base_url
+        async with self._exchange("ITI-65", "create", "Bundle", url, patient=patient) as exchange:
+            exchange.submission_set = next((str(i.get("value")) for lst in lists for i in lst.get("identifier", [])
+                                            if i.get("value")), None)
+            response = await self._send("POST", url, stream=True, exchange=exchange, content=dumps(bundle))
+            answer = await self._json_answer(response, url)
+        if answer.get("resourceType") != "Bundle" or answer.get("type") != "transaction-response":
+            raise SourceProtocolError("the source did not answer ITI-65 with a transaction-response Bundle")
+        return answer
 
     async def find_document_references(
         self, patient_id: str, *, extra: Mapping[str, str] | None = None

@@ -18,7 +18,7 @@ INTERACTIONS: dict[str, list[str]] = {
     "ServiceRequest": ["create", "read", "vread", "history-instance", "search-type"],
     "Task": ["read", "vread", "history-instance", "search-type"],
     "Bundle": ["read"],
-    "DiagnosticReport": ["create", "read", "vread", "update", "history-instance", "search-type"],
+    "DiagnosticReport": ["create", "read", "vread", "update", "delete", "history-instance", "search-type"],
     "AuditEvent": ["read", "search-type"],  # fhir_bridge.api.audit_routes
 }
 CONDITIONAL_CREATE = frozenset({"ServiceRequest", "DiagnosticReport"})
@@ -37,6 +37,10 @@ OPERATIONS: dict[str, dict[str, str]] = {}
 #: resource type → what a client must know beyond the interactions (CapabilityStatement.rest.resource.documentation)
 DOCUMENTATION: dict[str, str] = {
     "Bundle": "The case Bundle is streamed as application/fhir+json only; a read asking for XML gets 406.",
+    "DiagnosticReport": "One final opinion per case (a second final is 409: amend it with PUT); on a panel's case "
+                        "members post preliminary opinions and the coordinator (or the panel's consensus rule) the "
+                        "final one; resultsInterpreter, performer and presentedForm (HTML and PDF, fr and en) are "
+                        "set by the bridge; delete retracts a preliminary opinion of its author (then 410).",
 }
 COMMON_SEARCH = [("_count", "number", "Page size"), ("_offset", "number", "Where the page starts")]
 

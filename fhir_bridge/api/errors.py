@@ -37,6 +37,7 @@ STATUS: list[tuple[type[e.BridgeError], int]] = [
     (e.Forbidden, 403),
     (e.Unsupported, 501),
     (e.SourceUnavailable, 503),
+    (e.DeliveryFailed, 503),
     (e.SourceError, 502),
 ]
 

@@ -85,7 +85,7 @@ async def create_service_request(
     if who.role != "platform":
         raise Forbidden("only platform clients submit requests for an opinion")
     body = await read_body(request, max_body(request))
-    result = await service.submit_request(body, if_none_exist=if_none_exist, tenant=who.tenant)
+    result = await service.submit_request(body, if_none_exist=if_none_exist, tenant=who.tenant, client=who.client_id)
     return _created(request, "ServiceRequest", result.resource, result.created)
 
 
@@ -101,7 +101,7 @@ async def create_diagnostic_report(
         await rules.check_opinion_allowed(who, request_id)
 
     body = await _reidentified(service, who, rules, body)
-    result = await service.submit_opinion(body, if_none_exist=if_none_exist, guard=guard)
+    result = await service.submit_opinion(body, if_none_exist=if_none_exist, guard=guard, author=who.reviewer)
     seen = await seen_by(request, service, who, result.resource)
     return _created(request, "DiagnosticReport", seen, result.created)
 
@@ -119,9 +119,24 @@ async def update_diagnostic_report(
         await rules.check_opinion_allowed(who, request_id)
 
     body = await _reidentified(service, who, rules, body)
-    stored = await service.amend_opinion(resource_id, body, if_match=parse_if_match(if_match), guard=guard)
+    stored = await service.amend_opinion(resource_id, body, if_match=parse_if_match(if_match), guard=guard,
+                                         author=who.reviewer)
     seen = await seen_by(request, service, who, stored)
     return written(request, seen, status=200, location=_location(request, "DiagnosticReport", stored))
+
+
+@router.delete("/DiagnosticReport/{resource_id}")
+async def delete_diagnostic_report(request: Request, resource_id: str, service: Cases, who: Caller,
+                                   rules: Tenants) -> Response:
+    """R4 http.html#delete: a reviewer retracts their own preliminary opinion; reads then answer 410 Gone."""
+    require_scope(who, "DiagnosticReport", "d")
+    await rules.check_visible(who, "DiagnosticReport", await service.store.read("DiagnosticReport", resource_id))
+
+    async def guard(request_id: str) -> None:
+        await rules.check_opinion_allowed(who, request_id)
+
+    await service.delete_opinion(resource_id, guard=guard, author=who.reviewer)
+    return Response(status_code=204)
 
 
 async def _reidentified(service: CaseService, who: AccessContext, rules: Tenancy, body: Any) -> Any:

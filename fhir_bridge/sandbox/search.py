@@ -24,7 +24,7 @@ from fhir_bridge.errors import InvalidInput
 from fhir_bridge.resources import Resource
 from fhir_bridge.sandbox import render
 from fhir_bridge.sandbox.model import DOCUMENT_STATUSES, SandboxDocument, SandboxPatient, SandboxStudy, World
-from fhir_bridge.sandbox.render import Urls, instant
+from fhir_bridge.sandbox.render import Urls, entry_uuid, instant
 
 Params = Sequence[tuple[str, str]]
 _DATE = re.compile(
@@ -152,6 +152,10 @@ def _token_check(attr: str, system: str, tokens: list[tuple[str | None, str]]) -
     return lambda d: any(code == getattr(d, attr) and sys in (None, system) for sys, code in tokens)
 
 
+def _identifier_check(wanted: set[str]) -> Callable[[SandboxDocument], bool]:
+    return lambda d: d.master_identifier in wanted or entry_uuid(d.id) in wanted
+
+
 def _date_check(attr: str, date_filter: DateFilter) -> Callable[[SandboxDocument], bool]:
     return lambda d: date_filter.matches(getattr(d, attr))
 
@@ -178,6 +182,9 @@ def document_matches(world: World, params: Params) -> tuple[list[SandboxDocument
         for value in (v for k, v in params if k == name):
             checks.append(_date_check(attr, parse_date_filter(name, value)))
             used.append((name, value))
+    for values in _values(params, "identifier"):  # MHD: masterIdentifier or identifier (the entryUUID)
+        checks.append(_identifier_check({_token(v)[1] for v in values}))
+        used.append(("identifier", ",".join(values)))
     found = [d for d in world.documents() if all(check(d) for check in checks)]
     return sorted(found, key=lambda d: (d.date, d.id)), used
 

@@ -50,10 +50,21 @@ from fhir_bridge.errors import (
 )
 from fhir_bridge.identity import PatientIdentifier
 from fhir_bridge.intake import check_request
-from fhir_bridge.opinion import based_on_request, check_against_case, check_amendment, check_new_opinion
 from fhir_bridge.packaging import build_case_bundle
-from fhir_bridge.ports import AuditPort, BlobStorePort, Job, JobQueuePort, ResourceStorePort, SignerPort, SourcePort
+from fhir_bridge.ports import (
+    AuditPort,
+    BlobStorePort,
+    Job,
+    JobQueuePort,
+    ResourceStorePort,
+    SignerPort,
+    SourcePort,
+    WebhookPort,
+)
+from fhir_bridge.presented_form import Renderer
 from fhir_bridge.pseudonym import ReviewerNetworks, load_networks
+from fhir_bridge.report_pdf import render_pdf
+from fhir_bridge.report_render import render_html
 from fhir_bridge.resources import Resource
 from fhir_bridge.routing import ReviewerRegistry, load_registry
 from fhir_bridge.search_index import TENANT_TERM, index_terms, parse_criteria, tenant_of, with_tenant
@@ -66,7 +77,10 @@ from fhir_bridge.triage_rules import TriageRules, load_triage_rules
 from fhir_bridge.workflow.assignment import Assignments
 from fhir_bridge.workflow.case_bundles import BLOB_EXTENSION, CASE_TASK, CaseBundles
 from fhir_bridge.workflow.collect import collect_case
+from fhir_bridge.workflow.delivery import CLIENT_SOURCE, Deliveries
+from fhir_bridge.workflow.opinions import Opinions
 from fhir_bridge.workflow.taskbook import TaskBook, extension_value, now_instant, output_type, set_extension
+from fhir_bridge.writeback import WriteBackConfig, load_write_back_config
 
 log = structlog.get_logger("fhir_bridge.cases")
 
@@ -107,6 +121,10 @@ class CaseService:
         signer: SignerPort | None = None,
         pseudonym_key: bytes | None = None,
         networks: ReviewerNetworks | None = None,
+        webhooks: WebhookPort | None = None,
+        write_back: WriteBackConfig | None = None,
+        renderers: tuple[Renderer, Renderer] | None = None,
+        public_base: str = "",
     ) -> None:
         self.store = store
         self.queue = queue
@@ -126,6 +144,12 @@ class CaseService:
         self.bundles = CaseBundles(store=store, blobs=blobs, registry=self.registry,
                                    networks=networks or load_networks(), signer=signer,
                                    pseudonym_key=pseudonym_key, clock=clock)
+        self.deliveries = Deliveries(store=store, queue=queue, book=self.book, webhooks=webhooks, source=source,
+                                     write_back=write_back or load_write_back_config(), audit=audit,
+                                     agent=audit_agent, public_base=public_base, clock=clock)
+        self.opinions = Opinions(store=store, book=self.book, registry=self.registry, terminology=terminology,
+                                 match=self._conditional_match, deliveries=self.deliveries,
+                                 renderers=renderers or (render_html, render_pdf), clock=clock)
 
     # -- reads ----------------------------------------------------------------------------------------
 
@@ -164,10 +188,12 @@ class CaseService:
 
     # -- the request ----------------------------------------------------------------------------------
 
-    async def submit_request(self, body: Any, *, if_none_exist: str | None = None, tenant: str) -> Created:
+    async def submit_request(self, body: Any, *, if_none_exist: str | None = None, tenant: str,
+                             client: str | None = None) -> Created:
         """POST ServiceRequest: check, resolve the patient at the source, store, create the Task, enqueue.
 
-        The request, its Task and later its opinions carry the ``tenant`` of the platform that sent it.
+        The request, its Task and later its opinions carry the ``tenant`` of the platform that sent it; the
+        ``client`` that sent it is kept in ``meta.source`` (it is the one notified of the opinion).
         """
         request = check_request(body, self.terminology)
         existing, unique_key = await self._conditional_match("ServiceRequest", if_none_exist,
@@ -183,6 +209,8 @@ class CaseService:
         sr["subject"] = {**sr["subject"], "identifier": {**sr["subject"]["identifier"], "value": request.patient.value}}
         sr["authoredOn"] = sr.get("authoredOn") or now_instant(self.clock)
         sr = with_tenant(sr, tenant)
+        if client:
+            sr["meta"] = {**sr.get("meta", {}), "source": f"{CLIENT_SOURCE}{client}"}
         stored, created = await self.store.create(sr, index=index_terms(sr), unique_key=unique_key)
         await self._ensure_case(stored, request.deadline)
         return Created(stored, created)
@@ -387,75 +415,25 @@ class CaseService:
         :meth:`amend_opinion`. The pseudonym must be that of the case ``basedOn`` names."""
         return await self.bundles.reidentified_opinion(body, reader)
 
-    # -- the opinion ----------------------------------------------------------------------------------
+    # -- the opinion (fhir_bridge.workflow.opinions) ------------------------------------------------------
 
-    async def submit_opinion(self, body: Any, *, if_none_exist: str | None = None, guard: Guard | None = None
-                             ) -> Created:
-        """POST DiagnosticReport: the reviewer's opinion (preliminary or final) on a ready case.
-
-        ``guard`` (the caller's right to this case) runs as soon as the case is known, before anything is read.
-        """
-        report = check_new_opinion(body)
-        request_id = based_on_request(report)
-        if guard is not None:
-            await guard(request_id)
-        try:
-            request = await self.store.read("ServiceRequest", request_id)
-        except NotFound:
-            raise BusinessRuleViolation("basedOn names an unknown ServiceRequest", expression=["basedOn"]) from None
-        task = await self.task_for(request_id)
-        check_against_case(report, request, task)
-        existing, unique_key = await self._conditional_match("DiagnosticReport", if_none_exist,
-                                                             {"based-on": [f"ServiceRequest/{request_id}"]})
-        if existing is not None:
-            return Created(existing, False)
-        report = dict(report)
-        report.pop("id", None)
-        report.pop("meta", None)
-        report = with_tenant(report, tenant_of(request))
-        report["basedOn"] = [{"reference": f"ServiceRequest/{request_id}"}]
-        report.setdefault("issued", now_instant(self.clock))
-        stored, created = await self.store.create(report, index=index_terms(report), unique_key=unique_key)
-        await self._after_opinion(task, stored)
+    async def submit_opinion(self, body: Any, *, if_none_exist: str | None = None, guard: Guard | None = None,
+                             author: str | None = None) -> Created:
+        """POST DiagnosticReport: a reviewer's (or panel member's) opinion on a ready case; ``guard`` (the
+        caller's right to this case) runs as soon as the case is known; ``author`` is the caller's
+        PractitionerRole (the bridge signs the opinion with it)."""
+        stored, created = await self.opinions.submit(body, if_none_exist=if_none_exist, guard=guard, author=author)
         return Created(stored, created)
 
-    async def amend_opinion(self, report_id: str, body: Any, *, if_match: str | None, guard: Guard | None = None
-                            ) -> Resource:
+    async def amend_opinion(self, report_id: str, body: Any, *, if_match: str | None, guard: Guard | None = None,
+                            author: str | None = None) -> Resource:
         """PUT DiagnosticReport/{id}: a new version (amended, corrected, final…); If-Match guards it."""
-        current = await self.store.read("DiagnosticReport", report_id)
-        if guard is not None:
-            await guard(based_on_request(current))
-        report = dict(check_amendment(body, current))
-        if report.get("id") not in (None, report_id):
-            raise InvalidInput("the resource id does not match the URL", expression=["id"])
-        report["id"] = report_id
-        report["meta"] = current["meta"]
-        report["basedOn"] = current["basedOn"]
-        stored = await self.store.update(report, index=index_terms(report), if_match=if_match)
-        task = await self.task_for(based_on_request(stored))
-        await self._after_opinion(task, stored)
-        return stored
+        return await self.opinions.amend(report_id, body, if_match=if_match, guard=guard, author=author)
 
-    async def _after_opinion(self, task: Resource, report: Resource) -> None:
-        reference = {"reference": f"DiagnosticReport/{report['id']}"}
-        if report["status"] == "preliminary":
-            if task["status"] == "ready":
-                await self.book.move(task, "in-progress", "in-review")
-            return
-        if report["status"] == "entered-in-error":
-            return
-        task = await self.store.read("Task", task["id"])
-        known = any((o.get("valueReference") or {}) == reference for o in task.get("output") or [])
-        output = [] if known else [{"type": output_type("opinion", "Opinion"), "valueReference": reference}]
-        if task["status"] != "completed":
-            await self.book.move(task, "completed", "opinion-final", output=output)
-        elif output:
-
-            def add_opinion(t: Resource) -> None:  # re-applied to a fresh read if another writer came first
-                if not any((o.get("valueReference") or {}) == reference for o in t.get("output") or []):
-                    t["output"] = [*(t.get("output") or []), *output]
-
-            await self.book.edit(task, add_opinion)
+    async def delete_opinion(self, report_id: str, *, guard: Guard | None = None, author: str | None = None
+                             ) -> None:
+        """DELETE DiagnosticReport/{id}: a preliminary opinion retracted by its author (then 410)."""
+        await self.opinions.delete(report_id, guard=guard, author=author)
 
 
 def bundle_patient(stub: Resource) -> PatientIdentifier | None:

@@ -20,6 +20,7 @@ SHAPES = {
     ("POST", "/fhir/{T}/_search"): "search-type",
     ("POST", "/fhir/{T}"): "create",
     ("PUT", "/fhir/{T}/{resource_id}"): "update",
+    ("DELETE", "/fhir/{T}/{resource_id}"): "delete",
 }
 
 
