@@ -17,8 +17,8 @@ import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fhir_bridge.identity import INS_NIA, INS_NIR, INS_NIR_DEMO, INS_NIR_TEST
 from fhir_bridge.opinion_content import OPINION, Dissent, OpinionContent, consensus_method, read_dissents
+from fhir_bridge.report_render import format_instant, labels_for
 from fhir_bridge.report_view import LANGUAGES, DissentView, ReportView
 from fhir_bridge.routing import ReviewerRegistry
 from fhir_bridge.terminology import CANONICAL_BASE, Terminology
@@ -27,20 +27,15 @@ Resource = dict[str, Any]
 Renderer = Callable[[ReportView], bytes]
 RENDERED_STATUSES = frozenset({"final", "amended", "corrected", "appended"})
 SPECIALTY = f"{CANONICAL_BASE}/CodeSystem/specialty"
-REPORT_STATUS = "http://hl7.org/fhir/diagnostic-report-status"
-_PATIENT_SYSTEMS = {INS_NIR: "INS-NIR", INS_NIA: "INS-NIA", INS_NIR_TEST: "INS-NIR (test)",
-                    INS_NIR_DEMO: "INS-NIR (demo)"}
-_STATUS_LABELS = {  # R4 diagnostic-report-status has no French designations; these are ours
-    "fr": {"final": "Définitif", "amended": "Modifié", "corrected": "Corrigé", "appended": "Complété"},
-    "en": {"final": "Final", "amended": "Amended", "corrected": "Corrected", "appended": "Appended"},
-}
 
 
 def report_view(report: Resource, request: Resource, *, content: OpinionContent, language: str,
                 registry: ReviewerRegistry, terminology: Terminology, panel: str | None = None,
-                replaces: str | None = None) -> ReportView:
+                replaces: Resource | None = None) -> ReportView:
     """``report`` (with its ``id`` and the version it will be stored as in ``meta.versionId``) for readers of
-    ``language``."""
+    ``language``; ``replaces``: the version an amendment replaces. Labels: ``config/report-labels.json`` (R4's
+    diagnostic-report-status has no French designations)."""
+    labels = labels_for(language)
 
     def label(code: str | None) -> str | None:
         return terminology.display(OPINION, code, language) if code else None
@@ -54,9 +49,9 @@ def report_view(report: Resource, request: Resource, *, content: OpinionContent,
         report_id=str(report.get("id")),
         version=str((report.get("meta") or {}).get("versionId") or "1"),
         status=str(report.get("status")),
-        status_label=_STATUS_LABELS[language].get(str(report.get("status")), str(report.get("status"))),
+        status_label=labels.get(f"status_{report.get('status')}", str(report.get("status"))),
         issued=str(report.get("issued") or ""),
-        patient=f"{_PATIENT_SYSTEMS.get(str(identifier.get('system')), 'ID')} {identifier.get('value', '')}".strip(),
+        patient=f"{labels.get('id_' + str(identifier.get('system')), 'ID')} {identifier.get('value', '')}".strip(),
         specialty=terminology.display(SPECIALTY, specialty, language) if specialty else None,
         panel=panel,
         consensus_method=label(method),
@@ -73,9 +68,12 @@ def report_view(report: Resource, request: Resource, *, content: OpinionContent,
         tests=content.tests,
         risk_benefit=content.risk_benefit,
         conclusion=content.conclusion,
-        conclusion_codes=tuple(_code_text(c.system, c.code, c.display) for c in content.conclusion_codes),
+        conclusion_codes=tuple(f"{c.code} ({labels.get('code_' + c.system, c.system)})"
+                               + (f" — {c.display}" if c.display else "") for c in content.conclusion_codes),
         dissents=tuple(_dissent(d, registry, terminology, language) for d in read_dissents(report)),
-        replaces=replaces,
+        replaces=labels["replaced_version"].format(
+            version=replaces["meta"]["versionId"], issued=format_instant(str(replaces.get("issued", "")), language),
+        ) if replaces else None,
     )
 
 
@@ -137,12 +135,6 @@ def _dissent(dissent: Dissent, registry: ReviewerRegistry, terminology: Terminol
         if dissent.content.treatment_plan else None,
         conclusion=dissent.content.conclusion,
     )
-
-
-def _code_text(system: str, code: str, display: str | None) -> str:
-    names = {"http://snomed.info/sct": "SNOMED CT", "http://hl7.org/fhir/sid/icd-10": "ICD-10",
-             "https://smt.esante.gouv.fr/terminologie-cim-10": "CIM-10"}
-    return f"{code} ({names.get(system, system)})" + (f" — {display}" if display else "")
 
 
 __all__ = ["LANGUAGES", "RENDERED_STATUSES", "form_bytes", "presented_forms", "report_view"]

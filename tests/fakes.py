@@ -239,6 +239,8 @@ class FakeSource:
         self.attachments: dict[str, bytes] = {self.absolute(k): v for k, v in world.get("attachments", {}).items()}
         self.unavailable = False  # True: every call raises SourceUnavailable, as after all the client's retries
         self.calls: list[str] = []
+        self.provided: list[Resource] = []  # ITI-65 Bundles taken, in order
+        self.lose_answer = False  # True: the next ITI-65 is stored but its answer "lost" (SourceUnavailable)
 
     def _call(self, what: str) -> None:
         self.calls.append(what)
@@ -257,7 +259,36 @@ class FakeSource:
     async def find_document_references(self, patient_id: str, *, extra: Mapping[str, str] | None = None
                                        ) -> list[Resource]:
         self._call("find_document_references")
+        if extra and "identifier" in extra:  # MHD ITI-67 by identifier: the documents provided through ITI-65
+            return [copy.deepcopy(d) for d in self.written()
+                    if (d.get("masterIdentifier") or {}).get("value") == extra["identifier"].split("|")[-1]]
         return copy.deepcopy(self.documents)
+
+    async def provide_document_bundle(self, bundle: Resource, *, patient: PatientIdentifier | None = None
+                                      ) -> Resource:
+        """ITI-65 like the sandbox: a duplicate masterIdentifier is refused (409), replaced documents superseded."""
+        self._call("provide_document_bundle")
+        docs = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DocumentReference"]
+        known = {(d.get("masterIdentifier") or {}).get("value") for d in self.written()}
+        if any((d.get("masterIdentifier") or {}).get("value") in known for d in docs):
+            raise errors.SourceRejected("source refused the request: HTTP 409", status=409)
+        stored = copy.deepcopy(bundle)
+        for n, entry in enumerate(e for e in stored["entry"] if e["resource"]["resourceType"] == "DocumentReference"):
+            entry["resource"]["id"] = f"w{len(self.provided) + 1}-{n}"
+        self.provided.append(stored)
+        if self.lose_answer:
+            self.lose_answer = False
+            raise errors.SourceUnavailable("connection lost while reading the answer")
+        return {"resourceType": "Bundle", "type": "transaction-response",
+                "entry": [{"response": {"status": "201 Created",
+                                        "location": f"{e['resource']['resourceType']}/"
+                                                    f"{e['resource'].get('id', 'x')}/_history/1"}}
+                          for e in stored["entry"]]}
+
+    def written(self) -> list[Resource]:
+        """Every DocumentReference provided through ITI-65, with its server id."""
+        return [e["resource"] for b in self.provided for e in b["entry"]
+                if e["resource"]["resourceType"] == "DocumentReference"]
 
     async def find_imaging_studies(self, patient_id: str) -> tuple[list[Resource], dict[str, Resource]]:
         self._call("find_imaging_studies")
@@ -286,6 +317,28 @@ class FakeSource:
 
     def absolute(self, reference: str) -> str:
         return reference if urlsplit(reference).scheme else urljoin(self.base_url + "/", reference)
+
+
+class FakeWebhooks:
+    """:class:`~fhir_bridge.ports.WebhookPort`: ``targets`` by client id; ``down`` makes every send fail as a
+    refused connection; ``answers`` pops the statuses to answer (default 204). ``sent`` keeps what arrived."""
+
+    def __init__(self, targets: Mapping[str, Any]) -> None:
+        self.targets = dict(targets)
+        self.down = False
+        self.answers: list[int] = []
+        self.sent: list[tuple[str, bytes, dict[str, str]]] = []
+
+    def target(self, client_id: str) -> Any:
+        return self.targets.get(client_id)
+
+    async def send(self, url: str, body: bytes, headers: Mapping[str, str]) -> int:
+        if self.down:
+            raise errors.DeliveryFailed("the webhook did not answer (ConnectError)")
+        status = self.answers.pop(0) if self.answers else 204
+        if 200 <= status < 300:
+            self.sent.append((url, body, dict(headers)))
+        return status
 
 
 def fake_source_factory(source: SourcePort) -> Callable[[], AbstractAsyncContextManager[SourcePort]]:

@@ -40,6 +40,7 @@ from fhir_bridge.ports import ResourceStorePort
 from fhir_bridge.presented_form import LANGUAGES, RENDERED_STATUSES, Renderer, presented_forms, report_view
 from fhir_bridge.routing import Panel, ReviewerRegistry
 from fhir_bridge.search_index import index_terms, tenant_of, with_tenant
+from fhir_bridge.tasks import state_of
 from fhir_bridge.terminology import Terminology
 from fhir_bridge.workflow.delivery import Deliveries
 from fhir_bridge.workflow.taskbook import TaskBook, now_instant, output_type
@@ -256,10 +257,9 @@ class Opinions:
         if self.renderers is None or report.get("status") not in RENDERED_STATUSES:
             return {k: v for k, v in report.items() if k != "presentedForm"}
         panel_name = panel.display if panel is not None else None
-        was = (f"version {replaces['meta']['versionId']} ({replaces['status']}, {replaces.get('issued', '')})"
-               if replaces else None)
         views = [report_view(report, request, content=content, language=lang, registry=self.registry,
-                             terminology=self.terminology, panel=panel_name, replaces=was) for lang in LANGUAGES]
+                             terminology=self.terminology, panel=panel_name, replaces=replaces)
+                 for lang in LANGUAGES]
         forms = presented_forms(views, *self.renderers, created=now_instant(self.clock))
         return {**report, "presentedForm": forms}
 
@@ -278,7 +278,7 @@ class Opinions:
         task = await self.store.read("Task", task["id"])
         known = any((o.get("valueReference") or {}) == reference for o in task.get("output") or [])
         output = [] if known else [{"type": output_type("opinion", "Opinion"), "valueReference": reference}]
-        if task["status"] != "completed":
+        if task["status"] != "completed" or state_of(task) == "delivered":  # a new version has to be delivered
             task = await self.book.move(task, "completed", "opinion-final", output=output)
         elif output:
 

@@ -222,6 +222,10 @@ def walked(audited: Bridge, sandbox: Sandbox, walk: Walk, auditor: httpx.Client)
     task = platform.get(f"{api}/Task/{task['id']}").raise_for_status().json()
     assert task.get("owner"), "the declined case found no other reviewer"
     reviewer = audited.reviewer_of(task)  # the case went to someone else: they answer it
+    draft = walk("create", "POST", "DiagnosticReport", caller=reviewer, status=201,
+                 body={**opinion_as_seen(walk.client(reviewer), api, sr["id"]), "status": "preliminary"}).json()
+    walk("delete", "DELETE", f"DiagnosticReport/{draft['id']}", caller=reviewer, status=204, about_patient=False)
+    walk("read", "GET", f"DiagnosticReport/{draft['id']}", caller=reviewer, status=410)
     report = walk("create", "POST", "DiagnosticReport", caller=reviewer, status=201,
                   body=opinion_as_seen(walk.client(reviewer), api, sr["id"])).json()
     walk("read", "GET", f"DiagnosticReport/{report['id']}", caller=reviewer)

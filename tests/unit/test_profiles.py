@@ -88,8 +88,16 @@ def audit_event(links: tuple[str, ...] = ("seq", "prev", "hash")) -> dict[str, A
     }
 
 
+def rendered(report: dict[str, Any]) -> dict[str, Any]:
+    """A final opinion as the bridge stores it: with its four renderings (sor-6)."""
+    forms = [{"contentType": kind, "language": lang, "data": "PGgxPng8L2gxPg==", "size": 11,
+              "hash": "Lve95gjOVATpfV8EL5X4nxwjKHE="}
+             for lang in ("fr", "en") for kind in ("text/html", "application/pdf")]
+    return report | {"presentedForm": forms}
+
+
 def examples() -> list[dict[str, Any]]:
-    report = reviewer_opinion("1", {"identifier": INS}) | {"issued": "2026-11-20T10:00:00Z"}
+    report = rendered(reviewer_opinion("1", {"identifier": INS}) | {"issued": "2026-11-20T10:00:00Z"})
     return [request(), task(), bundle(), bundle()["entry"][0]["resource"], report, audit_event()]
 
 
@@ -192,10 +200,22 @@ def test_a_composition_is_checked_against_its_own_profile(profiles: Profiles, te
 
 
 def test_a_warning_invariant_is_reported_not_refused(profiles: Profiles, terminology: Terminology) -> None:
-    silent = reviewer_opinion("1", {"identifier": INS}) | {"issued": "2026-11-20T10:00:00Z"}
+    silent = reviewer_opinion("1", {"identifier": INS}) | {"issued": "2026-11-20T10:00:00Z", "status": "preliminary"}
     silent.pop("conclusion")
     warnings = conform(silent, profiles, terminology)
     assert [(w.severity, w.message.split(":")[0]) for w in warnings] == [("warning", "sor-3")]
+
+
+def test_a_final_opinion_without_its_position_or_renderings_does_not_conform(profiles: Profiles,
+                                                                              terminology: Terminology) -> None:
+    final = rendered(reviewer_opinion("1", {"identifier": INS}) | {"issued": "2026-11-20T10:00:00Z"})
+    assert conform(final, profiles, terminology) == []
+    no_position = broken(final, lambda r: (r.pop("contained"), r.pop("result")))
+    no_forms = broken(final, lambda r: r.pop("presentedForm"))
+    foreign_item = broken(final, lambda r: r["contained"][0]["code"]["coding"][0].update(system="http://x.org"))
+    for bad, key in ((no_position, "sor-5"), (no_forms, "sor-6"), (foreign_item, "sor-4")):
+        with pytest.raises(BusinessRuleViolation, match=key):
+            conform(bad, profiles, terminology)
 
 
 def test_a_declared_profile_is_the_one_checked(profiles: Profiles, terminology: Terminology) -> None:
