@@ -294,7 +294,7 @@ def sandbox(host: str, port: int, patients: int, seed: int, page_cap: int, laten
               help="Log level of the API, worker and sandbox processes (their logs go to OUT/logs).")
 @one_line_errors
 def demo(out_dir: Path, log_level: str) -> None:
-    """Run the whole path on embedded defaults (private Redis, sandbox, API, worker, a scripted reviewer)."""
+    """Run the whole path on embedded defaults (private Redis, sandbox, API, worker, a scripted reviewer panel)."""
     from rich.console import Console
 
     from fhir_bridge.demo import run_demo
@@ -308,8 +308,13 @@ def demo(out_dir: Path, log_level: str) -> None:
     for reason, where in result.left_out:
         console.print(f"    - {reason}: {where}")
     console.print(f"  conclusion: {result.conclusion}")
+    console.print(f"  dissenting opinions kept: {result.dissents}; platform notified: {result.notified}")
     console.print(f"  case bundle: {result.bundle_path}")
     console.print(f"  opinion:     {result.report_path}")
+    for path in result.renderings:
+        console.print(f"               {path}")
+    console.print(f"  in the record: {result.record_document}")
+    console.print(f"  audit chain: {result.audit}")
     console.print(f"  logs:        {result.out_dir / 'logs'}")
 
 

@@ -1,8 +1,12 @@
 """``fhir-bridge demo``: the whole path on embedded defaults, as real processes, then everything stopped.
 
-A private redis-server, the sandbox source, the API and a worker are started on free ports; a platform asks
-for a second opinion on the sandbox's oncology patient; the worker pulls and packages the case; a scripted
-reviewer posts a final DiagnosticReport; the platform finds it by ``based-on``. Files land in ``--out``.
+A private redis-server, the sandbox source, the API and a worker are started on free ports; a platform asks a
+multidisciplinary panel (the Heart Team of ``config/reviewers.json``) for an opinion on the sandbox's cardiology
+patient, with write-back into the record; the worker pulls, packages and triages the case; the three panel
+members post their opinions (one dissents), the coordinator issues the consensus with its HTML and PDF; the
+platform's webhook (a receiver the demo runs, checking the Standard Webhooks signature) is notified, the opinion
+is written back into the record (ITI-65) and found there again (ITI-67); the auditor verifies the audit chain.
+Files land in ``--out``.
 
 Nothing bypasses security: every client (the platform, the reviewer the case is routed to) is registered with its
 own key pair (:mod:`fhir_bridge.adapters.dev_clients`) and calls with SMART Backend Services tokens.
@@ -10,10 +14,11 @@ own key pair (:mod:`fhir_bridge.adapters.dev_clients`) and calls with SMART Back
 
 from __future__ import annotations
 
+import base64
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +27,10 @@ from rich.console import Console
 
 from fhir_bridge.adapters.dev_clients import DevClients, provision
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
+from fhir_bridge.intake import WRITE_BACK
 from fhir_bridge.processes import ProcessGroup, free_port
 from fhir_bridge.terminology import CANONICAL_BASE
+from fhir_bridge.webhook_receiver import WebhookReceiver
 
 FHIR_JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
 LOINC = "http://loinc.org"
@@ -40,6 +47,11 @@ class DemoResult:
     left_out: list[tuple[str, str]]
     conclusion: str
     seconds: float
+    renderings: list[Path] = field(default_factory=list)
+    dissents: int = 0
+    notified: bool = False
+    record_document: str = ""
+    audit: str = ""
 
 
 def second_opinion_request(patient: dict[str, Any], request_id: str) -> dict[str, Any]:
@@ -122,45 +134,47 @@ def run_demo(out_dir: Path, console: Console, *, log_level: str = "WARNING") -> 
             group.start("sandbox", ["sandbox", "--port", str(sandbox_port), "--patients", "3"],
                         health_url=f"http://127.0.0.1:{sandbox_port}/healthz")
             console.print(f"[bold]source[/]  sandbox national record at {source}")
-            clients = provision(data_dir / "clients.json", data_dir / "client-keys")
+            receiver = WebhookReceiver(port=free_port(), secret="")
+            clients = provision(data_dir / "clients.json", data_dir / "client-keys",
+                                webhooks={"platform": receiver.url})
+            receiver.secret = clients.clients["platform"].webhook_secret or ""
+            receiver.start()
             console.print(f"[bold]clients[/] {len(clients.clients)} registered (platforms, reviewers, auditor, "
-                          "operator), each with its own ES384 key")
+                          f"operator), each with its own ES384 key; the platform's webhook at {receiver.url}")
             env = {"FHIR_BRIDGE_REDIS_URL": redis.url, "FHIR_BRIDGE_SOURCE_URL": source,
                    "FHIR_BRIDGE_DATA_DIR": str(data_dir), "FHIR_BRIDGE_LOG_LEVEL": log_level}
             group.start("api", ["serve", "--port", str(api_port)], health_url=f"http://127.0.0.1:{api_port}/readyz",
                         extra_env=env)
             group.start("worker", ["worker", "--name", "demo-worker"], extra_env=env)
             console.print(f"[bold]api[/]     fhir-bridge API at {api}, one worker")
-            with httpx.Client(timeout=30) as http:
-                result = _scenario(http, api, f"http://127.0.0.1:{sandbox_port}", out_dir, console, clients)
+            try:
+                with httpx.Client(timeout=30) as http:
+                    result = _scenario(http, api, f"http://127.0.0.1:{sandbox_port}", out_dir, console, clients,
+                                       receiver)
+            finally:
+                receiver.stop()
     result.seconds = time.monotonic() - started
     return result
 
 
 def _scenario(http: httpx.Client, api: str, sandbox: str, out_dir: Path, console: Console,
-              clients: DevClients) -> DemoResult:
+              clients: DevClients, receiver: WebhookReceiver) -> DemoResult:
     world = http.get(f"{sandbox}/_sandbox/world").raise_for_status().json()
     http.auth = clients.auth("platform", api)
-    patient = next(p for p in world["patients"] if p.get("specialty") == "oncology")
+    patient = next(p for p in world["patients"] if p.get("specialty") == "cardiology")
     request = second_opinion_request(patient, "DEMO-0001")
+    request["code"]["coding"][0]["code"] = "tumor-board-opinion"
+    request["reasonCode"] = [{"text": "Rétrécissement aortique serré symptomatique : chirurgie ou TAVI ?"}]
+    request["note"] = [{"text": "Plan proposé : remplacement valvulaire aortique chirurgical."}]
+    request["extension"] = [{"url": WRITE_BACK, "valueBoolean": True}]
     answer = http.post(f"{api}/ServiceRequest", json=request, headers={
         **FHIR_JSON, "If-None-Exist": "identifier=https://platform.example/requests|DEMO-0001"})
     answer.raise_for_status()
     sr = answer.json()
-    console.print(f"[bold]request[/] ServiceRequest/{sr['id']} created ({answer.status_code})")
+    console.print(f"[bold]request[/] ServiceRequest/{sr['id']} created ({answer.status_code}): a panel opinion, "
+                  "with write-back into the record")
 
-    task: dict[str, Any] = {}
-    deadline = time.monotonic() + 45
-    with console.status("collecting the case from the source…"):
-        while time.monotonic() < deadline:
-            bundle = http.get(f"{api}/Task", params={"focus": f"ServiceRequest/{sr['id']}"}).raise_for_status().json()
-            task = bundle["entry"][0]["resource"] if bundle.get("entry") else {}
-            if task.get("status") in ("ready", "failed"):
-                break
-            time.sleep(0.2)
-    if task.get("status") != "ready":
-        raise RuntimeError(f"the case did not become ready: {task.get('status')} "
-                           f"{(task.get('statusReason') or {}).get('text', '')}")
+    task = _wait_task(http, api, sr["id"], console)
     state = task["businessStatus"]["coding"][0]["code"]
     console.print(f"[bold]task[/]    Task/{task['id']} is {task['status']} ({state}), due "
                   f"{task['restriction']['period']['end']}")
@@ -171,8 +185,10 @@ def _scenario(http: httpx.Client, api: str, sandbox: str, out_dir: Path, console
                   f"{(task.get('owner') or {}).get('display', 'nobody yet')}")
     bundle_ref = next(o["valueReference"]["reference"] for o in task["output"]
                       if o["type"]["coding"][0]["code"] == "case-bundle")
-    reviewer = clients.auth(clients.reviewer_for(task["owner"]["reference"]), api)
-    case_bundle = http.get(f"{api}/{bundle_ref}", auth=reviewer).raise_for_status().content
+    owner = task["owner"]["reference"]
+    panel = clients.registry.panels[owner.rpartition("/")[2]]
+    member_auth = {m: clients.auth(f"reviewer-{m}", api) for m in panel.members}
+    case_bundle = http.get(f"{api}/{bundle_ref}", auth=member_auth[panel.members[0]]).raise_for_status().content
     bundle_path = out_dir / "bundle.json"
     bundle_path.write_bytes(case_bundle)
     parsed = json.loads(case_bundle)
@@ -186,20 +202,94 @@ def _scenario(http: httpx.Client, api: str, sandbox: str, out_dir: Path, console
             if codes:
                 left_out.append((codes[0]["code"], issue.get("diagnostics", "")))
 
-    opinion = reviewer_opinion(sr["id"], patient)
-    posted = http.post(f"{api}/DiagnosticReport", json=opinion, headers=FHIR_JSON, auth=reviewer)
+    # each member gives a position; the last one dissents (a TAVI rather than surgery)
+    for n, member in enumerate(panel.members):
+        dissent = n == len(panel.members) - 1 and len(panel.members) > 2
+        opinion = opinion_report(sr["id"], patient, status="preliminary",
+                                 plan="alternative-proposed" if dissent else "agree",
+                                 alternatives=("TAVI par voie fémorale",) if dissent else (),
+                                 conclusion="Anatomie favorable à un TAVI." if dissent
+                                 else "Remplacement valvulaire chirurgical recommandé.")
+        posted = http.post(f"{api}/DiagnosticReport", json=opinion, headers=FHIR_JSON, auth=member_auth[member])
+        if posted.status_code != 201:
+            raise RuntimeError(f"a panel member's opinion was refused: {posted.status_code} {posted.text[:300]}")
+        console.print(f"[bold]member[/]  {clients.registry.reviewers[member].display}: "
+                      + ("dissents (alternative proposed)" if dissent else "agrees with the plan"))
+    consensus = opinion_report(
+        sr["id"], patient, conclusion="Consensus de la Heart Team : remplacement valvulaire aortique chirurgical ; "
+                                      "l'option TAVI est rediscutée si le risque opératoire augmente.",
+        tests=("Coronarographie préopératoire",),
+        codes=(("https://smt.esante.gouv.fr/terminologie-cim-10", "I35.0", "Sténose aortique"),))
+    posted = http.post(f"{api}/DiagnosticReport", json=consensus, headers=FHIR_JSON,
+                       auth=member_auth[panel.coordinator or panel.members[0]])
     if posted.status_code != 201:
-        raise RuntimeError(f"the reviewer's report was refused: {posted.status_code} {posted.text[:300]}")
+        raise RuntimeError(f"the panel's consensus was refused: {posted.status_code} {posted.text[:300]}")
     report = posted.json()
-    console.print(f"[bold]review[/]  DiagnosticReport/{report['id']} posted by the reviewer ({report['status']})")
-    found = http.get(f"{api}/DiagnosticReport", params={"based-on": f"ServiceRequest/{sr['id']}"}).json()
+    dissents = [o for o in report.get("contained", []) if o["code"]["coding"][0]["code"] == "dissenting-opinion"]
+    console.print(f"[bold]review[/]  DiagnosticReport/{report['id']}: the panel's final opinion "
+                  f"({len(report['resultsInterpreter'])} members, {len(dissents)} dissent kept), HTML and PDF "
+                  "in French and English")
+    found = http.get(f"{api}/DiagnosticReport", params={"based-on": f"ServiceRequest/{sr['id']}",
+                                                         "status": "final"}).json()
     if found.get("total") != 1:
-        raise RuntimeError("the report was not found by based-on search")
+        raise RuntimeError("the final report was not found by based-on search")
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(found["entry"][0]["resource"], ensure_ascii=False, indent=2), "utf-8")
-    final_task = http.get(f"{api}/Task/{task['id']}").json()
-    console.print(f"[bold]task[/]    Task/{task['id']} is {final_task['status']} "
-                  f"({final_task['businessStatus']['coding'][0]['code']})")
+    renderings = []
+    for form in report["presentedForm"]:
+        suffix = "pdf" if form["contentType"] == "application/pdf" else "html"
+        path = out_dir / f"report-{form['language']}.{suffix}"
+        path.write_bytes(base64.b64decode(form["data"]))
+        renderings.append(path)
+
+    notified = bool(receiver.wait_for(1, timeout=30))
+    console.print(f"[bold]webhook[/] the platform was notified ({receiver.received[0].event['type']}, "
+                  "signature verified)")
+    delivered = _wait_delivered(http, api, task["id"])
+    record = next(o["valueReference"]["reference"] for o in delivered["output"]
+                  if o["type"]["coding"][0]["code"] == "record-document")
+    in_record = http.get(f"{sandbox}/fhir/DocumentReference/{record.rsplit('/', 1)[1]}",
+                         auth=None).raise_for_status().json()
+    console.print(f"[bold]record[/]  written back with ITI-65 and found again: {record} "
+                  f"({in_record['type']['coding'][0]['code']}, {in_record['status']})")
+    console.print(f"[bold]task[/]    Task/{task['id']} is {delivered['status']} "
+                  f"({delivered['businessStatus']['coding'][0]['code']})")
+    verified = http.get(f"{api}/AuditEvent/$verify", auth=clients.auth("auditor", api)).raise_for_status().json()
+    result = {p["name"]: p.get("valueString", p.get("valueInteger", p.get("valueBoolean")))
+              for p in verified["parameter"]}
+    audit_path = out_dir / "audit-verify.json"
+    audit_path.write_text(json.dumps(verified, indent=2), "utf-8")
+    console.print(f"[bold]audit[/]   chain verified by the auditor: {result.get('result')} "
+                  f"({result.get('count')} events)")
     return DemoResult(out_dir=out_dir, bundle_path=bundle_path, report_path=report_path,
                       documents=types.count("DocumentReference"), studies=types.count("ImagingStudy"),
-                      left_out=left_out, conclusion=report["conclusion"], seconds=0.0)
+                      left_out=left_out, conclusion=report["conclusion"], seconds=0.0, renderings=renderings,
+                      dissents=len(dissents), notified=notified, record_document=record,
+                      audit=f"{result.get('result')} ({result.get('count')} events): {audit_path}")
+
+
+def _wait_task(http: httpx.Client, api: str, sr_id: str, console: Console) -> dict[str, Any]:
+    task: dict[str, Any] = {}
+    deadline = time.monotonic() + 45
+    with console.status("collecting the case from the source…"):
+        while time.monotonic() < deadline:
+            bundle = http.get(f"{api}/Task", params={"focus": f"ServiceRequest/{sr_id}"}).raise_for_status().json()
+            task = bundle["entry"][0]["resource"] if bundle.get("entry") else {}
+            if task.get("status") in ("ready", "failed"):
+                break
+            time.sleep(0.2)
+    if task.get("status") != "ready":
+        raise RuntimeError(f"the case did not become ready: {task.get('status')} "
+                           f"{(task.get('statusReason') or {}).get('text', '')}")
+    return task
+
+
+def _wait_delivered(http: httpx.Client, api: str, task_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 45
+    task: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        task = http.get(f"{api}/Task/{task_id}").raise_for_status().json()
+        if task["businessStatus"]["coding"][0]["code"] == "delivered":
+            return task
+        time.sleep(0.2)
+    raise RuntimeError(f"the opinion was not delivered: {task.get('businessStatus')}")

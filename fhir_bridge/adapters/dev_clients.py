@@ -9,12 +9,13 @@ ES384 key pair (``fhir-bridge clients keygen``) registered by ``add_client`` (``
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fhir_bridge.access import load_role_ceilings
-from fhir_bridge.adapters.clients import add_client, generate_client_keypair
+from fhir_bridge.adapters.clients import add_client, generate_client_keypair, set_webhook
 from fhir_bridge.adapters.token_client import BackendServicesAuth, load_private_jwk
 from fhir_bridge.routing import ReviewerRegistry, load_registry
 
@@ -31,6 +32,7 @@ class DevClient:
     scope: str
     private_jwk: dict[str, Any] = field(repr=False)
     reviewer: str | None = None
+    webhook_secret: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -54,8 +56,10 @@ class DevClients:
         return f"reviewer-{ident}"
 
 
-def provision(clients_file: Path, keys_dir: Path, registry: ReviewerRegistry | None = None) -> DevClients:
-    """Write the demo/test clients into ``clients_file`` (created) with their keys under ``keys_dir``."""
+def provision(clients_file: Path, keys_dir: Path, registry: ReviewerRegistry | None = None, *,
+              webhooks: Mapping[str, str] | None = None) -> DevClients:
+    """Write the demo/test clients into ``clients_file`` (created) with their keys under ``keys_dir``;
+    ``webhooks``: client id → the URL it is notified at (``clients webhook``), its secret in the DevClient."""
     registry = registry or load_registry()
     ceilings = load_role_ceilings()
     wanted: list[tuple[str, str, str, str | None]] = [
@@ -71,5 +75,8 @@ def provision(clients_file: Path, keys_dir: Path, registry: ReviewerRegistry | N
         private_path, public_path = generate_client_keypair(where)
         scopes = list(ceilings[role])
         add_client(clients_file, client_id, role, public_path, scopes, tenant, reviewer=reviewer)
-        made[client_id] = DevClient(client_id, role, " ".join(scopes), load_private_jwk(private_path), reviewer)
+        url = (webhooks or {}).get(client_id)
+        secret = set_webhook(clients_file, client_id, url) if url else None
+        made[client_id] = DevClient(client_id, role, " ".join(scopes), load_private_jwk(private_path), reviewer,
+                                    secret)
     return DevClients(made, registry)

@@ -76,6 +76,9 @@ class CaseBundles:
         self.signer = signer
         self.pseudonyms = CasePseudonyms(pseudonym_key) if pseudonym_key is not None else None
         self.clock = clock
+        #: re-renders a pseudonymised report's presentedForm (its PDF and HTML name the patient by INS);
+        #: given by CaseService (fhir_bridge.workflow.opinions.Opinions.rerendered)
+        self.rerender: Callable[[Resource, Resource], Resource] | None = None
         networks.check(registry)
 
     def _now(self) -> datetime:
@@ -157,7 +160,16 @@ class CaseBundles:
             task_id = await self._task_for(based_on_request(resource))
         else:
             raise Forbidden(f"{rtype} has no pseudonymised view")
-        return pseudonymise_view(resource, self.case_pseudonym(task_id))
+        pseudonym = self.case_pseudonym(task_id)
+        view = pseudonymise_view(resource, pseudonym)
+        if rtype == "DiagnosticReport" and view.get("presentedForm"):
+            # the renderings are bytes the scrubber can not read: made again from the pseudonymised report and
+            # request, never passed on as they are (they carry the INS)
+            view = {k: v for k, v in view.items() if k != "presentedForm"}
+            if self.rerender is not None:
+                request = await self.store.read("ServiceRequest", based_on_request(resource))
+                view = self.rerender(view, pseudonymise_view(request, pseudonym))
+        return view
 
     async def reidentified_opinion(self, body: Any, reader: AccessContext | None) -> Any:
         if not self.needs_pseudonym(reader):

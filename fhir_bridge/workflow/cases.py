@@ -150,6 +150,7 @@ class CaseService:
         self.opinions = Opinions(store=store, book=self.book, registry=self.registry, terminology=terminology,
                                  match=self._conditional_match, deliveries=self.deliveries,
                                  renderers=renderers or (render_html, render_pdf), clock=clock)
+        self.bundles.rerender = self.opinions.rerendered
 
     # -- reads ----------------------------------------------------------------------------------------
 

@@ -239,6 +239,14 @@ class Opinions:
             raise Forbidden("only the author of a preliminary opinion can delete it")
         await self.store.delete("DiagnosticReport", report_id)
 
+    def rerendered(self, report: Resource, request: Resource) -> Resource:
+        """``report`` rendered again from what it says now (a pseudonymised view and its request's view)."""
+        content = read_content(_without_dissents(report), self.terminology, systems=self.systems)
+        ident = next((p.id for p in self.registry.panels.values() if _method(report) and any(
+            str(r.get("reference")) == f"PractitionerRole/{p.coordinator}" for r in report.get("resultsInterpreter",
+                                                                                           []) or [])), None)
+        return self._rendered(report, content, request, self.registry.panels.get(ident) if ident else None)
+
     # -- shared ---------------------------------------------------------------------------------------------
 
     def _check_amender(self, current: Resource, panel: Panel | None, author: str | None) -> None:

@@ -82,8 +82,8 @@ class Bridge:
 
 
 def start_bridge(group: ProcessGroup, redis: EmbeddedRedis, source: str, data_dir: Path, name: str,
-                 **env: str) -> Bridge:
-    clients = provision(data_dir / "clients.json", data_dir / "client-keys")
+                 webhooks: dict[str, str] | None = None, **env: str) -> Bridge:
+    clients = provision(data_dir / "clients.json", data_dir / "client-keys", webhooks=webhooks)
     full_env = {"FHIR_BRIDGE_REDIS_URL": redis.url, "FHIR_BRIDGE_SOURCE_URL": source,
                 "FHIR_BRIDGE_DATA_DIR": str(data_dir), "FHIR_BRIDGE_LOG_LEVEL": "INFO",
                 "FHIR_BRIDGE_SOURCE__BACKOFF_INITIAL": "0.05", **env}

@@ -87,7 +87,7 @@ def bench(tmp_path: Path) -> Bench:
     webhooks = FakeWebhooks({"platform-a": WebhookTarget("https://platform.test/hooks", SECRET)})
     service = CaseService(store=store, queue=queue, blobs=InMemoryBlobs(), source=fake_source_factory(source),
                           terminology=TERMS, work_dir=tmp_path / "work", triage_rules=LAB_ONLY_RULES,
-                          webhooks=webhooks)
+                          webhooks=webhooks, pseudonym_key=b"p" * 32)
     return Bench(service, store, queue, source, webhooks)
 
 
@@ -390,3 +390,21 @@ async def test_the_opinion_is_written_back_once_and_an_amendment_replaces_it(ben
 
 
 NIR = PATIENT["identifier"]["value"]
+
+
+async def test_a_reviewer_abroad_reads_renderings_made_from_the_pseudonymised_report(bench: Bench) -> None:
+    from tests.callers import caller
+
+    request, _ = await bench.case(owner="PractitionerRole/onco-de-1")
+    report = await bench.post(request, "onco-de-1")
+    assert NIR in forms(report)[("text/html", "fr")].decode()  # what the platform reads names the patient
+    abroad = caller("reviewer", reviewer="onco-de-1")
+    assert bench.service.needs_pseudonym(abroad)
+    seen = await bench.service.reader_view(report, abroad)
+    rendered = forms(seen)
+    assert set(rendered) == set(forms(report))
+    pseudonym = seen["subject"]["identifier"]["value"]
+    for kind, data in rendered.items():
+        text = data.decode() if kind[0] == "text/html" else pdf_text(data)
+        assert NIR not in text and pseudonym in text
+    conforms(seen)
