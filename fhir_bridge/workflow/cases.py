@@ -79,7 +79,14 @@ from fhir_bridge.workflow.case_bundles import BLOB_EXTENSION, CASE_TASK, CaseBun
 from fhir_bridge.workflow.collect import collect_case
 from fhir_bridge.workflow.delivery import CLIENT_SOURCE, Deliveries
 from fhir_bridge.workflow.opinions import Opinions
-from fhir_bridge.workflow.taskbook import TaskBook, extension_value, now_instant, output_type, set_extension
+from fhir_bridge.workflow.taskbook import (
+    TaskBook,
+    case_task,
+    extension_value,
+    now_instant,
+    output_type,
+    set_extension,
+)
 from fhir_bridge.writeback import WriteBackConfig, load_write_back_config
 
 log = structlog.get_logger("fhir_bridge.cases")
@@ -246,10 +253,7 @@ class CaseService:
         return stored
 
     async def task_for(self, request_id: str) -> Resource:
-        page = await self.store.search("Task", {"focus": [f"ServiceRequest/{request_id}"]}, count=1)
-        if not page.resources:
-            raise NotFound("no case for that ServiceRequest")
-        return page.resources[0]
+        return await case_task(self.store, request_id)
 
     # -- the collect job ------------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from fhir_bridge.intake import WRITE_BACK
 from fhir_bridge.ports import AuditPort, Job, JobQueuePort, ResourceStorePort, SourcePort, WebhookPort
 from fhir_bridge.presented_form import form_bytes
 from fhir_bridge.terminology import CANONICAL_BASE
-from fhir_bridge.workflow.taskbook import TaskBook, now_instant, output_type, task_patient
+from fhir_bridge.workflow.taskbook import TaskBook, case_task, now_instant, output_type, task_patient
 from fhir_bridge.writeback import WriteBackConfig, document_location, master_identifier, provide_bundle
 
 Resource = dict[str, Any]
@@ -223,10 +223,7 @@ class Deliveries:
             await self.book.move(task, "completed", "delivered")
 
     async def _task(self, request_id: str) -> Resource:
-        page = await self.store.search("Task", {"focus": [f"ServiceRequest/{request_id}"]}, count=1)
-        if not page.resources:
-            raise BusinessRuleViolation("no case for that ServiceRequest")
-        return page.resources[0]
+        return await case_task(self.store, request_id)
 
 
 def _outputs(task: Resource, code: str) -> list[Resource]:

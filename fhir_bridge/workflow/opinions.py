@@ -43,7 +43,7 @@ from fhir_bridge.search_index import index_terms, tenant_of, with_tenant
 from fhir_bridge.tasks import state_of
 from fhir_bridge.terminology import Terminology
 from fhir_bridge.workflow.delivery import Deliveries
-from fhir_bridge.workflow.taskbook import TaskBook, now_instant, output_type
+from fhir_bridge.workflow.taskbook import TaskBook, case_task, now_instant, output_type
 
 Resource = dict[str, Any]
 Guard = Callable[[str], Awaitable[None]]
@@ -300,10 +300,7 @@ class Opinions:
                                       event="opinion.amended" if amended_from else "opinion.final")
 
     async def _task(self, request_id: str) -> Resource:
-        page = await self.store.search("Task", {"focus": [f"ServiceRequest/{request_id}"]}, count=1)
-        if not page.resources:
-            raise NotFound("no case for that ServiceRequest")
-        return page.resources[0]
+        return await case_task(self.store, request_id)
 
     def _panel(self, task: Resource) -> Panel | None:
         owner = str((task.get("owner") or {}).get("reference") or "")

@@ -25,7 +25,7 @@ import structlog
 
 from fhir_bridge import audit_context
 from fhir_bridge.audit import Party, job_event
-from fhir_bridge.errors import PreconditionFailed
+from fhir_bridge.errors import NotFound, PreconditionFailed
 from fhir_bridge.identity import PatientIdentifier
 from fhir_bridge.ports import AuditPort, ResourceStorePort
 from fhir_bridge.search_index import index_terms
@@ -67,6 +67,14 @@ def task_patient(task: Resource) -> PatientIdentifier | None:
     identifier = ((task.get("for") or {}).get("identifier")) or {}
     system, value = identifier.get("system"), identifier.get("value")
     return PatientIdentifier(system, value) if isinstance(system, str) and isinstance(value, str) else None
+
+
+async def case_task(store: ResourceStorePort, request_id: str) -> Resource:
+    """The Task of the case whose ServiceRequest is ``request_id``; NotFound when there is none."""
+    page = await store.search("Task", {"focus": [f"ServiceRequest/{request_id}"]}, count=1)
+    if not page.resources:
+        raise NotFound("no case for that ServiceRequest")
+    return page.resources[0]
 
 
 class TaskBook:
