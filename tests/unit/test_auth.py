@@ -45,6 +45,8 @@ from fhir_bridge.adapters.auth import (
 from fhir_bridge.errors import Conflict, InvalidInput
 from tests.redis_fixture import redis_client, redis_server, redis_url
 
+SECRET = "whsec_" + base64.b64encode(b"s" * 32).decode()
+
 __all__ = ["redis_client", "redis_server", "redis_url"]  # the real-Redis fixtures, used by name
 
 TOKEN_URL = "https://bridge.test/auth/token"
@@ -481,6 +483,11 @@ async def test_keygen_then_add_then_authenticate(tmp_path: Path, replay: RedisRe
         ({"jwks": {"keys": [{**EC_KEY.as_dict(private=False), "kid": None}]}}, "kid"),
         ({"jwks": {"keys": [EC_KEY.as_dict(private=False), EC_KEY.as_dict(private=False)]}}, "unique"),
         ({"jwks": {"keys": [{**EC_KEY.as_dict(private=False), "alg": "HS256"}]}}, "alg"),
+        ({"webhook": {"url": "http://platform.example/hooks", "secret": SECRET}}, "https"),
+        ({"webhook": {"url": "https://user:pw@platform.example/hooks", "secret": SECRET}}, "credentials"),
+        ({"webhook": {"url": "ftp://platform.example/hooks", "secret": SECRET}}, "http"),
+        ({"webhook": {"url": "https://platform.example/hooks", "secret": "hunter2"}}, "whsec_"),
+        ({"webhook": "https://platform.example/hooks"}, "webhook"),
     ],
 )
 @pytest.mark.filterwarnings("ignore::joserfc.errors.SecurityWarning")
@@ -488,6 +495,27 @@ def test_a_bad_registry_entry_is_refused(change: dict[str, Any], problem: str) -
     with pytest.raises(InvalidInput, match=problem) as refused:
         Client.from_dict({**entry("c1", EC_KEY), **change})
     assert str(EC_KEY.as_dict(private=True)["d"]) not in refused.value.message
+
+
+def test_a_webhook_gets_a_fresh_secret_kept_private_and_can_be_removed(tmp_path: Path) -> None:
+    from fhir_bridge.adapters.clients import set_webhook
+    from fhir_bridge.adapters.webhooks import HttpWebhooks
+
+    path = tmp_path / "clients.json"
+    path.write_text(json.dumps([entry("platform-a", EC_KEY)]))
+    first = set_webhook(path, "platform-a", "https://platform.example/hooks")
+    second = set_webhook(path, "platform-a", "http://127.0.0.1:9/hooks")  # loopback may be plain http
+    assert first and second and first != second and first.startswith("whsec_")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    client = ClientRegistry.load(path).get("platform-a")
+    assert client is not None and (client.webhook_url, client.webhook_secret) == ("http://127.0.0.1:9/hooks", second)
+    assert second not in repr(client)
+    target = HttpWebhooks(ClientRegistry.load(path)).target("platform-a")
+    assert target is not None and target.url == "http://127.0.0.1:9/hooks" and second not in repr(target)
+    assert set_webhook(path, "platform-a", None) is None
+    assert ClientRegistry.load(path).get("platform-a").webhook_url is None  # type: ignore[union-attr]
+    with pytest.raises(InvalidInput, match="not registered"):
+        set_webhook(path, "nobody", "https://platform.example/hooks")
 
 
 def test_the_registry_file_is_checked_whole(tmp_path: Path) -> None:
