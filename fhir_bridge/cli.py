@@ -586,3 +586,8 @@ def clients_token(client_id: str, key_file: Path, scope: str, base_url: str | No
         except httpx.HTTPError as exc:
             raise click.ClickException(f"cannot reach the token endpoint {request.url}: {type(exc).__name__}") from None
     click.echo(json.dumps({"access_token": token, "scope": auth.granted_scope}))
+
+
+# Commands of issue 8 (batch jobs, job queue administration) live in their own modules and attach themselves
+# to the groups above when imported.
+from fhir_bridge import cli_sync  # noqa: E402,F401
