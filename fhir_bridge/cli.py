@@ -590,4 +590,4 @@ def clients_token(client_id: str, key_file: Path, scope: str, base_url: str | No
 
 # Commands of issue 8 (batch jobs, job queue administration) live in their own modules and attach themselves
 # to the groups above when imported.
-from fhir_bridge import cli_sync  # noqa: E402,F401
+from fhir_bridge import cli_jobs, cli_sync  # noqa: E402,F401

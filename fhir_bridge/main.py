@@ -171,19 +171,24 @@ def _answers(url: str) -> bool:
         return False
 
 
-@contextlib.asynccontextmanager
-async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") -> AsyncIterator[Runtime]:
-    """Open every adapter once for this process, and close them at the end (signing a last audit checkpoint)."""
-    redis = Redis.from_url(redis_url)
-    audit = open_audit_log(settings, redis)
-    bridge = bridge_party(settings, role)
-    queue = RedisJobQueue.from_url(
+def open_queue(settings: Settings, redis_url: str) -> RedisJobQueue:
+    """The job queue with its own clients (close it with ``aclose``), as every process of a deployment sees it."""
+    return RedisJobQueue.from_url(
         redis_url,
         max_attempts=settings.worker.max_attempts,
         reclaim_idle_ms=settings.worker.reclaim_idle_ms,
         backoff_initial=settings.worker.retry_backoff_initial,
         backoff_max=settings.worker.retry_backoff_max,
     )
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") -> AsyncIterator[Runtime]:
+    """Open every adapter once for this process, and close them at the end (signing a last audit checkpoint)."""
+    redis = Redis.from_url(redis_url)
+    audit = open_audit_log(settings, redis)
+    bridge = bridge_party(settings, role)
+    queue = open_queue(settings, redis_url)
     source = None
     if settings.source.url:
         source_as_party = Party(settings.source.url.rstrip("/"), address=settings.source.url.rstrip("/"))
