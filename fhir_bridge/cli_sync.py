@@ -98,3 +98,25 @@ def api_base(settings: Any) -> str:
     base = settings.sync.api_url or settings.api.public_base_url or f"http://{settings.api.host}:{settings.api.port}"
     base = base.rstrip("/")
     return base if base.endswith("/fhir") else f"{base}/fhir"
+
+
+@sync.command("refresh")
+@one_line_errors
+def sync_refresh() -> None:
+    """Pull what changed at the source for the open cases (ready or waiting for documents): one incremental
+    search per patient since its watermark; the cases of a patient with news are collected and triaged again.
+    Prints counts (never a patient); exit 3 when some patients could not be checked."""
+    from fhir_bridge.main import open_runtime, redis_url_for
+
+    settings = _settings()
+
+    async def refresh(redis_url: str) -> Any:
+        async with open_runtime(settings, redis_url, "cli") as runtime:
+            assert runtime.sync is not None
+            with _progress() as progress:
+                return await runtime.sync.refresh_open_cases(progress)
+
+    with redis_url_for(settings, may_start=False) as redis_url:
+        report = asyncio.run(refresh(redis_url))
+    click.echo(json.dumps(report.to_json()))
+    sys.exit(EXIT_PARTIAL if report.failures else EXIT_OK)

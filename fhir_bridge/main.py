@@ -41,11 +41,13 @@ from fhir_bridge.adapters.redis_store import RedisResourceStore
 from fhir_bridge.adapters.settings import Settings
 from fhir_bridge.adapters.signing import Es384Signer, JwsVerifier, SigningKeyError, load_or_create_signer
 from fhir_bridge.adapters.source_client import SourceClient, SourceExchange
+from fhir_bridge.adapters.sync_state import RedisSyncState
 from fhir_bridge.audit import Party, rest_event, source_event
 from fhir_bridge.errors import AuditUnavailable, InvalidInput
 from fhir_bridge.ports import AuditPort, Job, SourcePort
 from fhir_bridge.terminology import load_terminology
 from fhir_bridge.workflow.cases import COLLECT_JOB, CaseService
+from fhir_bridge.workflow.sync import CaseSync
 
 log = structlog.get_logger("fhir_bridge.main")
 
@@ -58,6 +60,7 @@ class Runtime:
     cases: CaseService
     audit: RedisAuditLog
     bridge: Party  # the bridge as an AuditEvent agent and observer
+    sync: CaseSync | None = None  # incremental refresh of open cases (issue 8)
 
 
 def bridge_party(settings: Settings, role: str) -> Party:
@@ -171,6 +174,14 @@ def _answers(url: str) -> bool:
         return False
 
 
+def case_sync(settings: Settings, redis: Redis, cases: CaseService) -> CaseSync:
+    """Sync marks per patient in Redis, recorded by every pull (the collect job's hook), for ``sync refresh``."""
+    sync = CaseSync(cases, RedisSyncState(redis), concurrency=settings.sync.refresh_concurrency,
+                    imaging=settings.sync.refresh_imaging)
+    cases.on_collected = sync.record_pull
+    return sync
+
+
 def open_queue(settings: Settings, redis_url: str) -> RedisJobQueue:
     """The job queue with its own clients (close it with ``aclose``), as every process of a deployment sees it."""
     return RedisJobQueue.from_url(
@@ -217,9 +228,11 @@ async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") ->
         signer=audit_signer(settings),
         pseudonym_key=load_or_create_pseudonym_key(settings.data_dir / "keys"),
     )
+    sync = case_sync(settings, redis, cases)
     timer = asyncio.create_task(_checkpoint_timer(audit, settings.audit.checkpoint_seconds))
     try:
-        yield Runtime(settings=settings, redis=redis, queue=queue, cases=cases, audit=audit, bridge=bridge)
+        yield Runtime(settings=settings, redis=redis, queue=queue, cases=cases, audit=audit, bridge=bridge,
+                      sync=sync)
     finally:
         timer.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -65,7 +65,7 @@ from fhir_bridge.triage import findings_outcome, missing_summary, triage_case
 from fhir_bridge.triage_rules import TriageRules, load_triage_rules
 from fhir_bridge.workflow.assignment import Assignments
 from fhir_bridge.workflow.case_bundles import BLOB_EXTENSION, CASE_TASK, CaseBundles
-from fhir_bridge.workflow.collect import collect_case
+from fhir_bridge.workflow.collect import CollectedCase, collect_case
 from fhir_bridge.workflow.taskbook import TaskBook, extension_value, now_instant, output_type, set_extension
 
 log = structlog.get_logger("fhir_bridge.cases")
@@ -126,6 +126,8 @@ class CaseService:
         self.bundles = CaseBundles(store=store, blobs=blobs, registry=self.registry,
                                    networks=networks or load_networks(), signer=signer,
                                    pseudonym_key=pseudonym_key, clock=clock)
+        #: told what each pull found (issue 8: the sync marks of :mod:`fhir_bridge.workflow.sync`)
+        self.on_collected: Callable[[PatientIdentifier, CollectedCase], Awaitable[None]] | None = None
 
     # -- reads ----------------------------------------------------------------------------------------
 
@@ -269,6 +271,8 @@ class CaseService:
             return
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
+        if self.on_collected is not None:
+            await self.on_collected(checked.patient, collected)
         skeleton = await self.blobs.put_bytes(skeleton_bytes(layout))
         stub: Resource = {
             "resourceType": "Bundle",
