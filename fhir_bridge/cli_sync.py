@@ -120,3 +120,26 @@ def sync_refresh() -> None:
         report = asyncio.run(refresh(redis_url))
     click.echo(json.dumps(report.to_json()))
     sys.exit(EXIT_PARTIAL if report.failures else EXIT_OK)
+
+
+@sync.command("deliver")
+@one_line_errors
+def sync_deliver() -> None:
+    """Retry pending deliveries now: dead jobs of a delivery kind ([sync] delivery_kinds, e.g. deliver-*) go back
+    to the queue with fresh attempts, and such jobs waiting for a retry are made due. Prints how many."""
+    from fhir_bridge.adapters.queue_admin import QueueAdmin
+    from fhir_bridge.main import open_queue, redis_url_for
+
+    settings = _settings()
+
+    async def redrive(redis_url: str) -> Any:
+        queue = open_queue(settings, redis_url)
+        try:
+            return await QueueAdmin(queue).redrive(settings.sync.delivery_kinds)
+        finally:
+            await queue.aclose()
+
+    with redis_url_for(settings, may_start=False) as redis_url:
+        done = asyncio.run(redrive(redis_url))
+    click.echo(json.dumps({"fromDead": done.from_dead, "madeDue": done.made_due,
+                           "kinds": settings.sync.delivery_kinds}))

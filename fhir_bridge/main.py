@@ -38,6 +38,7 @@ from fhir_bridge.adapters.pseudonym_key import load_or_create_pseudonym_key
 from fhir_bridge.adapters.queue import RedisJobQueue
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.adapters.redis_store import RedisResourceStore
+from fhir_bridge.adapters.scheduler import RedisScheduler
 from fhir_bridge.adapters.settings import Settings
 from fhir_bridge.adapters.signing import Es384Signer, JwsVerifier, SigningKeyError, load_or_create_signer
 from fhir_bridge.adapters.source_client import SourceClient, SourceExchange
@@ -45,6 +46,7 @@ from fhir_bridge.adapters.sync_state import RedisSyncState
 from fhir_bridge.audit import Party, rest_event, source_event
 from fhir_bridge.errors import AuditUnavailable, InvalidInput
 from fhir_bridge.ports import AuditPort, Job, SourcePort
+from fhir_bridge.schedule import JOB_KINDS, load_schedule
 from fhir_bridge.terminology import load_terminology
 from fhir_bridge.workflow.cases import COLLECT_JOB, CaseService
 from fhir_bridge.workflow.sync import CaseSync
@@ -276,6 +278,7 @@ def build_app(settings: Settings, redis_url: str) -> FastAPI:
             app.state.queue = runtime.queue
             app.state.audit = runtime.audit
             app.state.audit_bridge = runtime.bridge
+            app.state.schedule = open_scheduler(runtime)  # for /metrics: ticks claimed per scheduled job
             app.state.auth = AuthServer(
                 registry=ClientRegistry.load(clients_file(settings), missing_ok=True),
                 keys=BridgeKeys.load_or_create(settings.data_dir / "keys"),
@@ -298,7 +301,8 @@ async def run_worker(settings: Settings, redis_url: str, name: str | None = None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with open_runtime(settings, redis_url, "worker") as runtime:
-        handlers = {COLLECT_JOB: runtime.cases.run_collect_job}
+        scheduler = open_scheduler(runtime)
+        handlers = {COLLECT_JOB: runtime.cases.run_collect_job, **batch_handlers(runtime, scheduler, consumer)}
 
         async def handle(job: Job) -> None:
             handler = handlers.get(job.kind)
@@ -311,6 +315,56 @@ async def run_worker(settings: Settings, redis_url: str, name: str | None = None
             finally:
                 structlog.contextvars.clear_contextvars()
 
-        log.info("worker.started", consumer=consumer)
-        await runtime.queue.run(consumer, handle, stop)
+        log.info("worker.started", consumer=consumer, scheduled=[job.name for job in scheduler.jobs])
+        clock = asyncio.create_task(scheduler.run(consumer, stop))
+        try:
+            await runtime.queue.run(consumer, handle, stop)
+        finally:
+            stop.set()
+            await clock
         log.info("worker.stopped", consumer=consumer)
+
+
+# -- issue 8: scheduled batch jobs ---------------------------------------------------------------------------
+
+#: more job handlers for the workers: each factory gets the runtime and returns {job kind: handler}
+#: (deliveries of issue 5 plug in here; their kinds are re-driven by ``sync deliver`` per [sync] delivery_kinds)
+WORKER_HANDLERS: list[Callable[[Runtime], dict[str, Callable[[Job], Awaitable[None]]]]] = []
+
+
+def open_scheduler(runtime: Runtime) -> RedisScheduler:
+    """The ``[schedule]`` jobs, claimed tick by tick through a Redis lease (InvalidInput for a bad expression)."""
+    conf = runtime.settings.schedule
+    jobs = load_schedule({name: getattr(conf, name) for name in JOB_KINDS}, conf.timezone)
+    return RedisScheduler(runtime.redis, runtime.queue, jobs, grace_seconds=conf.grace_seconds)
+
+
+def batch_handlers(runtime: Runtime, scheduler: RedisScheduler, consumer: str
+                   ) -> dict[str, Callable[[Job], Awaitable[None]]]:
+    """The handlers of the scheduled jobs (the same work as ``fhir-bridge sync refresh|overdue|deliver``) and
+    of every :data:`WORKER_HANDLERS` factory. A scheduled run is recorded before it starts."""
+    from fhir_bridge.adapters.queue_admin import QueueAdmin
+
+    async def refresh() -> None:
+        assert runtime.sync is not None
+        await runtime.sync.refresh_open_cases()
+
+    async def overdue() -> None:
+        await runtime.cases.scan_overdue()
+
+    async def deliver() -> None:
+        await QueueAdmin(runtime.queue).redrive(runtime.settings.sync.delivery_kinds)
+
+    def scheduled(work: Callable[[], Awaitable[None]]) -> Callable[[Job], Awaitable[None]]:
+        async def handle(job: Job) -> None:
+            if "tick" in job.payload:
+                await scheduler.record_run(str(job.payload.get("job")), int(job.payload["tick"]), consumer)
+            await work()
+
+        return handle
+
+    work = {"refresh": refresh, "overdue": overdue, "deliver": deliver}
+    handlers = {JOB_KINDS[name]: scheduled(run) for name, run in work.items()}
+    for factory in WORKER_HANDLERS:
+        handlers.update(factory(runtime))
+    return handlers
