@@ -48,7 +48,7 @@ class ScheduledJob:
 
     def ticks_between(self, after: datetime, until: datetime) -> list[datetime]:
         """Every tick in ``(after, until]``, oldest first."""
-        ticks = []
+        ticks: list[datetime] = []
         for tick in self.ticks_after(after):
             if tick > until:
                 return ticks
