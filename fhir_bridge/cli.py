@@ -343,12 +343,11 @@ def audit() -> None:
 def _with_audit_log(settings: Any, work: Callable[[Any], Any], keys: tuple[Path, ...] = ()) -> Any:
     """Run ``await work(log)`` with the audit log on the bridge's Redis (FHIR_BRIDGE_REDIS_URL, or the
     private server of a running `fhir-bridge serve` with the same data directory)."""
-    from redis.asyncio import Redis
-
+    from fhir_bridge.adapters.redis_clients import connect
     from fhir_bridge.main import open_audit_log, redis_url_for
 
     async def run(redis_url: str) -> Any:
-        redis = Redis.from_url(redis_url)
+        redis = connect(redis_url, cluster=settings.redis.cluster)
         try:
             return await work(open_audit_log(settings, redis, verify_keys=keys))
         finally:

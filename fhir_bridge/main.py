@@ -36,6 +36,7 @@ from fhir_bridge.adapters.audit_log import RedisAuditLog
 from fhir_bridge.adapters.blobstore import BlobKeyring, FileBlobStore
 from fhir_bridge.adapters.pseudonym_key import load_or_create_pseudonym_key
 from fhir_bridge.adapters.queue import RedisJobQueue
+from fhir_bridge.adapters.redis_clients import connect
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.adapters.redis_store import RedisResourceStore
 from fhir_bridge.adapters.scheduler import RedisScheduler
@@ -188,6 +189,7 @@ def open_queue(settings: Settings, redis_url: str) -> RedisJobQueue:
     """The job queue with its own clients (close it with ``aclose``), as every process of a deployment sees it."""
     return RedisJobQueue.from_url(
         redis_url,
+        cluster=settings.redis.cluster,
         max_attempts=settings.worker.max_attempts,
         reclaim_idle_ms=settings.worker.reclaim_idle_ms,
         backoff_initial=settings.worker.retry_backoff_initial,
@@ -198,7 +200,7 @@ def open_queue(settings: Settings, redis_url: str) -> RedisJobQueue:
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") -> AsyncIterator[Runtime]:
     """Open every adapter once for this process, and close them at the end (signing a last audit checkpoint)."""
-    redis = Redis.from_url(redis_url)
+    redis = connect(redis_url, cluster=settings.redis.cluster)
     audit = open_audit_log(settings, redis)
     bridge = bridge_party(settings, role)
     queue = open_queue(settings, redis_url)

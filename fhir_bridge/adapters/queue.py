@@ -165,9 +165,12 @@ class RedisJobQueue:
         self._group_ready = False
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> RedisJobQueue:
+    def from_url(cls, url: str, *, cluster: bool = False, **options: Any) -> RedisJobQueue:
         """A queue with its own two clients (the blocking one without socket timeout); close with :meth:`aclose`."""
-        queue = cls(Redis.from_url(url), blocking_redis=Redis.from_url(url, socket_timeout=None), **options)
+        from fhir_bridge.adapters.redis_clients import connect
+
+        main, blocking = connect(url, cluster=cluster), connect(url, cluster=cluster, socket_timeout=None)
+        queue = cls(main, blocking_redis=blocking, **options)
         queue._owned = [queue._redis, queue._blocking]
         return queue
 

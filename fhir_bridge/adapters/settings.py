@@ -63,6 +63,7 @@ class RedisSettings(BaseModel):
     server_binary: str = "redis-server"
     # the private server holds the audit log: an AuditEvent must be on disk before its answer leaves
     appendfsync: str = "always"
+    cluster: bool = False  # url names a node of a Redis Cluster (issue 8: keys are designed for one)
 
 
 class AuditSettings(BaseModel):
