@@ -80,9 +80,9 @@ async def test_sync_deliver_redrives_only_delivery_kinds(redis_client: Redis, re
     await slow.aclose()
 
 
-def cli(redis_url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(redis_url: str, tmp_path: Path, *args: str, group: str = "jobs") -> subprocess.CompletedProcess[str]:
     env = {"FHIR_BRIDGE_REDIS_URL": redis_url, "FHIR_BRIDGE_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "fhir_bridge", "jobs", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fhir_bridge", group, *args], capture_output=True, text=True,
                           env=env, timeout=60, check=False)
 
 
@@ -110,9 +110,18 @@ async def test_the_jobs_command(redis_client: Redis, redis_url: str, tmp_path: P
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
     refused = await asyncio.to_thread(run, "purge-dead")
     assert refused.returncode == 2 and "--yes" in refused.stderr and "1 dead letter" in refused.stderr
-    retried = await asyncio.to_thread(run, "retry", "deliver:9")
-    assert retried.returncode == 0 and json.loads(retried.stdout) == {"retried": "deliver:9"}
+    redriven = await asyncio.to_thread(cli, redis_url, tmp_path, "deliver", group="sync")
+    assert redriven.returncode == 0, redriven.stderr
+    assert json.loads(redriven.stdout) == {"fromDead": 1, "madeDue": 0, "kinds": ["deliver-*"]}
     again = await asyncio.to_thread(run, "retry", "deliver:9")
-    assert again.returncode == 2
+    assert again.returncode == 2  # no longer dead: back in the queue
     purged = await asyncio.to_thread(run, "purge-dead", "--yes")
     assert purged.returncode == 0 and json.loads(purged.stdout) == {"purged": 0}
+    queue = make_queue(redis_url, max_attempts=1)
+    await queue.enqueue("refresh-case", {"x": 1}, job_id="other:1")
+    worker = Worker(queue, "w2", failing).start()
+    await eventually(lambda: queue.counters.dead == 2)  # deliver:9, re-driven above, fails again; then other:1
+    await worker.halt()
+    await queue.aclose()
+    retried = await asyncio.to_thread(run, "retry", "other:1")
+    assert retried.returncode == 0 and json.loads(retried.stdout) == {"retried": "other:1"}
