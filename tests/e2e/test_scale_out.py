@@ -66,7 +66,7 @@ def test_three_workers_one_killed_twice_every_case_ends_once(scaled: tuple[Bridg
     patients = sandbox.world()["patients"]
     lines = [worklist_line(patients[n % len(patients)], f"Question {n} de la RCP") for n in range(CASES)]
     worklist = write_worklist(tmp_path / "rcp-500.csv", lines)
-    for name in ("steady-1", "steady-2", "victim"):
+    for name in ("steady-1", "steady-2", "victim-0"):
         bridge.start_worker(name)
     env = {**bridge.env}
     submit = subprocess.Popen([sys.executable, "-m", "fhir_bridge", "sync", "worklist", str(worklist),
@@ -77,10 +77,10 @@ def test_three_workers_one_killed_twice_every_case_ends_once(scaled: tuple[Bridg
         while asyncio.run(settled_count(bridge.redis_url)) < threshold:
             assert time.monotonic() - started < 240, "the cases are not being worked"
             time.sleep(0.2)
-        victim = next(c for c in reversed(bridge.group.children) if c.name == "victim")
+        victim = next(c for c in bridge.group.children if c.name == f"victim-{kills}")
         bridge.group.stop(victim, kill=True)  # SIGKILL in the middle of its work
         kills += 1
-        bridge.start_worker("victim")  # the supervisor restarts it
+        bridge.start_worker(f"victim-{kills}")  # the supervisor restarts it (its own log file)
     out, err = submit.communicate(timeout=240)
     assert submit.returncode == 0, err
     first = summary(subprocess.CompletedProcess([], 0, out, err))
