@@ -348,12 +348,11 @@ def audit() -> None:
 def _with_audit_log(settings: Any, work: Callable[[Any], Any], keys: tuple[Path, ...] = ()) -> Any:
     """Run ``await work(log)`` with the audit log on the bridge's Redis (FHIR_BRIDGE_REDIS_URL, or the
     private server of a running `fhir-bridge serve` with the same data directory)."""
-    from redis.asyncio import Redis
-
+    from fhir_bridge.adapters.redis_clients import connect
     from fhir_bridge.main import open_audit_log, redis_url_for
 
     async def run(redis_url: str) -> Any:
-        redis = Redis.from_url(redis_url)
+        redis = connect(redis_url, cluster=settings.redis.cluster)
         try:
             return await work(open_audit_log(settings, redis, verify_keys=keys))
         finally:
@@ -613,3 +612,8 @@ def clients_token(client_id: str, key_file: Path, scope: str, base_url: str | No
         except httpx.HTTPError as exc:
             raise click.ClickException(f"cannot reach the token endpoint {request.url}: {type(exc).__name__}") from None
     click.echo(json.dumps({"access_token": token, "scope": auth.granted_scope}))
+
+
+# Commands of issue 8 (batch jobs, job queue administration) live in their own modules and attach themselves
+# to the groups above when imported.
+from fhir_bridge import cli_jobs, cli_sync  # noqa: E402,F401

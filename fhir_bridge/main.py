@@ -37,18 +37,23 @@ from fhir_bridge.adapters.blobstore import BlobKeyring, FileBlobStore
 from fhir_bridge.adapters.clients import ClientRegistry
 from fhir_bridge.adapters.pseudonym_key import load_or_create_pseudonym_key
 from fhir_bridge.adapters.queue import KindPolicy, PermanentJobError, RedisJobQueue
+from fhir_bridge.adapters.redis_clients import connect
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.adapters.redis_store import RedisResourceStore
+from fhir_bridge.adapters.scheduler import RedisScheduler
 from fhir_bridge.adapters.settings import Settings, clients_file
 from fhir_bridge.adapters.signing import Es384Signer, JwsVerifier, SigningKeyError, load_or_create_signer
 from fhir_bridge.adapters.source_client import SourceClient, SourceExchange
+from fhir_bridge.adapters.sync_state import RedisSyncState
 from fhir_bridge.adapters.webhooks import HttpWebhooks
 from fhir_bridge.audit import Party, rest_event, source_event
 from fhir_bridge.errors import AuditUnavailable, BusinessRuleViolation, InvalidInput, NotFound, SourceRejected
 from fhir_bridge.ports import AuditPort, Job, SourcePort
+from fhir_bridge.schedule import JOB_KINDS, load_schedule
 from fhir_bridge.terminology import load_terminology
 from fhir_bridge.workflow.cases import COLLECT_JOB, CaseService
 from fhir_bridge.workflow.delivery import DELIVERY_KINDS, RECORD_JOB, WEBHOOK_JOB
+from fhir_bridge.workflow.sync import CaseSync
 
 log = structlog.get_logger("fhir_bridge.main")
 
@@ -61,6 +66,7 @@ class Runtime:
     cases: CaseService
     audit: RedisAuditLog
     bridge: Party  # the bridge as an AuditEvent agent and observer
+    sync: CaseSync | None = None  # incremental refresh of open cases (issue 8)
 
 
 def bridge_party(settings: Settings, role: str) -> Party:
@@ -175,22 +181,37 @@ def _answers(url: str) -> bool:
         return False
 
 
-@contextlib.asynccontextmanager
-async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") -> AsyncIterator[Runtime]:
-    """Open every adapter once for this process, and close them at the end (signing a last audit checkpoint)."""
-    redis = Redis.from_url(redis_url)
-    audit = open_audit_log(settings, redis)
-    bridge = bridge_party(settings, role)
+def case_sync(settings: Settings, redis: Redis, cases: CaseService) -> CaseSync:
+    """Sync marks per patient in Redis, recorded by every pull (the collect job's hook), for ``sync refresh``."""
+    sync = CaseSync(cases, RedisSyncState(redis), concurrency=settings.sync.refresh_concurrency,
+                    imaging=settings.sync.refresh_imaging)
+    cases.on_collected = sync.record_pull
+    return sync
+
+
+def open_queue(settings: Settings, redis_url: str) -> RedisJobQueue:
+    """The job queue with its own clients (close it with ``aclose``), as every process of a deployment sees it;
+    deliveries retry on their own policy (``[delivery]``: a webhook may be down for hours)."""
     delivery = KindPolicy(settings.delivery.max_attempts, settings.delivery.backoff_initial,
                           settings.delivery.backoff_max)
-    queue = RedisJobQueue.from_url(
+    return RedisJobQueue.from_url(
         redis_url,
+        cluster=settings.redis.cluster,
         max_attempts=settings.worker.max_attempts,
         reclaim_idle_ms=settings.worker.reclaim_idle_ms,
         backoff_initial=settings.worker.retry_backoff_initial,
         backoff_max=settings.worker.retry_backoff_max,
         policies=dict.fromkeys(DELIVERY_KINDS, delivery),
     )
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") -> AsyncIterator[Runtime]:
+    """Open every adapter once for this process, and close them at the end (signing a last audit checkpoint)."""
+    redis = connect(redis_url, cluster=settings.redis.cluster)
+    audit = open_audit_log(settings, redis)
+    bridge = bridge_party(settings, role)
+    queue = open_queue(settings, redis_url)
     webhooks = HttpWebhooks(ClientRegistry.load(clients_file(settings), missing_ok=True),
                             timeout=settings.delivery.webhook_timeout)
     source = None
@@ -223,9 +244,11 @@ async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") ->
         webhooks=webhooks,
         public_base=settings.api.public_base_url,
     )
+    sync = case_sync(settings, redis, cases)
     timer = asyncio.create_task(_checkpoint_timer(audit, settings.audit.checkpoint_seconds))
     try:
-        yield Runtime(settings=settings, redis=redis, queue=queue, cases=cases, audit=audit, bridge=bridge)
+        yield Runtime(settings=settings, redis=redis, queue=queue, cases=cases, audit=audit, bridge=bridge,
+                      sync=sync)
     finally:
         timer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -269,6 +292,7 @@ def build_app(settings: Settings, redis_url: str) -> FastAPI:
             app.state.queue = runtime.queue
             app.state.audit = runtime.audit
             app.state.audit_bridge = runtime.bridge
+            app.state.schedule = open_scheduler(runtime)  # for /metrics: ticks claimed per scheduled job
             app.state.auth = AuthServer(
                 registry=ClientRegistry.load(clients_file(settings), missing_ok=True),
                 keys=BridgeKeys.load_or_create(settings.data_dir / "keys"),
@@ -291,9 +315,10 @@ async def run_worker(settings: Settings, redis_url: str, name: str | None = None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with open_runtime(settings, redis_url, "worker") as runtime:
+        scheduler = open_scheduler(runtime)
         deliveries = runtime.cases.deliveries
         handlers = {COLLECT_JOB: runtime.cases.run_collect_job, WEBHOOK_JOB: deliveries.run_webhook_job,
-                    RECORD_JOB: deliveries.run_record_job}
+                    RECORD_JOB: deliveries.run_record_job, **batch_handlers(runtime, scheduler, consumer)}
 
         async def handle(job: Job) -> None:
             handler = handlers.get(job.kind)
@@ -312,6 +337,56 @@ async def run_worker(settings: Settings, redis_url: str, name: str | None = None
             finally:
                 structlog.contextvars.clear_contextvars()
 
-        log.info("worker.started", consumer=consumer)
-        await runtime.queue.run(consumer, handle, stop)
+        log.info("worker.started", consumer=consumer, scheduled=[job.name for job in scheduler.jobs])
+        clock = asyncio.create_task(scheduler.run(consumer, stop))
+        try:
+            await runtime.queue.run(consumer, handle, stop)
+        finally:
+            stop.set()
+            await clock
         log.info("worker.stopped", consumer=consumer)
+
+
+# -- issue 8: scheduled batch jobs ---------------------------------------------------------------------------
+
+#: more job handlers for the workers: each factory gets the runtime and returns {job kind: handler}
+#: (deliveries of issue 5 plug in here; their kinds are re-driven by ``sync deliver`` per [sync] delivery_kinds)
+WORKER_HANDLERS: list[Callable[[Runtime], dict[str, Callable[[Job], Awaitable[None]]]]] = []
+
+
+def open_scheduler(runtime: Runtime) -> RedisScheduler:
+    """The ``[schedule]`` jobs, claimed tick by tick through a Redis lease (InvalidInput for a bad expression)."""
+    conf = runtime.settings.schedule
+    jobs = load_schedule({name: getattr(conf, name) for name in JOB_KINDS}, conf.timezone)
+    return RedisScheduler(runtime.redis, runtime.queue, jobs, grace_seconds=conf.grace_seconds)
+
+
+def batch_handlers(runtime: Runtime, scheduler: RedisScheduler, consumer: str
+                   ) -> dict[str, Callable[[Job], Awaitable[None]]]:
+    """The handlers of the scheduled jobs (the same work as ``fhir-bridge sync refresh|overdue|deliver``) and
+    of every :data:`WORKER_HANDLERS` factory. A scheduled run is recorded before it starts."""
+    from fhir_bridge.adapters.queue_admin import QueueAdmin
+
+    async def refresh() -> None:
+        assert runtime.sync is not None
+        await runtime.sync.refresh_open_cases()
+
+    async def overdue() -> None:
+        await runtime.cases.scan_overdue()
+
+    async def deliver() -> None:
+        await QueueAdmin(runtime.queue).redrive(runtime.settings.sync.delivery_kinds)
+
+    def scheduled(work: Callable[[], Awaitable[None]]) -> Callable[[Job], Awaitable[None]]:
+        async def handle(job: Job) -> None:
+            if "tick" in job.payload:
+                await scheduler.record_run(str(job.payload.get("job")), int(job.payload["tick"]), consumer)
+            await work()
+
+        return handle
+
+    work = {"refresh": refresh, "overdue": overdue, "deliver": deliver}
+    handlers = {JOB_KINDS[name]: scheduled(run) for name, run in work.items()}
+    for factory in WORKER_HANDLERS:
+        handlers.update(factory(runtime))
+    return handlers

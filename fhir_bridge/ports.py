@@ -44,7 +44,9 @@ class SourcePort(Protocol):
         """ITI-67 ``DocumentReference?patient=<id>&status=current``, every page."""
         ...
 
-    async def find_imaging_studies(self, patient_id: str) -> tuple[list[Resource], dict[str, Resource]]:
+    async def find_imaging_studies(
+        self, patient_id: str, *, extra: Mapping[str, str] | None = None
+    ) -> tuple[list[Resource], dict[str, Resource]]:
         """``ImagingStudy?patient=<id>`` every page, with the Endpoints they reference (by reference)."""
         ...
 
@@ -221,4 +223,28 @@ class SignerPort(Protocol):
 
     def payload_signer(self, signed_at: str) -> PayloadSigner:
         """A fresh signer claiming ``signed_at`` (an RFC 3339 UTC instant) as its signing time."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SyncMark:
+    """How far the bridge has read a patient's record at the source (issue 8, ``sync refresh``).
+
+    ``patient_id``: the source's Patient id, so an incremental search needs no Patient search first;
+    ``watermark``: the newest ``meta.lastUpdated`` seen, as the source wrote it (its own clock and precision),
+    for ``_lastUpdated=gt<watermark>``.
+    """
+
+    patient_id: str | None = None
+    watermark: str | None = None
+
+
+class SyncStatePort(Protocol):
+    """Per-patient sync marks (``fhir_bridge.adapters.sync_state.RedisSyncState``)."""
+
+    async def get(self, patient: PatientIdentifier) -> SyncMark: ...
+
+    async def advance(self, patient: PatientIdentifier, *, patient_id: str | None = None,
+                      watermark: str | None = None) -> None:
+        """Record the Patient id, and move the watermark forward only: an older one is ignored."""
         ...

@@ -22,7 +22,7 @@ from fhir_bridge.adapters.blobstore import _check_digest
 from fhir_bridge.adapters.queue import PermanentJobError
 from fhir_bridge.adapters.redis_store import _check_id, _check_type, _instant, _last_updated_bounds
 from fhir_bridge.identity import PatientIdentifier
-from fhir_bridge.ports import Job, Resource, RetrievedAttachment, SearchPage, SourcePort, StoredBlob
+from fhir_bridge.ports import Job, Resource, RetrievedAttachment, SearchPage, SourcePort, StoredBlob, SyncMark
 from fhir_bridge.resources import dumps, loads
 
 
@@ -241,6 +241,7 @@ class FakeSource:
         self.calls: list[str] = []
         self.provided: list[Resource] = []  # ITI-65 Bundles taken, in order
         self.lose_answer = False  # True: the next ITI-65 is stored but its answer "lost" (SourceUnavailable)
+        self.searches: list[tuple[str, dict[str, str]]] = []  # (resource type, extra parameters) of each search
 
     def _call(self, what: str) -> None:
         self.calls.append(what)
@@ -259,10 +260,11 @@ class FakeSource:
     async def find_document_references(self, patient_id: str, *, extra: Mapping[str, str] | None = None
                                        ) -> list[Resource]:
         self._call("find_document_references")
+        self.searches.append(("DocumentReference", dict(extra or {})))
         if extra and "identifier" in extra:  # MHD ITI-67 by identifier: the documents provided through ITI-65
             return [copy.deepcopy(d) for d in self.written()
                     if (d.get("masterIdentifier") or {}).get("value") == extra["identifier"].split("|")[-1]]
-        return copy.deepcopy(self.documents)
+        return _updated_after(copy.deepcopy(self.documents), extra)
 
     async def provide_document_bundle(self, bundle: Resource, *, patient: PatientIdentifier | None = None
                                       ) -> Resource:
@@ -290,10 +292,12 @@ class FakeSource:
         return [e["resource"] for b in self.provided for e in b["entry"]
                 if e["resource"]["resourceType"] == "DocumentReference"]
 
-    async def find_imaging_studies(self, patient_id: str) -> tuple[list[Resource], dict[str, Resource]]:
+    async def find_imaging_studies(self, patient_id: str, *, extra: Mapping[str, str] | None = None
+                                   ) -> tuple[list[Resource], dict[str, Resource]]:
         self._call("find_imaging_studies")
+        self.searches.append(("ImagingStudy", dict(extra or {})))
         endpoints = {self.absolute(f"Endpoint/{e['id']}"): copy.deepcopy(e) for e in self.endpoints}
-        return copy.deepcopy(self.studies), endpoints
+        return _updated_after(copy.deepcopy(self.studies), extra), endpoints
 
     async def retrieve(self, url: str, dest: Path, *, expected_size: int | None = None,
                        expected_sha1_b64: str | None = None) -> RetrievedAttachment:
@@ -341,6 +345,16 @@ class FakeWebhooks:
         return status
 
 
+def _updated_after(resources: list[Resource], extra: Mapping[str, str] | None) -> list[Resource]:
+    """``_lastUpdated`` as a source applies it (a resource without meta.lastUpdated never matches a bound)."""
+    value = (extra or {}).get("_lastUpdated")
+    if value is None:
+        return resources
+    low, high = _last_updated_bounds(value)
+    stamps = [(r, str((r.get("meta") or {}).get("lastUpdated") or "")) for r in resources]
+    return [r for r, stamp in stamps if stamp and low <= _last_updated_bounds(stamp)[0] <= high]
+
+
 def fake_source_factory(source: SourcePort) -> Callable[[], AbstractAsyncContextManager[SourcePort]]:
     """The ``source`` factory CaseService takes: each ``async with`` yields the same fake."""
     @asynccontextmanager
@@ -348,3 +362,23 @@ def fake_source_factory(source: SourcePort) -> Callable[[], AbstractAsyncContext
         yield source
 
     return open_source
+
+
+class InMemorySyncState:
+    """:class:`~fhir_bridge.ports.SyncStatePort` like ``RedisSyncState``: the watermark only moves forward."""
+
+    def __init__(self) -> None:
+        self.marks: dict[str, tuple[str | None, str | None]] = {}
+
+    async def get(self, patient: PatientIdentifier) -> SyncMark:
+        pid, wm = self.marks.get(patient.token, (None, None))
+        return SyncMark(pid, wm)
+
+    async def advance(self, patient: PatientIdentifier, *, patient_id: str | None = None,
+                      watermark: str | None = None) -> None:
+        from fhir_bridge.watermarks import instant_micros
+
+        pid, wm = self.marks.get(patient.token, (None, None))
+        if watermark and (wm is None or instant_micros(watermark) > instant_micros(wm)):
+            wm = watermark
+        self.marks[patient.token] = (patient_id or pid, wm)

@@ -22,6 +22,7 @@ Keys share one hash tag (the queue name) because those scripts move a job betwee
     P{jobs}:delayed     retries waiting for their time (zset: the job as JSON, scored by due time, Redis clock)
     P{jobs}:dead        dead letters (stream: the job, its attempts, the error class and message)
     P{jobs}:job:<id>    the job's state: pending, done, or dead:<its dead-letter entry id> (string with a TTL)
+    P{jobs}:stats       hash: <outcome>:<kind> → how many attempts ended so (done, retry, dead), every worker
 """
 
 from __future__ import annotations
@@ -78,20 +79,22 @@ return nxt and math.max(0, tonumber(nxt) - now) or -1
 
 # Settle a delivery (done, retry, dead) or refresh its idle time (beat: XCLAIM JUSTID counts no delivery), only
 # while this consumer still owns it: else another worker took it over and it is theirs. KEYS: stream, delayed,
-# dead, state. ARGV: group, consumer, entry id, outcome, ttl, then delay ms and job JSON, or dead-letter fields.
+# dead, state, stats. ARGV: group, consumer, entry id, outcome, ttl, kind, then delay ms and job JSON, or
+# dead-letter fields.
 _SETTLE = f"""
 if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2]) == 0 then return 0 end
 if ARGV[4] == 'beat' then return #redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID') end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
+redis.call('HINCRBY', KEYS[5], ARGV[4] .. ':' .. ARGV[6], 1)
 if ARGV[4] == 'done' then
   redis.call('SET', KEYS[4], 'done', 'EX', ARGV[5])
 elseif ARGV[4] == 'retry' then
   {_NOW_MS}
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[7])
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), ARGV[8])
   redis.call('SET', KEYS[4], 'pending', 'EX', ARGV[5])
 else
-  local dead_id = redis.call('XADD', KEYS[3], '*', unpack(ARGV, 6))
+  local dead_id = redis.call('XADD', KEYS[3], '*', unpack(ARGV, 7))
   redis.call('SET', KEYS[4], 'dead:' .. dead_id, 'EX', ARGV[5])
 end
 return 1
@@ -168,16 +171,19 @@ class RedisJobQueue:
         self.policies = dict(policies or {})
         self.counters = QueueCounters()
         base = f"{prefix}{{{name}}}:"
-        self.stream, self.delayed, self.dead, self._state_prefix = (
-            f"{base}{k}" for k in ("stream", "delayed", "dead", "job:")
+        self.stream, self.delayed, self.dead, self.stats, self._state_prefix = (
+            f"{base}{k}" for k in ("stream", "delayed", "dead", "stats", "job:")
         )
         self._enqueue, self._promote, self._settle = (redis.register_script(x) for x in (_ENQUEUE, _PROMOTE, _SETTLE))
         self._group_ready = False
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> RedisJobQueue:
+    def from_url(cls, url: str, *, cluster: bool = False, **options: Any) -> RedisJobQueue:
         """A queue with its own two clients (the blocking one without socket timeout); close with :meth:`aclose`."""
-        queue = cls(Redis.from_url(url), blocking_redis=Redis.from_url(url, socket_timeout=None), **options)
+        from fhir_bridge.adapters.redis_clients import connect
+
+        main, blocking = connect(url, cluster=cluster), connect(url, cluster=cluster, socket_timeout=None)
+        queue = cls(main, blocking_redis=blocking, **options)
         queue._owned = [queue._redis, queue._blocking]
         return queue
 
@@ -374,9 +380,10 @@ class RedisJobQueue:
             log.warning("job.dead", job_id=letter["id"], kind=letter["kind"], attempts=attempts, error=error)
 
     async def _settle_entry(self, d: _Delivery, outcome: str, *extra: str | int) -> bool:
-        job_id = d.fields.get("id", "")
-        keys = [self.stream, self.delayed, self.dead, self._state_key(job_id)]
-        if await self._settle(keys=keys, args=[GROUP, d.consumer, d.entry_id, outcome, self.state_ttl_s, *extra]):
+        job_id, kind = d.fields.get("id", ""), d.fields.get("kind", "")
+        keys = [self.stream, self.delayed, self.dead, self._state_key(job_id), self.stats]
+        args = [GROUP, d.consumer, d.entry_id, outcome, self.state_ttl_s, kind, *extra]
+        if await self._settle(keys=keys, args=args):
             return True
         log.warning("job.taken_over", job_id=job_id, outcome=outcome)  # another worker reclaimed it meanwhile
         return False

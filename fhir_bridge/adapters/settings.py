@@ -63,6 +63,7 @@ class RedisSettings(BaseModel):
     server_binary: str = "redis-server"
     # the private server holds the audit log: an AuditEvent must be on disk before its answer leaves
     appendfsync: str = "always"
+    cluster: bool = False  # url names a node of a Redis Cluster (issue 8: keys are designed for one)
 
 
 class AuditSettings(BaseModel):
@@ -111,6 +112,34 @@ class DeliverySettings(BaseModel):
     webhook_timeout: float = 10.0
 
 
+class SyncSettings(BaseModel):
+    """Batch jobs for hospital IT (issue 8): worklists, refreshing open cases, deliveries."""
+
+    # `sync worklist` calls the API as a registered platform client (SMART Backend Services): the API's FHIR
+    # base (empty: api.public_base_url, else http://api.host:api.port/fhir), the client id and its private JWK
+    api_url: str = ""
+    client_id: str = ""
+    private_key_jwk: str = ""
+    worklist_concurrency: int = Field(default=4, ge=1, le=64)
+    # system of the request identifiers a worklist gives its lines; a bare NIR's INS system
+    request_system: str = "https://fhir-bridge.dev/fhir/NamingSystem/worklist-request"
+    patient_system: str = "urn:oid:1.2.250.1.213.1.4.8"
+    refresh_concurrency: int = Field(default=4, ge=1, le=64)
+    refresh_imaging: bool = False  # also an ImagingStudy?_lastUpdated search per patient (a second search)
+    delivery_kinds: list[str] = Field(default_factory=lambda: ["deliver-*"])  # job kinds `sync deliver` re-drives
+
+
+class ScheduleSettings(BaseModel):
+    """Cron expressions (5 fields, or 6 with seconds first) of the jobs the workers run; empty: off."""
+
+    refresh: str = ""
+    overdue: str = ""
+    deliver: str = ""
+    timezone: str = "UTC"
+    # a tick missed by every worker (all down or stalled) is still run when one comes back within this long
+    grace_seconds: float = Field(default=60.0, ge=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FHIR_BRIDGE_",
@@ -126,6 +155,8 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = DeliverySettings()
     audit: AuditSettings = AuditSettings()
     auth: AuthSettings = AuthSettings()
+    sync: SyncSettings = SyncSettings()
+    schedule: ScheduleSettings = ScheduleSettings()
     log_level: str = "INFO"
 
     @classmethod

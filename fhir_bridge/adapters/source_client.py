@@ -526,14 +526,16 @@ class SourceClient:
             matches, _ = await self._search("DocumentReference", params, exchange)
         return [r for r in matches if r.get("resourceType") == "DocumentReference"]
 
-    async def find_imaging_studies(self, patient_id: str) -> tuple[list[Resource], dict[str, Resource]]:
+    async def find_imaging_studies(
+        self, patient_id: str, *, extra: Mapping[str, str] | None = None
+    ) -> tuple[list[Resource], dict[str, Resource]]:
         """ImagingStudy search with the Endpoints they reference, keyed by absolute reference.
 
         ``_include=ImagingStudy:endpoint`` is asked for; any endpoint the source did not include is read one
         by one (servers are free to ignore ``_include``). Contained endpoints (``#id``) need no fetch.
         """
         matches, included = await self.search(
-            "ImagingStudy", {"patient": patient_id, "_include": "ImagingStudy:endpoint"}
+            "ImagingStudy", {"patient": patient_id, "_include": "ImagingStudy:endpoint", **(extra or {})}
         )
         studies = [r for r in matches if r.get("resourceType") == "ImagingStudy"]
         endpoints: dict[str, Resource] = {}

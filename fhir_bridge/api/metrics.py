@@ -2,7 +2,8 @@
 by every API and worker process, so a per-process counter would tell only part of the truth).
 
 Gauges: open cases by Task status, overdue open cases (the deadline flag of issue 4), queue depth, jobs in
-flight, age of the oldest waiting job, dead letters.
+flight, age of the oldest waiting job, dead letters; per job kind and scheduled job:
+:mod:`fhir_bridge.api.job_metrics` (issue 8).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from starlette.responses import Response
 
+from fhir_bridge.api.job_metrics import add_job_metrics
 from fhir_bridge.deadlines import overdue_tasks
 from fhir_bridge.workflow.cases import CaseService
 
@@ -39,4 +41,5 @@ async def metrics(request: Request) -> Response:
               registry=registry).set(await queue.oldest_age_seconds())
         Gauge("fhir_bridge_jobs_dead", "Jobs in the dead-letter stream",
               registry=registry).set(len(await queue.dead_letters(limit=10_000)))
+        await add_job_metrics(registry, queue, getattr(request.app.state, "schedule", None))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

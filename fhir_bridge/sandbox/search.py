@@ -75,8 +75,8 @@ def parse_date_filter(name: str, text: str) -> DateFilter:
                          int(g["S"] or 0), int(float(g["f"]) * 1_000_000) if g["f"] else 0, tzinfo=tz)
     except ValueError:
         raise InvalidInput(f"{name}: not a valid date", expression=[name]) from None
-    if g["f"]:
-        end = start + timedelta(microseconds=1)
+    if g["f"]:  # a value is the range its precision covers (search.html#date): .345 is [.345, .346)
+        end = start + timedelta(microseconds=10 ** max(0, 7 - len(g["f"])))
     elif g["S"]:
         end = start + timedelta(seconds=1)
     elif g["M"]:
@@ -204,9 +204,13 @@ def patient_matches(world: World, params: Params) -> tuple[list[SandboxPatient],
 
 
 def study_matches(world: World, params: Params) -> tuple[list[SandboxStudy], list[tuple[str, str]]]:
-    """ImagingStudy search by ``patient`` / ``patient.identifier``."""
+    """ImagingStudy search by ``patient`` / ``patient.identifier`` and ``_lastUpdated`` (incremental sync)."""
     allowed, used = _patients_matching(world, params)
     found = [s for p in world.patients for s in p.studies if allowed is None or s.patient_id in allowed]
+    for value in (v for k, v in params if k == "_lastUpdated"):
+        date_filter = parse_date_filter("_lastUpdated", value)
+        found = [s for s in found if date_filter.matches(s.last_updated)]
+        used.append(("_lastUpdated", value))
     return sorted(found, key=lambda s: (s.started, s.id)), used
 
 

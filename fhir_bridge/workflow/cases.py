@@ -76,7 +76,7 @@ from fhir_bridge.triage import findings_outcome, missing_summary, triage_case
 from fhir_bridge.triage_rules import TriageRules, load_triage_rules
 from fhir_bridge.workflow.assignment import Assignments
 from fhir_bridge.workflow.case_bundles import BLOB_EXTENSION, CASE_TASK, CaseBundles
-from fhir_bridge.workflow.collect import collect_case
+from fhir_bridge.workflow.collect import CollectedCase, collect_case
 from fhir_bridge.workflow.delivery import CLIENT_SOURCE, Deliveries
 from fhir_bridge.workflow.opinions import Opinions
 from fhir_bridge.workflow.taskbook import (
@@ -158,6 +158,8 @@ class CaseService:
                                  match=self._conditional_match, deliveries=self.deliveries,
                                  renderers=renderers or (render_html, render_pdf), clock=clock)
         self.bundles.rerender = self.opinions.rerendered
+        #: told what each pull found (issue 8: the sync marks of :mod:`fhir_bridge.workflow.sync`)
+        self.on_collected: Callable[[PatientIdentifier, CollectedCase], Awaitable[None]] | None = None
 
     # -- reads ----------------------------------------------------------------------------------------
 
@@ -302,6 +304,8 @@ class CaseService:
             return
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
+        if self.on_collected is not None:
+            await self.on_collected(checked.patient, collected)
         skeleton = await self.blobs.put_bytes(skeleton_bytes(layout))
         stub: Resource = {
             "resourceType": "Bundle",

@@ -22,6 +22,7 @@ from fhir_bridge.packaging import CaseContent, PackagedDocument
 from fhir_bridge.ports import SourcePort
 from fhir_bridge.selection import REASONS, PatientMatcher, Problem, document_label, screen_documents, screen_studies
 from fhir_bridge.terminology import Terminology
+from fhir_bridge.watermarks import newest_update
 
 Progress = Callable[[str, int, int], None]
 
@@ -40,6 +41,8 @@ class CollectedCase:
     documents_found: int = 0
     #: documents screened in whose bytes could not be used (triage needs their type to say what is missing)
     unreadable: list[dict[str, Any]] = field(default_factory=list)
+    #: the newest meta.lastUpdated the searches answered, kept or not (the sync watermark, issue 8)
+    newest_update: str | None = None
 
 
 async def collect_case(
@@ -100,7 +103,8 @@ async def collect_case(
         if stray not in used:
             stray.unlink()
     content = CaseContent(patient=patient, documents=packaged, studies=screened_studies.kept, endpoints=endpoints)
-    return CollectedCase(content=content, problems=problems, documents_found=len(docs), unreadable=unreadable)
+    return CollectedCase(content=content, problems=problems, documents_found=len(docs), unreadable=unreadable,
+                         newest_update=newest_update([*docs, *studies]))
 
 
 def guess_extension(content_type: str) -> str:

@@ -351,6 +351,7 @@ async def test_keys_share_one_hash_tag_per_queue(make_queue: Callable[..., Redis
     assert sorted(k.decode() if isinstance(k, bytes) else k for k in await redis_client.keys("*")) == [
         "fb:{jobs}:dead",
         "fb:{jobs}:job:j1",
+        "fb:{jobs}:stats",
         "fb:{jobs}:stream",
     ]
     with pytest.raises(ValueError, match="braces"):
