@@ -589,7 +589,8 @@ class SourceClient:
             dest.parent.mkdir(parents=True, exist_ok=True)
             with tmp.open("wb") as out:
                 try:
-                    async for chunk in response.aiter_bytes(_CHUNK):
+                    # chunks as they arrive: a fixed chunk size would make httpx copy every byte once more
+                    async for chunk in response.aiter_bytes():
                         size += len(chunk)
                         if size > limit:
                             reason = "too-large" if size > cap else "size-mismatch"
