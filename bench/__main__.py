@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         print(f"- {part} …", flush=True)
         work = args.workdir / part
+        shutil.rmtree(work, ignore_errors=True)  # each run starts from nothing (keys, Redis, cases)
         try:
             _runner(part)(report, mode, work)
         except Exception as exc:  # one broken part must not hide the others' figures

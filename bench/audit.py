@@ -32,7 +32,7 @@ from fhir_bridge.audit import Party, rest_event
 from fhir_bridge.identity import PatientIdentifier
 from fhir_bridge.resources import dumps
 
-SIZES = {"full": (20_000, 8.0), "quick": (300, 1.0)}  # appends at most, seconds at most, per measurement
+SIZES = {"full": (20_000, 8.0), "quick": (200, 0.3)}  # appends at most, seconds at most, per measurement
 TARGET = 5000.0
 WRITERS = (1, 8, 64)  # one caller; the API's default concurrency; a busy API (every request in flight appends)
 

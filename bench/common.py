@@ -150,7 +150,7 @@ def run_timed(args: Sequence[str], *, env: Mapping[str, str] | None = None, time
     try:
         with out_path.open("w+b") as out:
             started = time.perf_counter()
-            process = subprocess.Popen(list(args), stdout=out, stderr=err,
+            process = subprocess.Popen(list(args), stdout=out, stderr=err, cwd=ROOT,  # bench.* importable
                                        env={**os.environ, **(env or {})})
             deadline = started + timeout
             while True:

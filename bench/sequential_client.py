@@ -31,7 +31,7 @@ def pull(base: str, patient: str, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     size, kept = 0, 0
     for n, doc in enumerate(docs):
-        plain = doc.serialize()
+        plain: dict[str, Any] = dict(doc)  # a fhirpy resource is a dict of the JSON
         labels = [*(plain.get("meta", {}).get("security", []) or []), *(plain.get("securityLabel", []) or [])]
         if any("MASQUE_PS" in json.dumps(label) for label in labels):
             continue
