@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench import common
 from bench.common import ROOT, Report, load_average, machine
 
 PARTS = ("pull", "memory", "api", "audit", "sync")
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=ROOT / ".bench",
                         help="where the runs write (cases, logs, results.json); default .bench/")
     parser.add_argument("--keep", action="store_true", help="keep the work directory's cases and logs")
+    parser.add_argument("--profile", action="store_true",
+                        help="also record the bridge under py-spy (pull: one more pull; api: the server during "
+                             "the read load) into <workdir>/profiles: flame graphs (.svg) and top functions (.txt)")
     args = parser.parse_args(argv)
     if unknown := [p for p in args.parts if p not in PARTS]:
         parser.error(f"unknown part {unknown[0]!r}: choose among {', '.join(PARTS)}")
@@ -60,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(machine=machine())
     report.machine["mode"] = mode
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        common.PROFILE_DIR = args.workdir / "profiles"
+        common.PROFILE_DIR.mkdir(exist_ok=True)
     print(f"fhir-bridge benchmarks ({mode}): {', '.join(parts)}; load average {report.machine['load_before']}",
           flush=True)
     failed = []

@@ -27,7 +27,8 @@ from typing import Any
 
 import httpx
 
-from bench.common import Report, Row, median, python_module, sandbox_world, start_on_free_port
+from bench import common
+from bench.common import Report, Row, median, py_spy, python_module, sandbox_world, start_on_free_port, top_functions
 from fhir_bridge.adapters.dev_clients import DevClients, provision
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.demo import reviewer_opinion, second_opinion_request
@@ -153,6 +154,11 @@ def run_api(report: Report, mode: str, work: Path) -> None:
             for name, url in targets.items():
                 results[name].append(load(url, token(clients, "platform", api), float(size["seconds"]),
                                           int(size["connections"])))
+        if common.PROFILE_DIR is not None:
+            server = next(c for c in group.children if c.name == "api")
+            for name in ("read", "search"):
+                _profile_server(server.process.pid, f"api-{name}", targets[name], token(clients, "platform", api),
+                                float(size["seconds"]), int(size["connections"]))
     base = _summary(results["healthz"])
     tool = results["healthz"][0].tool
     for name, label in (("read", "GET DiagnosticReport/{id}"), ("search", "GET DiagnosticReport?based-on=")):
@@ -164,6 +170,22 @@ def run_api(report: Report, mode: str, work: Path) -> None:
             f"+{1000 / got['rps'] - 1000 / base['rps']:.2f} ms of server time per request); "
             f"{tool}, {size['connections']} connections, {size['seconds']} s x {size['rounds']} rounds (median); "
             f"non-2xx {got['errors']}"))
+
+
+def _profile_server(pid: int, name: str, url: str, bearer: str, seconds: float, connections: int) -> None:
+    """``py-spy record --pid`` on the API while the same load runs again (not counted): flame graph and top
+    functions of the thread holding the GIL, in the profile directory."""
+    spy, where = py_spy(), common.PROFILE_DIR
+    if spy is None or where is None:
+        raise RuntimeError("--profile needs py-spy (pip install -e '.[bench]', or bash dev.sh bench)")
+    for fmt, out in (("flamegraph", where / f"{name}.svg"), ("raw", where / f"{name}.raw")):
+        recorder = subprocess.Popen([spy, "record", "--gil", "--pid", str(pid), "-r", "250", "-d",
+                                     str(max(1, round(seconds))), "-f", fmt, "-o", str(out)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        load(url, bearer, seconds, connections)
+        recorder.wait(timeout=seconds + 60)
+    top_functions(where / f"{name}.raw", where / f"{name}.txt")
 
 
 def _summary(loads: list[Load]) -> dict[str, float]:

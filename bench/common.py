@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,8 @@ import httpx
 from fhir_bridge.processes import ProcessGroup, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+#: where ``--profile`` puts py-spy profiles of the bridge's side (None: no profiling); set by ``bench.__main__``
+PROFILE_DIR: Path | None = None
 
 
 @dataclass
@@ -215,3 +218,30 @@ def sandbox_requests(root: str, *, clear: bool = False) -> list[dict[str, Any]]:
 def patient_token(patient: Mapping[str, Any]) -> str:
     """``system|value`` for ``--patient`` (never printed: it is the patient's INS)."""
     return f"{patient['identifier']['system']}|{patient['identifier']['value']}"
+
+
+def py_spy() -> str | None:
+    """The py-spy executable (the ``bench`` extra), next to this interpreter or on PATH."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+def top_functions(raw: Path, out: Path, count: int = 25) -> None:
+    """Summarise a py-spy ``raw`` (collapsed stacks) profile: functions by own and by inclusive samples."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text("utf-8", "replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        frames = stack.split(";")
+        total += int(n)
+        own[frames[-1]] = own.get(frames[-1], 0) + int(n)
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + int(n)
+    lines = [f"{total} samples", "", "own time:"]
+    lines += [f"{n / total:6.1%}  {f}" for f, n in sorted(own.items(), key=lambda x: -x[1])[:count]]
+    lines += ["", "inclusive:"]
+    lines += [f"{n / total:6.1%}  {f}" for f, n in sorted(inclusive.items(), key=lambda x: -x[1])[: count * 2]]
+    out.write_text("\n".join(lines) + "\n", "utf-8")

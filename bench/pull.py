@@ -24,17 +24,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import common
 from bench.common import (
     Report,
     Row,
     Timed,
     median,
     patient_token,
+    py_spy,
     python_module,
     run_timed,
     sandbox_requests,
     sandbox_world,
     start_on_free_port,
+    top_functions,
 )
 from fhir_bridge.processes import ProcessGroup
 from fhir_bridge.sandbox.world import build_world
@@ -106,6 +109,19 @@ def _run(name: str, args: list[str], root: str, work: Path) -> Run:
     return Run(timed, len(sandbox_requests(root, clear=True)), documents)
 
 
+def profile(name: str, args: list[str], work: Path) -> None:
+    """One more run of ``args`` under ``py-spy record`` (not counted): a flame graph and a top-functions list in
+    the profile directory. ``--gil`` keeps the samples of the thread holding the GIL: where Python time goes."""
+    spy, where = py_spy(), common.PROFILE_DIR
+    if spy is None or where is None:
+        raise RuntimeError("--profile needs py-spy (pip install -e '.[bench]', or bash dev.sh bench)")
+    for fmt, out in (("flamegraph", where / f"{name}.svg"), ("raw", where / f"{name}.raw")):
+        run_timed([spy, "record", "--gil", "-r", "250", "-f", fmt, "-o", str(out), "--", *args],
+                  stderr_path=work / f"profile-{name}.stderr")
+        shutil.rmtree(work / "profiled-out", ignore_errors=True)
+    top_functions(where / f"{name}.raw", where / f"{name}.txt")
+
+
 def run_pull(report: Report, mode: str, work: Path) -> None:
     """Part 1; see the module docstring."""
     case = PULL[mode]
@@ -126,6 +142,8 @@ def run_pull(report: Report, mode: str, work: Path) -> None:
             for name in order:
                 runs[name].append(_run(name, clients[name](), root, work))
                 shutil.rmtree(work / f"{name}-out", ignore_errors=True)
+        if common.PROFILE_DIR is not None:
+            profile("pull", _bridge(base, token, work / "profiled-out"), work)
     seconds = {name: median([r.timed.seconds for r in rs]) for name, rs in runs.items()}
     requests = {name: sorted({r.requests for r in rs}) for name, rs in runs.items()}
     documents = {name: sorted({r.documents for r in rs}) for name, rs in runs.items()}
