@@ -249,6 +249,8 @@ def worker(name: str | None) -> None:
 @click.option("--big-docs", default=0, show_default=True, type=click.IntRange(0, 100_000),
               help="Extra large documents for patient 0 (benchmarks).")
 @click.option("--big-total-mb", default=0, show_default=True, type=click.IntRange(0, 1_000_000))
+@click.option("--archive-studies", default=0, show_default=True, type=click.IntRange(0, 10_000),
+              help="Extra, older ImagingStudies for patient 0 (benchmarks).")
 @click.option("--today", type=click.DateTime(formats=["%Y-%m-%d"]), default=None,
               help="Day the synthetic record is dated back from (YYYY-MM-DD); default: today's UTC date.")
 @click.option("--incomplete", multiple=True, type=click.IntRange(0),
@@ -265,7 +267,7 @@ def worker(name: str | None) -> None:
 @click.option("--tls-client-ca", default="", help="Require client certificates signed by this CA (PEM).")
 @one_line_errors
 def sandbox(host: str, port: int, patients: int, seed: int, page_cap: int, latency_ms: int, fault_rate: float,
-            corrupt: bool, big_docs: int, big_total_mb: int, today: datetime | None,
+            corrupt: bool, big_docs: int, big_total_mb: int, archive_studies: int, today: datetime | None,
             incomplete: tuple[int, ...], public_base_url: str | None, require_token: bool, clients_file: Path | None,
             tls_cert: str, tls_key: str, tls_client_ca: str) -> None:
     """Serve the synthetic national-record FHIR source (deterministic French test patients)."""
@@ -280,7 +282,8 @@ def sandbox(host: str, port: int, patients: int, seed: int, page_cap: int, laten
     tls = uvicorn_tls_options(tls_cert, tls_key, tls_client_ca, "required" if tls_client_ca else "none")
     config = SandboxConfig(seed=seed, patients=patients, page_cap=page_cap, latency_ms=latency_ms,
                            fault_rate=fault_rate, corrupt=corrupt, big_docs=big_docs,
-                           big_total_bytes=big_total_mb * 1024 * 1024, public_base_url=public_base_url,
+                           big_total_bytes=big_total_mb * 1024 * 1024, archive_studies=archive_studies,
+                           public_base_url=public_base_url,
                            today=today.date() if today else None, incomplete=tuple(incomplete))
     click.echo(f"sandbox FHIR source on {'https' if tls else 'http'}://{host}:{port}/fhir", err=True)
     run(config, host, port, clients_file=clients_file, tls=tls)

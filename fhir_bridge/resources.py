@@ -137,8 +137,24 @@ class StreamedText(Protocol):
 
 
 def dumps(resource: Any, *, canonical: bool = False) -> bytes:
-    """Serialise to UTF-8 JSON bytes. ``canonical``: keys sorted, no whitespace (FHIR R4 json.html §2.6.2.6)."""
-    return "".join(iterencode(resource, canonical=canonical)).encode("utf-8")
+    """Serialise to UTF-8 JSON bytes. ``canonical``: keys sorted, no whitespace (FHIR R4 json.html §2.6.2.6).
+
+    The standard library's C encoder writes exactly what :func:`iterencode` writes for plain JSON values (same
+    string escaping, key order and number forms) about ten times faster, and every audit append, store write and
+    API answer goes through here; values it cannot write the same way (a Decimal, a :class:`StreamedText`, NaN)
+    make it refuse, and :func:`iterencode` writes those.
+    """
+    try:
+        text = _FAST_ENCODERS[canonical].encode(resource)
+    except (TypeError, ValueError):
+        text = "".join(iterencode(resource, canonical=canonical))
+    return text.encode("utf-8")
+
+
+_FAST_ENCODERS = {
+    False: json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(", ", ": ")),
+    True: json.JSONEncoder(ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")),
+}
 
 
 def iterencode(obj: Any, *, canonical: bool = False) -> Iterator[str]:

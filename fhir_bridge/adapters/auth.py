@@ -59,6 +59,7 @@ CLOCK_SKEW_S = 30  # tolerated difference between the client's clock and ours, f
 BRIDGE_ALGORITHM = "ES384"
 AT_JWT_TYPE = "at+jwt"
 _MAX_JWT_CHARS = 8192
+_VERIFIED_TOKENS = 10_000  # tokens remembered as verified per key (about 10 MB at most)
 
 
 class OAuthError(Unauthenticated):
@@ -205,6 +206,27 @@ class BridgeKeys:
         params = {"kid": self.kid, "use": "sig", "alg": BRIDGE_ALGORITHM}
         self.signing_key = ECKey.import_key(key.as_dict(private=True), parameters=params)  # type: ignore[arg-type]
         self.public_key = ECKey.import_key(key.as_dict(private=False), parameters=params)  # type: ignore[arg-type]
+        # Tokens whose header and ES384 signature this key has verified, with their claims. A P-384 verify was
+        # the largest single cost of an API read (BENCHMARKS.md part 3); a client reuses its token for minutes.
+        # Only the signature check is skipped on a hit: expiry, audience and certificate binding are checked on
+        # every request, and a token differing by one byte is another key here.
+        self._verified: dict[str, dict[str, Any]] = {}
+
+    def verified_claims(self, token: str) -> dict[str, Any] | None:
+        """The claims of ``token`` if this key verified its signature before, else None."""
+        return self._verified.get(token)
+
+    def remember_verified(self, token: str, claims: dict[str, Any], now: float) -> None:
+        """Remember a token whose signature verified; bounded (expired ones go first, then the oldest)."""
+        if len(self._verified) >= _VERIFIED_TOKENS:
+            for old in [t for t, c in self._verified.items() if not _is_number(c.get("exp")) or c["exp"] <= now]:
+                del self._verified[old]
+            for old in list(self._verified)[: max(0, len(self._verified) - _VERIFIED_TOKENS // 2)]:
+                del self._verified[old]
+        self._verified[token] = claims
+
+    def forget_verified(self, token: str) -> None:
+        self._verified.pop(token, None)
 
     @classmethod
     def load_or_create(cls, keys_dir: Path) -> BridgeKeys:
@@ -264,15 +286,19 @@ def verify_access_token(
     """
     if not token or len(token) > _MAX_JWT_CHARS:
         raise InvalidToken("no usable access token")
-    try:
-        header = jws.extract_compact(token.encode("ascii")).headers()
-        if header.get("typ") != AT_JWT_TYPE or header.get("kid") != keys.kid:
-            raise InvalidToken("not an access token issued by this bridge")
-        claims = jwt.decode(token, keys.public_key, algorithms=[BRIDGE_ALGORITHM]).claims
-    except (JoseError, ValueError, UnicodeError):
-        raise InvalidToken("the access token signature does not verify") from None
+    claims = keys.verified_claims(token)
+    if claims is None:
+        try:
+            header = jws.extract_compact(token.encode("ascii")).headers()
+            if header.get("typ") != AT_JWT_TYPE or header.get("kid") != keys.kid:
+                raise InvalidToken("not an access token issued by this bridge")
+            claims = dict(jwt.decode(token, keys.public_key, algorithms=[BRIDGE_ALGORITHM]).claims)
+        except (JoseError, ValueError, UnicodeError):
+            raise InvalidToken("the access token signature does not verify") from None
+        keys.remember_verified(token, claims, now)
     exp = claims.get("exp")
     if not _is_number(exp) or exp <= now:
+        keys.forget_verified(token)
         raise InvalidToken("the access token has expired")
     if not _audience_matches(claims.get("aud"), audience):
         raise InvalidToken("the access token is not for this server")

@@ -56,7 +56,6 @@ import structlog
 
 from fhir_bridge import audit_context
 from fhir_bridge.adapters.settings import SourceSettings
-from fhir_bridge.adapters.tls import client_ssl_context
 from fhir_bridge.errors import (
     AmbiguousPatient,
     AttachmentError,
@@ -202,6 +201,8 @@ class SourceClient:
         self._auth = auth or outbound_auth(settings, self._send_token_request)  # checked before any connection
         verify: ssl.SSLContext | bool = True
         if settings.ca_bundle or settings.client_cert:
+            from fhir_bridge.adapters.tls import client_ssl_context  # cryptography: only when configured
+
             verify = client_ssl_context(settings.ca_bundle, settings.client_cert, settings.client_key)
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(
@@ -606,8 +607,9 @@ class SourceClient:
             raise AttachmentError(str(exc), reason="retrieve-failed", url=redact(url)) from None
         cap = self._settings.max_attachment_bytes
         limit = min(cap, expected_size) if expected_size is not None else cap
-        sha1, sha256, size = hashlib.sha1(usedforsecurity=False), hashlib.sha256(), 0
+        size = 0
         tmp = dest.with_name(dest.name + f".part{os.getpid()}")
+        sink = _AttachmentSink(tmp)
         try:
             if response.status_code != 200:
                 raise AttachmentError(
@@ -615,36 +617,95 @@ class SourceClient:
                     status=response.status_code, url=redact(url),
                 )
             dest.parent.mkdir(parents=True, exist_ok=True)
-            with tmp.open("wb") as out:
-                try:
-                    async for chunk in response.aiter_bytes(_CHUNK):
-                        size += len(chunk)
-                        if size > limit:
-                            reason = "too-large" if size > cap else "size-mismatch"
-                            raise AttachmentError(
-                                f"attachment is larger than {'the limit' if reason == 'too-large' else 'declared'}",
-                                reason=reason, url=redact(url),
-                            )
-                        sha1.update(chunk)
-                        sha256.update(chunk)
-                        out.write(chunk)
-                except (httpx.TransportError, httpx.TimeoutException) as exc:
-                    raise SourceUnavailable(f"connection lost during retrieve ({type(exc).__name__})") from None
+            try:
+                # chunks as they arrive: a fixed chunk size would make httpx copy every byte once more
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > limit:
+                        reason = "too-large" if size > cap else "size-mismatch"
+                        raise AttachmentError(
+                            f"attachment is larger than {'the limit' if reason == 'too-large' else 'declared'}",
+                            reason=reason, url=redact(url),
+                        )
+                    await sink.add(chunk)
+            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                raise SourceUnavailable(f"connection lost during retrieve ({type(exc).__name__})") from None
+            await sink.finish()
             if expected_size is not None and size != expected_size:
                 raise AttachmentError(f"attachment has {size} bytes, {expected_size} declared",
                                       reason="size-mismatch", url=redact(url))
-            if expected_sha1 is not None and sha1.digest() != expected_sha1:
+            if expected_sha1 is not None and sink.sha1.digest() != expected_sha1:
                 raise AttachmentError("attachment bytes do not match attachment.hash (SHA-1)",
                                       reason="hash-mismatch", url=redact(url))
             os.replace(tmp, dest)
         finally:
+            await sink.close()
             await response.aclose()
             tmp.unlink(missing_ok=True)
         return RetrievedAttachment(
-            url=url, path=dest, size=size, sha1_b64=base64.b64encode(sha1.digest()).decode("ascii"),
-            sha256_hex=sha256.hexdigest(),
+            url=url, path=dest, size=size, sha1_b64=base64.b64encode(sink.sha1.digest()).decode("ascii"),
+            sha256_hex=sink.sha256.hexdigest(),
             content_type=response.headers.get("Content-Type", "").split(";")[0].strip() or None,
         )
+
+
+class _AttachmentSink:
+    """Hashes an ITI-68 body and writes it to disk in a worker thread, about 1 MiB at a time, in order.
+
+    hashlib and file writes release the GIL, so on a second core they run beside the event loop, which keeps
+    reading this and the other responses (BENCHMARKS.md part 1: in the loop they were ~15% of a pull's time,
+    opening the files another 5%). One batch at most is in the thread while the next one fills.
+    """
+
+    _BATCH = 1 << 20
+
+    def __init__(self, path: Path) -> None:
+        self.sha1, self.sha256 = hashlib.sha1(usedforsecurity=False), hashlib.sha256()
+        self._path = path
+        self._out: Any = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._flight: asyncio.Future[None] | None = None
+
+    async def add(self, chunk: bytes) -> None:
+        self._pending.append(chunk)
+        self._pending_size += len(chunk)
+        if self._pending_size >= self._BATCH:
+            await self._flush()
+
+    async def finish(self) -> None:
+        """Every byte hashed and written, the file closed."""
+        await self._flush(last=True)
+        if self._flight is not None:
+            await self._flight
+        self._flight = None
+
+    async def close(self) -> None:
+        """Stop after an error: let the thread finish its batch, close the file (nothing else is written)."""
+        if self._flight is not None:
+            await asyncio.wait([self._flight])
+        self._close()
+
+    async def _flush(self, *, last: bool = False) -> None:
+        if self._flight is not None:
+            await self._flight
+        batch, self._pending, self._pending_size = self._pending, [], 0
+        self._flight = asyncio.get_running_loop().run_in_executor(None, self._absorb, batch, last)
+
+    def _absorb(self, batch: list[bytes], last: bool) -> None:
+        if self._out is None:
+            self._out = self._path.open("wb")
+        for chunk in batch:
+            self.sha1.update(chunk)
+            self.sha256.update(chunk)
+            self._out.write(chunk)
+        if last:
+            self._close()
+
+    def _close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
 
 
 class _TokenEndpointUnreachable(Exception):

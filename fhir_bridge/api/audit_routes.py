@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -201,10 +201,10 @@ async def verify(request: Request) -> Response:
     return fhir_response(request, {"resourceType": "Parameters", "parameter": parameters})
 
 
-def auditor_only(interaction: Interaction) -> Callable[[AccessContext], None]:
+def auditor_only(interaction: Interaction) -> Callable[[AccessContext], Awaitable[None]]:
     """The audit is for auditors alone (issue 6 "Roles"): their role and ``system/AuditEvent.<interaction>``."""
 
-    def check(who: Caller) -> None:
+    async def check(who: Caller) -> None:
         require_scope(who, "AuditEvent", interaction)
         if who.role != "auditor":
             raise Forbidden("only auditor clients read the audit trail")

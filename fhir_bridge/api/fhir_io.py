@@ -86,8 +86,11 @@ def answer_format(request: Request | None) -> str:
     return str(chosen)
 
 
-def negotiate(request: Request) -> str:
+async def negotiate(request: Request) -> str:
     """The answer's media type: ``_format`` first, then ``Accept`` (FHIR R4 http.html#mime-type).
+
+    ``async`` although it awaits nothing: FastAPI runs a plain ``def`` dependency in a worker thread, a hop
+    per request that showed in the API profile (BENCHMARKS.md part 3); the same goes for the routes' others.
 
     JSON for ``application/fhir+json``, ``application/json``, ``json``, ``*/*`` or no preference; XML for
     ``application/fhir+xml``, ``application/xml``, ``text/xml``, ``xml``. Anything else is a 406 answered in

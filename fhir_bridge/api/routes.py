@@ -35,7 +35,7 @@ router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)])
 READABLE = ("ServiceRequest", "Task", "DiagnosticReport")
 
 
-def cases(request: Request) -> CaseService:
+async def cases(request: Request) -> CaseService:
     service: CaseService = request.app.state.cases
     return service
 
@@ -43,10 +43,10 @@ def cases(request: Request) -> CaseService:
 Cases = Annotated[CaseService, Depends(cases)]
 
 
-def tenancy(request: Request) -> Tenancy:
+async def tenancy(request: Request) -> Tenancy:
     rules: Tenancy | None = getattr(request.app.state, "tenancy", None)
     if rules is None:  # the runtime's CaseService arrives with the lifespan, after create_app
-        service = cases(request)
+        service: CaseService = request.app.state.cases
         rules = request.app.state.tenancy = Tenancy(service.store, service.assignments.registry)
     return rules
 

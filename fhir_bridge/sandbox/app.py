@@ -137,7 +137,8 @@ def create_app(config: SandboxConfig) -> FastAPI:
     today = config.today if config.today is not None else datetime.now(UTC).date()
     world = build_world(config.seed, config.patients, big_docs=config.big_docs,
                         big_total_bytes=config.big_total_bytes, corrupt_patients=config.corrupt_patients,
-                        today=today, incomplete=config.incomplete)
+                        today=today, incomplete=config.incomplete,
+                        archive_studies=config.archive_studies)
     state = SandboxState(config=config, world=world, rng=random.Random(f"fhir-bridge-sandbox-faults:{config.seed}"))
     app = FastAPI(title="fhir-bridge sandbox", openapi_url=None, docs_url=None, redoc_url=None)
     app.state.sandbox = state

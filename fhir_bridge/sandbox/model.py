@@ -167,9 +167,13 @@ class World:
     _patients: dict[str, SandboxPatient] = field(init=False, repr=False)
     _documents: dict[str, SandboxDocument] = field(init=False, repr=False)
     _studies: dict[str, SandboxStudy] = field(init=False, repr=False)
+    _by_nir: dict[str, SandboxPatient] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._patients = {p.id: p for p in self.patients}
+        self._by_nir = {}
+        for p in self.patients:
+            self._by_nir.setdefault(p.nir, p)  # the first, as a linear search would find
         self._documents = {d.id: d for p in self.patients for d in p.documents}
         self._studies = {s.id: s for p in self.patients for s in p.studies}
         counted = len(self.patients) + sum(len(p.documents) + len(p.studies) for p in self.patients)
@@ -183,8 +187,7 @@ class World:
         """The patient whose INS (test system) is ``value``; ``system`` None matches any system (FHIR token)."""
         if system is not None and system != INS_NIR_TEST:
             return None
-        wanted = value.replace(" ", "").upper()
-        return next((p for p in self.patients if p.nir == wanted), None)
+        return self._by_nir.get(value.replace(" ", "").upper())
 
     def document(self, document_id: str) -> SandboxDocument | None:
         return self._documents.get(document_id)

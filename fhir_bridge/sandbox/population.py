@@ -18,7 +18,7 @@ import json
 import random
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from functools import cache
 from itertools import pairwise
@@ -170,6 +170,24 @@ class PatientBuilder:
             series=series, endpoint_id=PACS.id, organization_id=PACS.organization_id,
             last_updated=started + timedelta(hours=2),
         )
+
+    def archive_studies(self, count: int) -> list[SandboxStudy]:
+        """``count`` more studies for the built patient, from their own random stream (so they shift nothing
+        else), dated before every other study and document: a big imaging history for benchmarks, older than
+        the current workup so triage's recency and consistency rules look at the same case as without them."""
+        saved = self.rng
+        self.rng = random.Random(f"fhir-bridge-sandbox:{self.patient.id}:archive-studies")
+        oldest = min([d.date for d in self.patient.documents] + [s.started for s in self.patient.studies])
+        try:
+            studies = []
+            for n in range(count):
+                study = self._study(n)
+                started = (oldest - timedelta(days=1 + n)).replace(hour=study.started.hour)
+                studies.append(replace(study, id=f"img-archive-{n:04d}-{study.id[4:]}", started=started,
+                                       last_updated=started + timedelta(hours=2)))
+            return studies
+        finally:
+            self.rng = saved
 
     # -- documents -------------------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ class SandboxConfig:
     corrupt: bool = True
     big_docs: int = 0
     big_total_bytes: int = 0
+    #: extra, older ImagingStudies for patient 0 (benchmarks)
+    archive_studies: int = 0
     public_base_url: str | None = None
     corrupt_patients: tuple[int, ...] = (0,)
     #: the day the world is dated from; None: the real current UTC date when the app is created

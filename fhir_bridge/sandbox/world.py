@@ -21,6 +21,7 @@ The same seed always gives the same ids, NIRs, contents and hashes. What every w
 
 ``big_docs`` adds that many current documents to patient 0 whose sizes sum to ``big_total_bytes``; their bytes
 are generated in chunks when served and never held whole in memory (the memory benchmark relies on it).
+``archive_studies`` adds that many older ImagingStudies to patient 0 (the pull benchmark's 20 studies).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def build_world(
     imaging_patients: Collection[int] | None = None,
     today: date | None = None,
     incomplete: Collection[int] = (),
+    archive_studies: int = 0,
 ) -> World:
     """Build the world for ``seed``, dated from ``today`` (None: :data:`DEFAULT_TODAY`).
 
@@ -101,6 +103,8 @@ def build_world(
         builder = PatientBuilder(seed, index, corrupt=index in corrupt_patients, imaging=imaging, today=today,
                                  incomplete=index in incomplete)
         people.append(builder.build())
+        if index == 0 and archive_studies:
+            people[0].studies.extend(builder.archive_studies(archive_studies))
     if big_docs:
         people[0].documents.extend(_big_documents(seed, people[0], big_docs, big_total_bytes))
         people[0].documents.sort(key=lambda d: (d.date, d.id))

@@ -179,6 +179,31 @@ async def test_concurrent_writers_keep_a_single_valid_chain(
         assert (await log.search(agent=f"client-{w}", count=0))[1] == 100
 
 
+async def test_concurrent_appends_in_one_process_are_group_committed_into_one_chain(
+    log: RedisAuditLog, redis_client: Redis
+) -> None:
+    """Appends waiting together go out in one pipeline; each caller still gets its own stored event, and an
+    event written by another process in between (a stale chain end) is chained after, not overwritten."""
+    first = await asyncio.gather(*(log.append(read(n)) for n in range(1, 301)))
+    assert sorted(int(e["id"]) for e in first) == list(range(1, 301))
+    assert all(f'"Task/t{n}"'.encode() in dumps(e) for n, e in zip(range(1, 301), first, strict=True))
+    other = RedisAuditLog(redis_client, signer=log._signer, checkpoint_every=100)  # another process's log
+    await other.append(read(1000, client="someone-else"))
+    second = await asyncio.gather(*(log.append(read(n)) for n in range(301, 351)))
+    assert sorted(int(e["id"]) for e in second) == list(range(302, 352))
+    result = await log.verify()
+    assert result.ok and result.count == 351
+    assert len(await log.checkpoints()) >= 3  # every 100 events, batch or not
+
+
+async def test_a_cancelled_append_does_not_stall_the_others(log: RedisAuditLog) -> None:
+    tasks = [asyncio.create_task(log.append(read(n))) for n in range(1, 41)]
+    await asyncio.sleep(0)
+    tasks[0].cancel()
+    done = await asyncio.gather(*tasks[1:])
+    assert len(done) == 39 and (await log.verify()).ok
+
+
 async def test_search_filters_by_date_patient_agent_subtype_and_outcome_with_paging(
     log: RedisAuditLog, clock: Clock
 ) -> None:

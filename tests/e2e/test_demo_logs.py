@@ -60,6 +60,8 @@ def test_a_whole_demo_run_logs_no_ins_and_no_patient_name(tmp_path: Path) -> Non
     logs = sorted((out / "logs").glob("*.log"))
     assert {p.name for p in logs} >= {"api.log", "worker.log", "sandbox.log"}
     text = "\n".join(p.read_text("utf-8", errors="replace") for p in logs).lower()
-    assert len(text) > 1000, "DEBUG logs were written (an empty log would prove nothing)"
+    # DEBUG logs were written (an empty log would prove nothing): asyncio's DEBUG line and the bridge's own events.
+    # (Not a length: most of it used to be redis-py's per-connection warnings, whose count depends on the pool.)
+    assert "using selector" in text and '"event": "worker.started"' in text, text[-2000:]
     leaked = sorted(s for s in secrets if s in text)
     assert not leaked, f"patient identifiers or names in the demo logs: {len(leaked)} value(s)"

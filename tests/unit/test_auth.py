@@ -417,6 +417,29 @@ def test_a_certificate_bound_token_is_accepted_only_over_its_certificate(bridge:
     assert check(token_for(bridge), bridge, cert_thumbprint=certificate_thumbprint(cert)).client_id == "platform-a"
 
 
+def test_a_verified_token_is_remembered_but_every_other_check_still_runs(bridge: BridgeKeys) -> None:
+    token = token_for(bridge, lifetime_s=60)
+    assert check(token, bridge).client_id == "platform-a"
+    assert bridge.verified_claims(token) is not None  # the next request skips only the ES384 verify
+    with pytest.raises(InvalidToken, match="not for this server"):
+        check(token, bridge, audience="https://other.test/fhir")
+    head, body, signature = token.split(".")
+    middle = len(signature) // 2
+    forged = f"{head}.{body}.{signature[:middle]}{'A' if signature[middle] != 'A' else 'B'}{signature[middle + 1:]}"
+    with pytest.raises(InvalidToken, match="does not verify"):
+        check(forged, bridge)
+    with pytest.raises(InvalidToken, match="expired"):
+        check(token, bridge, now=NOW + 60)
+    assert bridge.verified_claims(token) is None
+
+
+def test_the_verified_tokens_memory_is_bounded(bridge: BridgeKeys) -> None:
+    for n in range(10_050):
+        bridge.remember_verified(f"token-{n}", {"exp": NOW + 300}, NOW)
+    assert bridge.verified_claims("token-10049") is not None
+    assert len(bridge._verified) <= 10_000
+
+
 def test_a_reviewer_token_names_its_practitioner_role(bridge: BridgeKeys) -> None:
     reviewer = Client.from_dict(entry("dr-x", EC_KEY, role="reviewer", reviewer="pr-42",
                                       scopes=["system/Task.rs", "system/DiagnosticReport.c"]))

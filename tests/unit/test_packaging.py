@@ -297,3 +297,21 @@ def test_signing_a_large_case_reads_the_files_in_bounded_memory(tmp_path: Path) 
         tracemalloc.stop()
     assert peak < 8 << 20, f"signing 16 MiB peaked at {peak} bytes"
     assert signed.signature is not None and signed.signature["who"] == {"reference": "urn:uuid:3"}
+
+
+def test_written_bundle_is_byte_for_byte_the_canonical_json(tmp_path: Path) -> None:
+    """write_bundle streams Binary data from disk as bytes; the file is still exactly the canonical form."""
+    case = make_case(tmp_path)
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * 12_000 + b"\x00tail")  # several base64 chunks, not a multiple of 3
+    doc = case.documents[0]
+    case.documents.append(PackagedDocument(resource={**doc.resource, "id": "d2"}, path=big,
+                                           content_type="application/octet-stream", size=big.stat().st_size,
+                                           sha1_b64=doc.sha1_b64))
+    bundle = build_case_bundle(case, terminology=TERMS, absolute=absolute, now=datetime(2026, 11, 21, tzinfo=UTC))
+    path = tmp_path / "bundle.json"
+    size = write_bundle(bundle, path)
+    expected = dumps(bundle, canonical=True)
+    assert path.read_bytes() == expected and size == len(expected)
+    binaries = [e["resource"] for e in loads(expected)["entry"] if e["resource"]["resourceType"] == "Binary"]
+    assert [base64.b64decode(b["data"]) for b in binaries] == [doc.path.read_bytes(), big.read_bytes()]

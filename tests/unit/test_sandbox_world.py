@@ -192,3 +192,17 @@ def test_world_refuses_impossible_settings() -> None:
         build_world(1, 0)
     with pytest.raises(ValueError):
         build_world(1, 1, big_docs=3, big_total_bytes=1000)
+
+
+def test_archive_studies_are_older_extra_studies_that_change_nothing_else() -> None:
+    plain, more = build_world(1, 2), build_world(1, 2, archive_studies=5)
+    before, after = plain.patients[0], more.patients[0]
+    assert [s.id for s in after.studies[: len(before.studies)]] == [s.id for s in before.studies]
+    extra = after.studies[len(before.studies):]
+    assert len(extra) == 5 and len({s.id for s in extra}) == 5 and len({s.uid for s in extra}) == 5
+    oldest = min([d.date for d in before.documents] + [s.started for s in before.studies])
+    assert all(s.started < oldest and s.patient_id == before.id for s in extra)
+    assert [d.id for d in after.documents] == [d.id for d in before.documents]
+    assert more.patients[1] == plain.patients[1]
+    assert [s.id for s in build_world(1, 2, archive_studies=5).patients[0].studies] == [s.id for s in after.studies]
+    assert more.study(extra[0].id) is extra[0]
