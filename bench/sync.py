@@ -8,9 +8,15 @@ What the harness does, all of it real:
 
 1. a sandbox with one patient per case (``--patients N``; searches there only look at the named patient's
    documents, so its cost does not grow with the world), a private ``redis-server`` (``appendfsync always``,
-   the default), ``fhir-bridge serve`` and workers;
-2. N open cases seeded through the API by a platform with real tokens (one ServiceRequest per patient), the
-   workers pulling and packaging each, until no case is still requested or collecting;
+   the default), ``fhir-bridge serve`` and, in quick mode, workers;
+2. N open cases requested through the API by a platform with real tokens (one ServiceRequest per patient,
+   each checked at the source as intake does). Quick mode: the workers pull and package each, until no case is
+   still requested or collecting. Full mode: a full pull of 10,000 cases would take about 2.5 hours on 2 cores
+   (~1.1 cases/s, measured), and the pull is part 1's subject, not this part's; so each case is moved to
+   ``ready`` through the bridge's own TaskBook (a ``collecting`` version, then ``triaged-ready``, as a pull
+   leaves it) and given the sync mark a pull records (the source's Patient id and a watermark newer than the
+   patient's documents, ``CaseSync.record_pull``), straight in the bridge's Redis. The refresh then finds
+   exactly the state a real pull leaves;
 3. 1 % of the patients changed at the source: one new document each, written with ITI-65 (``POST /fhir``);
 4. the sandbox's request log cleared, then timed in the same run:
    * the limit: :mod:`bench.refresh_limit`, one ``DocumentReference?patient&status&_lastUpdated=gt`` search
@@ -56,7 +62,7 @@ from fhir_bridge.demo import second_opinion_request
 from fhir_bridge.processes import ProcessGroup
 
 FHIR = {"Content-Type": "application/fhir+json"}
-SIZES = {"full": {"cases": 10_000, "changed_every": 100, "workers": 2},
+SIZES = {"full": {"cases": 10_000, "changed_every": 100, "workers": 0},
          "quick": {"cases": 20, "changed_every": 10, "workers": 1}}
 REFRESH = os.environ.get("BENCH_SYNC_REFRESH", "sync refresh")
 
@@ -111,6 +117,44 @@ async def _open_cases(api: str, clients: DevClients, patients: list[dict[str, An
                                  headers={**FHIR, "If-None-Exist": key})).raise_for_status()
 
         await asyncio.gather(*(ask(n, p) for n, p in enumerate(patients)))
+
+
+async def _ready_as_pulled(redis_url: str, patients: list[dict[str, Any]], watermark: str) -> dict[str, int]:
+    """Full mode: each requested case moved to ``ready`` as its pull would leave it, with the sync mark its
+    pull records (see the module docstring); returns the counts by status."""
+    from redis.asyncio import Redis
+
+    from fhir_bridge.adapters.redis_store import RedisResourceStore
+    from fhir_bridge.adapters.sync_state import RedisSyncState
+    from fhir_bridge.identity import PatientIdentifier
+    from fhir_bridge.terminology import load_terminology
+    from fhir_bridge.workflow.taskbook import TaskBook
+
+    redis = Redis.from_url(redis_url)
+    try:
+        store, marks = RedisResourceStore(redis), RedisSyncState(redis)
+        book = TaskBook(store, load_terminology())
+        source_ids = {p["identifier"]["value"]: p["id"] for p in patients}
+        tasks: list[dict[str, Any]] = []
+        while True:
+            page = await store.search("Task", {"status": ["requested"]}, count=500, offset=len(tasks))
+            tasks += page.resources
+            if len(tasks) >= page.total or not page.resources:
+                break
+        slots = asyncio.Semaphore(32)
+
+        async def ready(task: dict[str, Any]) -> None:
+            async with slots:
+                moved = await book.move(task, "in-progress", "collecting")
+                await book.move(moved, "ready", "triaged-ready")
+                ident = task["for"]["identifier"]
+                await marks.advance(PatientIdentifier(ident["system"], ident["value"]),
+                                    patient_id=source_ids[ident["value"]], watermark=watermark)
+
+        await asyncio.gather(*(ready(t) for t in tasks))
+        return {"ready": len(tasks), "on-hold": 0, "failed": 0}
+    finally:
+        await redis.aclose()
 
 
 def _count(http: httpx.Client, api: str, status: str) -> int:
@@ -185,10 +229,16 @@ def run_sync(report: Report, mode: str, work: Path) -> None:
                    for n in range(int(size["workers"]))]
         started = time.monotonic()
         asyncio.run(_open_cases(api, clients, patients))
-        counts = _wait_settled(api, clients, cases, timeout=max(300.0, cases * 0.5))
+        if workers:
+            counts = _wait_settled(api, clients, cases, timeout=max(300.0, cases * 0.5))
+        else:
+            time.sleep(0.01)
+            watermark = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            counts = asyncio.run(_ready_as_pulled(redis.url, patients, watermark))
         seeded_in = time.monotonic() - started
         for worker in workers:
             group.stop(worker)  # the refresh runs alone, as a scheduled job would
+        time.sleep(0.01)
         opened = datetime.now(UTC).isoformat(timespec="milliseconds")  # gt at ms precision: the next ms
         changed = [p["id"] for p in patients[::every]]
         with httpx.Client(timeout=60) as http:
@@ -207,7 +257,8 @@ def run_sync(report: Report, mode: str, work: Path) -> None:
         refresh_log = sandbox_requests(sandbox, clear=True)
     unchanged = {p["id"] for p in patients} - set(changed)
     limit_worst, _ = _searches(_request_patients(limit_log, world), unchanged)
-    seeding = (f"{cases} cases seeded in {seeded_in:.0f} s ({counts['ready']} ready, {counts['on-hold']} on hold, "
+    how = "pulled by the workers" if size["workers"] else "requested through the API, made ready as pulled"
+    seeding = (f"{cases} cases {how} in {seeded_in:.0f} s ({counts['ready']} ready, {counts['on-hold']} on hold, "
                f"{counts['failed']} failed), {len(changed)} changed at the source; limit: one search per case, "
                f"{limit.seconds:.2f} s, {len(limit_log)} requests, {(limit.json() or {}).get('changed')} changes "
                f"found, at most {limit_worst} search per unchanged case")

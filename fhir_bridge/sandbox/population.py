@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from functools import cache
@@ -95,10 +95,15 @@ PACS = SandboxEndpoint(id="ep-pacs", name="PACS — Centre d'imagerie médicale 
                        organization_id="org-imagerie")
 
 
-def make_nir(rng: random.Random, gender: str, birth: date, birthplace: str) -> str:
-    """A valid NIR: sex, year, month, birthplace (INSEE commune), order, key = 97 − (n mod 97)."""
-    first13 = f"{1 if gender == 'male' else 2}{birth:%y%m}{birthplace}{rng.randint(1, 999):03d}"
-    return f"{first13}{nir_key(first13):02d}"
+def make_nir(rng: random.Random, gender: str, birth: date, birthplace: str,
+             taken: Collection[str] = ()) -> str:
+    """A valid NIR: sex, year, month, birthplace (INSEE commune), order, key = 97 − (n mod 97); never one of
+    ``taken`` (two people never share an INS: in a large world the random order number would collide)."""
+    while True:
+        first13 = f"{1 if gender == 'male' else 2}{birth:%y%m}{birthplace}{rng.randint(1, 999):03d}"
+        nir = f"{first13}{nir_key(first13):02d}"
+        if nir not in taken:
+            return nir
 
 
 @dataclass
@@ -127,7 +132,8 @@ class PatientBuilder:
         self.missing: tuple[str, ...] = tuple(self.spec["essential"]) if incomplete else ()
         self.practitioners = practitioners()
 
-    def build(self) -> SandboxPatient:
+    def build(self, taken: Collection[str] = ()) -> SandboxPatient:
+        """The patient, with a NIR none of ``taken`` has."""
         rng, t = self.rng, tables()
         keys = sorted(self.spec["conditions"])
         key = rng.choice(["breast", "lung"]) if self.index == 0 else rng.choice(keys)
@@ -136,7 +142,7 @@ class PatientBuilder:
         birth = date(1945, 1, 1) + timedelta(days=rng.randrange(365 * 45))
         birthplace = rng.choice(t["birthplaces"])
         self.patient = SandboxPatient(
-            id=_hex_id(rng, "pat", 40), nir=make_nir(rng, gender, birth, birthplace),
+            id=_hex_id(rng, "pat", 40), nir=make_nir(rng, gender, birth, birthplace, taken),
             given=rng.choice(t["given_names"][gender]), family=rng.choice(t["family_names"]),
             gender=gender, birth_date=birth, birthplace=birthplace, specialty=self.specialty,
             condition=self.condition["name"], missing=self.missing,

@@ -96,13 +96,15 @@ def build_world(
     if big_docs < 0 or (big_docs and big_total_bytes < big_docs * MIN_BIG_DOC):
         raise ValueError(f"big_total_bytes must give each big document at least {MIN_BIG_DOC} bytes")
     people = []
+    taken: set[str] = set()
     for index in range(patients):
         imaging = None if imaging_patients is None else index in imaging_patients
         if index == 0 and imaging_patients is None:
             imaging = True
         builder = PatientBuilder(seed, index, corrupt=index in corrupt_patients, imaging=imaging, today=today,
                                  incomplete=index in incomplete)
-        people.append(builder.build())
+        people.append(builder.build(taken))
+        taken.add(people[-1].nir)
         if index == 0 and archive_studies:
             people[0].studies.extend(builder.archive_studies(archive_studies))
     if big_docs:

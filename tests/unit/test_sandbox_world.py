@@ -206,3 +206,20 @@ def test_archive_studies_are_older_extra_studies_that_change_nothing_else() -> N
     assert more.patients[1] == plain.patients[1]
     assert [s.id for s in build_world(1, 2, archive_studies=5).patients[0].studies] == [s.id for s in after.studies]
     assert more.study(extra[0].id) is extra[0]
+
+
+def test_no_two_patients_share_an_ins_even_in_a_large_world() -> None:
+    world = build_world(patients=3000)
+    assert len({p.nir for p in world.patients}) == 3000
+
+
+def test_a_taken_ins_is_drawn_again() -> None:
+    import random
+    from datetime import date
+
+    from fhir_bridge.identity import validate_nir
+    from fhir_bridge.sandbox.population import make_nir
+
+    first = make_nir(random.Random(7), "female", date(1960, 5, 1), "75056")
+    again = make_nir(random.Random(7), "female", date(1960, 5, 1), "75056", taken={first})
+    assert again != first and validate_nir(again) == again
