@@ -1,6 +1,6 @@
 """Part 4: ``fhir-bridge sync refresh`` over 10,000 open cases with 1 % changed at the source.
 
-**Awaits issue 8**: ``sync refresh`` is issue 8's command. Until it exists on the branch being measured, the
+``sync refresh`` is issue 8's command; on a branch without it, the
 full run reports the part as pending; ``python -m bench sync --quick`` runs everything around it (so the
 harness is ready and kept working) and reports the same.
 

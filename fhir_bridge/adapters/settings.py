@@ -124,7 +124,7 @@ class SyncSettings(BaseModel):
     # system of the request identifiers a worklist gives its lines; a bare NIR's INS system
     request_system: str = "https://fhir-bridge.dev/fhir/NamingSystem/worklist-request"
     patient_system: str = "urn:oid:1.2.250.1.213.1.4.8"
-    refresh_concurrency: int = Field(default=4, ge=1, le=64)
+    refresh_concurrency: int = Field(default=8, ge=1, le=64)
     refresh_imaging: bool = False  # also an ImagingStudy?_lastUpdated search per patient (a second search)
     delivery_kinds: list[str] = Field(default_factory=lambda: ["deliver-*"])  # job kinds `sync deliver` re-drives
 
