@@ -25,7 +25,7 @@ from fhir_bridge.api.fhir_io import (
     version_headers,
     written,
 )
-from fhir_bridge.errors import BridgeError, Forbidden
+from fhir_bridge.errors import BridgeError, Forbidden, Gone
 from fhir_bridge.opinion import based_on_request
 from fhir_bridge.resources import FHIR_JSON, Resource, check_resource_type
 from fhir_bridge.workflow.cases import CaseService, bundle_patient, now_instant
@@ -112,7 +112,7 @@ async def update_diagnostic_report(
     if_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     require_scope(who, "DiagnosticReport", "u")
-    await rules.check_visible(who, "DiagnosticReport", await service.store.read("DiagnosticReport", resource_id))
+    await visible_resource(service, who, rules, "DiagnosticReport", resource_id)
     body = await read_body(request, max_body(request))
 
     async def guard(request_id: str) -> None:
@@ -130,7 +130,7 @@ async def delete_diagnostic_report(request: Request, resource_id: str, service: 
                                    rules: Tenants) -> Response:
     """R4 http.html#delete: a reviewer retracts their own preliminary opinion; reads then answer 410 Gone."""
     require_scope(who, "DiagnosticReport", "d")
-    await rules.check_visible(who, "DiagnosticReport", await service.store.read("DiagnosticReport", resource_id))
+    await visible_resource(service, who, rules, "DiagnosticReport", resource_id)
 
     async def guard(request_id: str) -> None:
         await rules.check_opinion_allowed(who, request_id)
@@ -187,12 +187,30 @@ async def read_bundle(request: Request, resource_id: str, service: Cases, who: C
     return StreamingResponse(chunks, media_type=f"{FHIR_JSON}; charset=utf-8", headers=version_headers(stub))
 
 
-def _register_reads(rtype: str) -> None:
-    async def visible(service: CaseService, who: AccessContext, rules: Tenancy, resource_id: str) -> Resource:
-        require_scope(who, rtype, "r")
+async def visible_resource(service: CaseService, who: AccessContext, rules: Tenancy, rtype: str, resource_id: str,
+                           *, deleted_ok: bool = False) -> Resource:
+    """The current version if ``who`` may see it. A deleted resource (R4 http.html#delete) is judged by its last
+    version: a stranger gets 404 as for any unknown id (no existence leak), the others 410, or with
+    ``deleted_ok`` (``_history``, vread) its last version."""
+    try:
         resource = await service.store.read(rtype, resource_id)
-        await rules.check_visible(who, rtype, resource)
-        return resource
+    except Gone:
+        last = (await service.store.history(rtype, resource_id))[:1]
+        if not last:
+            raise
+        await rules.check_visible(who, rtype, last[0])
+        if not deleted_ok:
+            raise
+        return last[0]
+    await rules.check_visible(who, rtype, resource)
+    return resource
+
+
+def _register_reads(rtype: str) -> None:
+    async def visible(service: CaseService, who: AccessContext, rules: Tenancy, resource_id: str, *,
+                      deleted_ok: bool = False) -> Resource:
+        require_scope(who, rtype, "r")
+        return await visible_resource(service, who, rules, rtype, resource_id, deleted_ok=deleted_ok)
 
     async def read(request: Request, resource_id: str, service: Cases, who: Caller, rules: Tenants) -> Response:
         resource = await visible(service, who, rules, resource_id)
@@ -201,13 +219,13 @@ def _register_reads(rtype: str) -> None:
 
     async def vread(request: Request, resource_id: str, version_id: str, service: Cases, who: Caller,
                     rules: Tenants) -> Response:
-        await visible(service, who, rules, resource_id)
+        await visible(service, who, rules, resource_id, deleted_ok=True)
         resource = await service.store.vread(rtype, resource_id, version_id)
         return fhir_response(request, await seen_by(request, service, who, resource),
                              headers=version_headers(resource))
 
     async def history(request: Request, resource_id: str, service: Cases, who: Caller, rules: Tenants) -> Response:
-        await visible(service, who, rules, resource_id)
+        await visible(service, who, rules, resource_id, deleted_ok=True)
         versions = [await seen_by(request, service, who, v) for v in await service.store.history(rtype, resource_id)]
         base = base_url(request)
         bundle = {

@@ -226,6 +226,9 @@ def walked(audited: Bridge, sandbox: Sandbox, walk: Walk, auditor: httpx.Client)
                  body={**opinion_as_seen(walk.client(reviewer), api, sr["id"]), "status": "preliminary"}).json()
     walk("delete", "DELETE", f"DiagnosticReport/{draft['id']}", caller=reviewer, status=204, about_patient=False)
     walk("read", "GET", f"DiagnosticReport/{draft['id']}", caller=reviewer, status=410)
+    walk("read", "GET", f"DiagnosticReport/{draft['id']}", caller="platform-other", status=404)  # not theirs
+    deleted = walk("history-instance", "GET", f"DiagnosticReport/{draft['id']}/_history", caller=reviewer).json()
+    assert [e["resource"]["status"] for e in deleted["entry"]] == ["preliminary"]
     report = walk("create", "POST", "DiagnosticReport", caller=reviewer, status=201,
                   body=opinion_as_seen(walk.client(reviewer), api, sr["id"])).json()
     walk("read", "GET", f"DiagnosticReport/{report['id']}", caller=reviewer)
