@@ -132,28 +132,14 @@ def test_a_next_link_loop(liar: str, tmp_path: Path) -> None:
 
 def test_progress_shows_on_a_terminal_and_not_in_a_pipe(sandbox: Sandbox, tmp_path: Path) -> None:
     import os
-    import pty
+
+    from tests.e2e.terminal import run_on_terminal
 
     patient = sandbox.world()["patients"][1]
-    main_fd, terminal = pty.openpty()
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "fhir_bridge", "pull", "--source", sandbox.url, "--patient", token(patient),
-             "--out", str(tmp_path / "tty")], stdout=subprocess.DEVNULL, stderr=terminal, timeout=120,
-            env={**os.environ, "TERM": "xterm", "COLUMNS": "100"})
-        os.close(terminal)
-        seen = b""
-        while True:
-            try:
-                chunk = os.read(main_fd, 65536)
-            except OSError:  # the terminal closed
-                break
-            if not chunk:
-                break
-            seen += chunk
-    finally:
-        os.close(main_fd)
-    assert done.returncode in (0, 3)
+    returncode, seen = run_on_terminal(
+        [sys.executable, "-m", "fhir_bridge", "pull", "--source", sandbox.url, "--patient", token(patient),
+         "--out", str(tmp_path / "tty")], dict(os.environ))
+    assert returncode in (0, 3)
     assert b"retrieve" in seen  # the rich progress bar, on the terminal
     piped = pull(sandbox.url, token(patient), tmp_path / "pipe")
     assert piped.returncode in (0, 3) and piped.stderr == ""  # nothing on a non-terminal stderr

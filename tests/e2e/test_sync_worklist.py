@@ -74,3 +74,21 @@ def test_a_clean_worklist_exits_0_and_a_missing_file_or_client_exits_2(bridge: B
     assert refused.returncode == 1 and "refused" in refused.stderr, refused.stderr
     with httpx.Client(timeout=10) as plain:
         assert plain.get(bridge.api.removesuffix("/fhir") + "/readyz").status_code == 200
+
+
+def test_the_worklist_shows_progress_on_a_terminal_and_nothing_in_a_pipe(bridge: Bridge, sandbox: Sandbox,
+                                                                        tmp_path: Path) -> None:
+    import os
+    import sys
+
+    from tests.e2e.terminal import run_on_terminal
+
+    patients = sandbox.world()["patients"]
+    worklist = write_worklist(tmp_path / "tty.csv", [worklist_line(p, "Avis (terminal)") for p in patients])
+    returncode, seen = run_on_terminal([sys.executable, "-m", "fhir_bridge", "sync", "worklist", str(worklist),
+                                        *platform_options(bridge)], {**os.environ, **bridge.env})
+    assert returncode == 0
+    assert b"submit" in seen  # the rich progress bar, on the terminal
+    piped = run_cli(bridge, "sync", "worklist", str(worklist), *platform_options(bridge))
+    assert piped.returncode == 0 and piped.stderr == ""  # nothing on a non-terminal stderr
+    assert summary(piped)["alreadyThere"] == len(patients)
