@@ -288,3 +288,44 @@ def sandbox_patient_id(sandbox: Sandbox, patient: Resource) -> str:
     found = httpx.get(f"{sandbox.url}/Patient", params={
         "identifier": f"{identifier['system']}|{identifier['value']}"}, timeout=30).json()
     return str(found["entry"][0]["resource"]["id"])
+
+
+def test_a_majority_panel_gets_its_final_from_the_bridge_at_the_last_member_opinion(
+    world: tuple[Bridge, Sandbox]
+) -> None:
+    """The configured rule (rcp-neuro-oncology: ``majority``) issues the consensus without a coordinator's post;
+    two of its members review from abroad and name the patient by the case pseudonym."""
+    bridge, sandbox = world
+    panel = load_registry().panels["rcp-neuro-oncology"]
+    patient = next(p for p in sandbox.world()["patients"] if p["specialty"] == "neurology")
+    body = second_opinion_request(patient, "PANEL-MAJORITY")
+    body["code"]["coding"][0]["code"] = "tumor-board-opinion"
+    with bridge.client("platform") as platform:
+        created = post(platform, bridge.api, "ServiceRequest", body)
+        assert created.status_code == 201, created.text
+        sr = created.json()
+        task = wait_task(platform, bridge.api, sr["id"])
+    assert task["status"] == "ready" and task["owner"]["reference"] == panel.reference
+    dissenter = panel.members[-1]
+    for member in panel.members:
+        with bridge.client(f"reviewer-{member}") as reviewer:
+            seen = reviewer.get(f"{bridge.api}/ServiceRequest/{sr['id']}").raise_for_status().json()
+            opinion = opinion_report(sr["id"], {"identifier": seen["subject"]["identifier"]}, status="preliminary",
+                                     diagnosis="changed" if member == dissenter else "confirmed",
+                                     conclusion=f"Position de {member}.")
+            answer = post(reviewer, bridge.api, "DiagnosticReport", opinion)
+            assert answer.status_code == 201, answer.text
+    with bridge.client("platform") as platform:
+        finals = platform.get(f"{bridge.api}/DiagnosticReport", params={
+            "based-on": f"ServiceRequest/{sr['id']}", "status": "final"}).raise_for_status().json()
+    assert finals["total"] == 1
+    final = finals["entry"][0]["resource"]
+    method = next(e["valueCoding"]["code"] for e in final["extension"] if e["url"].endswith("/consensus-method"))
+    assert method == "majority"
+    assert final["conclusion"] == f"Position de {panel.coordinator}."
+    assert len(final["resultsInterpreter"]) == len(panel.members)
+    dissents = [o["performer"][0]["reference"] for o in final["contained"]
+                if o["code"]["coding"][0]["code"] == "dissenting-opinion"]
+    assert dissents == [f"PractitionerRole/{dissenter}"]
+    assert final["subject"]["identifier"] == patient["identifier"]  # stored under the INS, not the pseudonym
+    validate(final)
