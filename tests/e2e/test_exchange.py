@@ -143,6 +143,23 @@ def test_a_retried_post_with_if_none_exist_creates_no_second_case(
     assert totals(platform, bridge.api) == before
 
 
+def test_prefer_decides_what_a_create_answers(bridge: Bridge, ready_case: dict[str, Any],
+                                              platform: httpx.Client) -> None:
+    """R4 http.html#ops: Prefer return=minimal (no body), =OperationOutcome, default the resource."""
+    key = {"If-None-Exist": "identifier=https://platform.example/requests|E2E-1"}
+    minimal = post(platform, bridge.api, "ServiceRequest", second_opinion_request(ready_case["patient"], "E2E-1"),
+                   Prefer="return=minimal", **key)
+    assert (minimal.status_code, minimal.content) == (200, b"")
+    assert minimal.headers["ETag"] == 'W/"1"'
+    outcome = post(platform, bridge.api, "ServiceRequest", second_opinion_request(ready_case["patient"], "E2E-1"),
+                   Prefer="return=OperationOutcome", **key)
+    assert outcome.status_code == 200 and outcome.json()["resourceType"] == "OperationOutcome"
+    created = post(platform, bridge.api, "ServiceRequest", second_opinion_request(ready_case["patient"], "E2E-P"),
+                   Prefer="return=minimal")
+    assert created.status_code == 201 and created.content == b""
+    assert created.headers["Location"].startswith(f"{bridge.api}/ServiceRequest/")
+
+
 def test_another_platform_neither_reads_nor_finds_the_case(bridge: Bridge, ready_case: dict[str, Any]) -> None:
     sr, task = ready_case["sr"], ready_case["task"]
     with bridge.client("platform-other") as other:
