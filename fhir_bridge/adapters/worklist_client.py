@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,13 +24,14 @@ import httpx
 
 from fhir_bridge.adapters.token_client import BackendServicesAuth
 from fhir_bridge.errors import Forbidden, Unauthenticated
+from fhir_bridge.retry import RetryPolicy
 from fhir_bridge.worklist import WorklistLine
 
 __all__ = ["LineOutcome", "submit_lines"]
 
 SCOPE = "system/ServiceRequest.crs"
-_TRANSIENT = frozenset({408, 429, 502, 503, 504})
-_ATTEMPTS = 4
+#: the source client's policy (fhir_bridge.retry): 4 tries, full jitter from 0.5 s up to 5 s, Retry-After honoured
+_RETRY = RetryPolicy(max_retries=3, backoff_initial=0.5, backoff_max=5.0)
 _FHIR = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json",
          "Prefer": "return=minimal"}
 
@@ -78,14 +78,17 @@ async def _first_token(http: httpx.AsyncClient, auth: BackendServicesAuth) -> No
 async def _submit(http: httpx.AsyncClient, base: str, line: WorklistLine) -> LineOutcome:
     body = json.dumps(line.request, ensure_ascii=False).encode()
     headers = {**_FHIR, "If-None-Exist": line.if_none_exist}
-    reason = ""
-    for attempt in range(_ATTEMPTS):
+    reason, retry_after, attempt = "", None, 0
+    while True:
         if attempt:
-            await asyncio.sleep(random.uniform(0, min(5.0, 0.25 * 2**attempt)))  # full jitter
+            if not _RETRY.can_retry(attempt):
+                break
+            await asyncio.sleep(_RETRY.delay(attempt, retry_after))
+        attempt += 1
         try:
             response = await http.post(f"{base}/ServiceRequest", content=body, headers=headers)
         except (httpx.TransportError, httpx.TimeoutException) as exc:
-            reason = f"the API did not answer ({type(exc).__name__})"
+            reason, retry_after = f"the API did not answer ({type(exc).__name__})", None
             continue
         if response.status_code in (200, 201):
             outcome = "created" if response.status_code == 201 else "exists"
@@ -95,8 +98,9 @@ async def _submit(http: httpx.AsyncClient, base: str, line: WorklistLine) -> Lin
             raise Unauthenticated(f"the API refused the token: {reason}")
         if response.status_code == 403:
             raise Forbidden(f"the API refused the client: {reason}")
-        if response.status_code not in _TRANSIENT:
+        if not _RETRY.should_retry_status(response.status_code):
             break
+        retry_after = response.headers.get("Retry-After")
     return LineOutcome(line.number, "failed", reason)
 
 
