@@ -86,4 +86,9 @@ def check_request(resource: Any, terminology: Terminology) -> OpinionRequest:
         raise BusinessRuleViolation(f"at most one {WRITE_BACK} extension, with a valueBoolean",
                                     expression=["extension"])
     return OpinionRequest(patient=PatientIdentifier(system, value), specialty=specialty, kind=kind,
-                          deadline=deadline, write_back=bool(flags and flags[0]["valueBoolean"]))
+                          deadline=deadline, write_back=asks_write_back(sr))
+
+
+def asks_write_back(request: Resource) -> bool:
+    """Whether a (stored, so checked) request asks for the final opinion in the patient's record."""
+    return any(e.get("url") == WRITE_BACK and e.get("valueBoolean") is True for e in request.get("extension", []) or [])

@@ -18,6 +18,8 @@ from fhir_bridge.resources import check_resource_type, validate
 
 Resource = dict[str, Any]
 NEW_STATUSES = frozenset({"preliminary", "final"})
+#: the statuses of a released opinion (diagnosticreport.html status): rendered, delivered, one per case
+FINAL_TYPES = frozenset({"final", "amended", "corrected", "appended"})
 LATER_STATUSES = frozenset({"preliminary", "final", "amended", "corrected", "appended", "entered-in-error"})
 REVIEWABLE_TASK_STATUSES = frozenset({"ready", "in-progress", "completed"})
 

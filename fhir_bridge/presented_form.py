@@ -17,6 +17,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fhir_bridge.opinion import FINAL_TYPES
 from fhir_bridge.opinion_content import OPINION, Dissent, OpinionContent, consensus_method, read_dissents
 from fhir_bridge.report_render import format_instant, labels_for
 from fhir_bridge.report_view import LANGUAGES, DissentView, ReportView
@@ -25,7 +26,7 @@ from fhir_bridge.terminology import CANONICAL_BASE, Terminology
 
 Resource = dict[str, Any]
 Renderer = Callable[[ReportView], bytes]
-RENDERED_STATUSES = frozenset({"final", "amended", "corrected", "appended"})
+RENDERED_STATUSES = FINAL_TYPES
 SPECIALTY = f"{CANONICAL_BASE}/CodeSystem/specialty"
 
 

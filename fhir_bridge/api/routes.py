@@ -6,6 +6,7 @@ Every error is raised and turned into an OperationOutcome in :mod:`fhir_bridge.a
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
@@ -97,11 +98,9 @@ async def create_diagnostic_report(
     require_scope(who, "DiagnosticReport", "c")
     body = await read_body(request, max_body(request))
 
-    async def guard(request_id: str) -> None:
-        await rules.check_opinion_allowed(who, request_id)
-
     body = await _reidentified(service, who, rules, body)
-    result = await service.submit_opinion(body, if_none_exist=if_none_exist, guard=guard, author=who.reviewer)
+    result = await service.submit_opinion(body, if_none_exist=if_none_exist, guard=_opinion_guard(rules, who),
+                                          author=who.reviewer)
     seen = await seen_by(request, service, who, result.resource)
     return _created(request, "DiagnosticReport", seen, result.created)
 
@@ -115,12 +114,9 @@ async def update_diagnostic_report(
     await visible_resource(service, who, rules, "DiagnosticReport", resource_id)
     body = await read_body(request, max_body(request))
 
-    async def guard(request_id: str) -> None:
-        await rules.check_opinion_allowed(who, request_id)
-
     body = await _reidentified(service, who, rules, body)
-    stored = await service.amend_opinion(resource_id, body, if_match=parse_if_match(if_match), guard=guard,
-                                         author=who.reviewer)
+    stored = await service.amend_opinion(resource_id, body, if_match=parse_if_match(if_match),
+                                         guard=_opinion_guard(rules, who), author=who.reviewer)
     seen = await seen_by(request, service, who, stored)
     return written(request, seen, status=200, location=_location(request, "DiagnosticReport", stored))
 
@@ -132,11 +128,17 @@ async def delete_diagnostic_report(request: Request, resource_id: str, service: 
     require_scope(who, "DiagnosticReport", "d")
     await visible_resource(service, who, rules, "DiagnosticReport", resource_id)
 
+    await service.delete_opinion(resource_id, guard=_opinion_guard(rules, who), author=who.reviewer)
+    return Response(status_code=204)
+
+
+def _opinion_guard(rules: Tenancy, who: AccessContext) -> Callable[[str], Awaitable[None]]:
+    """The caller's right to act on the case of a ServiceRequest id (checked as soon as the case is known)."""
+
     async def guard(request_id: str) -> None:
         await rules.check_opinion_allowed(who, request_id)
 
-    await service.delete_opinion(resource_id, guard=guard, author=who.reviewer)
-    return Response(status_code=204)
+    return guard
 
 
 async def _reidentified(service: CaseService, who: AccessContext, rules: Tenancy, body: Any) -> Any:

@@ -15,7 +15,7 @@ pseudonymised for reviewers abroad. Used by :class:`~fhir_bridge.workflow.cases.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -78,7 +78,7 @@ class CaseBundles:
         self.clock = clock
         #: re-renders a pseudonymised report's presentedForm (its PDF and HTML name the patient by INS);
         #: given by CaseService (fhir_bridge.workflow.opinions.Opinions.rerendered)
-        self.rerender: Callable[[Resource, Resource], Resource] | None = None
+        self.rerender: Callable[[Resource, Resource, Resource], Awaitable[Resource]] | None = None
         networks.check(registry)
 
     def _now(self) -> datetime:
@@ -168,7 +168,8 @@ class CaseBundles:
             view = {k: v for k, v in view.items() if k != "presentedForm"}
             if self.rerender is not None:
                 request = await self.store.read("ServiceRequest", based_on_request(resource))
-                view = self.rerender(view, pseudonymise_view(request, pseudonym))
+                task = await self.store.read("Task", task_id)
+                view = await self.rerender(view, pseudonymise_view(request, pseudonym), task)
         return view
 
     async def reidentified_opinion(self, body: Any, reader: AccessContext | None) -> Any:

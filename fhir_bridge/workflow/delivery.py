@@ -38,7 +38,8 @@ import structlog
 from fhir_bridge import audit_context
 from fhir_bridge.audit import Party, delivery_event
 from fhir_bridge.errors import BusinessRuleViolation, Conflict, DeliveryFailed, SourceRejected
-from fhir_bridge.intake import WRITE_BACK
+from fhir_bridge.intake import asks_write_back
+from fhir_bridge.opinion import FINAL_TYPES
 from fhir_bridge.ports import AuditPort, Job, JobQueuePort, ResourceStorePort, SourcePort, WebhookPort
 from fhir_bridge.presented_form import form_bytes
 from fhir_bridge.terminology import CANONICAL_BASE
@@ -54,7 +55,6 @@ DELIVERY_KINDS = (WEBHOOK_JOB, RECORD_JOB)
 DELIVERY_OF = f"{CANONICAL_BASE}/StructureDefinition/delivery-of"
 #: ``meta.source`` of a ServiceRequest: the client that sent it (the one to notify)
 CLIENT_SOURCE = "urn:fhir-bridge:client:"
-FINAL_TYPES = frozenset({"final", "amended", "corrected", "appended"})
 
 
 def requesting_client(request: Resource) -> str | None:
@@ -82,16 +82,16 @@ class Deliveries:
         self.webhooks, self.source, self.write_back = webhooks, source, write_back
         self.audit, self.agent, self.public_base, self.clock = audit, agent, public_base.rstrip("/"), clock
 
-    async def enqueue(self, report: Resource, task: Resource, request: Resource, *, write_back: bool,
-                      event: str) -> None:
-        """The deliveries of one report version (idempotent: a retried call enqueues nothing new)."""
+    async def enqueue(self, report: Resource, task: Resource, request: Resource, *, event: str) -> None:
+        """The deliveries of one report version (idempotent: a retried call enqueues nothing new): the webhook
+        of the requesting client, and the record when the request asks for it (a final-type version only)."""
         version = report["meta"]["versionId"]
         client = requesting_client(request)
         if client and self.webhooks is not None and self.webhooks.target(client) is not None:
             await self.queue.enqueue(WEBHOOK_JOB, {"report": report["id"], "version": version, "event": event,
                                                    "client": client},
                                      job_id=f"webhook:{client}:{report['id']}:{version}")
-        if write_back and report["status"] in FINAL_TYPES:
+        if asks_write_back(request) and report["status"] in FINAL_TYPES:
             await self.queue.enqueue(RECORD_JOB, {"report": report["id"], "version": version},
                                      job_id=f"record:{report['id']}:{version}")
         if report["status"] in FINAL_TYPES:
@@ -103,7 +103,7 @@ class Deliveries:
         report = await self.store.vread("DiagnosticReport", job.payload["report"], str(job.payload["version"]))
         request_id = str(report["basedOn"][0]["reference"]).rpartition("/")[2]
         request = await self.store.read("ServiceRequest", request_id)
-        task = await self._task(request_id)
+        task = await case_task(self.store, request_id)
         client = str(job.payload["client"])
         target = self.webhooks.target(client) if self.webhooks is not None else None
         if target is None:
@@ -153,7 +153,7 @@ class Deliveries:
         report = await self.store.vread("DiagnosticReport", job.payload["report"], str(job.payload["version"]))
         request_id = str(report["basedOn"][0]["reference"]).rpartition("/")[2]
         request = await self.store.read("ServiceRequest", request_id)
-        task = await self._task(request_id)
+        task = await case_task(self.store, request_id)
         version = f"DiagnosticReport/{report['id']}/_history/{report['meta']['versionId']}"
         if any(_delivery_of(o) == version for o in _outputs(task, "record-document")):
             return  # written by an earlier run of this job
@@ -214,7 +214,7 @@ class Deliveries:
         version = f"DiagnosticReport/{current['id']}/_history/{current['meta']['versionId']}"
         client = requesting_client(request)
         needs_webhook = bool(client and self.webhooks is not None and self.webhooks.target(client) is not None)
-        needs_record = _write_back_asked(request)
+        needs_record = asks_write_back(request)
         if not needs_webhook and not needs_record:
             return
         done_webhook = any(_delivery_of(o) == version for o in _outputs(task, "notification"))
@@ -222,8 +222,6 @@ class Deliveries:
         if (done_webhook or not needs_webhook) and (done_record or not needs_record):
             await self.book.move(task, "completed", "delivered")
 
-    async def _task(self, request_id: str) -> Resource:
-        return await case_task(self.store, request_id)
 
 
 def _outputs(task: Resource, code: str) -> list[Resource]:
@@ -242,7 +240,3 @@ def _source_relative(output: Resource) -> str | None:
     reference = str((output.get("valueReference") or {}).get("reference") or "")
     return "DocumentReference/" + reference.split("DocumentReference/")[1] if "DocumentReference/" in reference \
         else None
-
-
-def _write_back_asked(request: Resource) -> bool:
-    return any(e.get("url") == WRITE_BACK and e.get("valueBoolean") is True for e in request.get("extension", []) or [])

@@ -33,11 +33,24 @@ from typing import Any
 
 from fhir_bridge.consensus import MemberOpinion, attribute, automatic_consensus, merged_report, panel_final
 from fhir_bridge.errors import BusinessRuleViolation, Conflict, Forbidden, NotFound
-from fhir_bridge.intake import check_request
-from fhir_bridge.opinion import based_on_request, check_against_case, check_amendment, check_new_opinion
-from fhir_bridge.opinion_content import ConclusionSystems, OpinionContent, read_content, require_position
+from fhir_bridge.opinion import (
+    FINAL_TYPES,
+    based_on_request,
+    check_against_case,
+    check_amendment,
+    check_new_opinion,
+)
+from fhir_bridge.opinion_content import (
+    DISSENT,
+    OPINION,
+    ConclusionSystems,
+    OpinionContent,
+    consensus_method,
+    read_content,
+    require_position,
+)
 from fhir_bridge.ports import ResourceStorePort
-from fhir_bridge.presented_form import LANGUAGES, RENDERED_STATUSES, Renderer, presented_forms, report_view
+from fhir_bridge.presented_form import LANGUAGES, Renderer, presented_forms, report_view
 from fhir_bridge.routing import Panel, ReviewerRegistry
 from fhir_bridge.search_index import index_terms, tenant_of, with_tenant
 from fhir_bridge.tasks import state_of
@@ -48,7 +61,6 @@ from fhir_bridge.workflow.taskbook import TaskBook, case_task, now_instant, outp
 Resource = dict[str, Any]
 Guard = Callable[[str], Awaitable[None]]
 Match = Callable[[str, str | None, dict[str, list[str]]], Awaitable[tuple[Resource | None, str | None]]]
-FINAL_TYPES = RENDERED_STATUSES
 
 
 def final_key(request_id: str) -> str:
@@ -85,7 +97,7 @@ class Opinions:
             request = await self.store.read("ServiceRequest", request_id)
         except NotFound:
             raise BusinessRuleViolation("basedOn names an unknown ServiceRequest", expression=["basedOn"]) from None
-        task = await self._task(request_id)
+        task = await case_task(self.store, request_id)
         check_against_case(report, request, task)
         content = read_content(report, self.terminology, systems=self.systems)
         existing, unique_key = await self.match("DiagnosticReport", if_none_exist,
@@ -189,7 +201,7 @@ class Opinions:
             raise BusinessRuleViolation("a final opinion changes only to amended, corrected, appended or "
                                         "entered-in-error", expression=["status"])
         request = await self.store.read("ServiceRequest", request_id)
-        task = await self._task(request_id)
+        task = await case_task(self.store, request_id)
         panel = self._panel(task)
         self._check_amender(current, panel, author)
         stripped = {k: v for k, v in report.items() if k not in ("presentedForm",)}
@@ -215,7 +227,7 @@ class Opinions:
             if panel is not None:
                 report = panel_final(report, panel=panel, registry=self.registry,
                                      opinions=await self._member_opinions(request_id), position=content,
-                                     method=_method(current) or "coordinator", terminology=self.terminology)
+                                     method=consensus_method(current) or "coordinator", terminology=self.terminology)
             report = self._rendered(report, content, request, panel,
                                     replaces=current if current["status"] in FINAL_TYPES else None)
         elif panel is not None and current["status"] == "preliminary":
@@ -239,13 +251,12 @@ class Opinions:
             raise Forbidden("only the author of a preliminary opinion can delete it")
         await self.store.delete("DiagnosticReport", report_id)
 
-    def rerendered(self, report: Resource, request: Resource) -> Resource:
-        """``report`` rendered again from what it says now (a pseudonymised view and its request's view)."""
+    async def rerendered(self, report: Resource, request: Resource, task: Resource) -> Resource:
+        """``report`` rendered again from what it says now (a pseudonymised view and its request's view); a
+        panel's consensus names its panel, the case's owner."""
         content = read_content(_without_dissents(report), self.terminology, systems=self.systems)
-        ident = next((p.id for p in self.registry.panels.values() if _method(report) and any(
-            str(r.get("reference")) == f"PractitionerRole/{p.coordinator}" for r in report.get("resultsInterpreter",
-                                                                                           []) or [])), None)
-        return self._rendered(report, content, request, self.registry.panels.get(ident) if ident else None)
+        panel = self._panel(task) if consensus_method(report) else None
+        return self._rendered(report, content, request, panel)
 
     # -- shared ---------------------------------------------------------------------------------------------
 
@@ -262,7 +273,7 @@ class Opinions:
                   replaces: Resource | None = None) -> Resource:
         """``report`` with the bridge's renderings in ``presentedForm`` (none for a draft)."""
         report = _compact(report)
-        if self.renderers is None or report.get("status") not in RENDERED_STATUSES:
+        if self.renderers is None or report.get("status") not in FINAL_TYPES:
             return {k: v for k, v in report.items() if k != "presentedForm"}
         panel_name = panel.display if panel is not None else None
         views = [report_view(report, request, content=content, language=lang, registry=self.registry,
@@ -281,7 +292,7 @@ class Opinions:
                 await self.book.move(task, "in-progress", "in-review")
             return
         if status == "entered-in-error":
-            await self.deliveries.enqueue(report, task, request, write_back=False, event="opinion.entered-in-error")
+            await self.deliveries.enqueue(report, task, request, event="opinion.entered-in-error")
             return
         task = await self.store.read("Task", task["id"])
         known = any((o.get("valueReference") or {}) == reference for o in task.get("output") or [])
@@ -295,12 +306,8 @@ class Opinions:
                     t["output"] = [*(t.get("output") or []), *output]
 
             task = await self.book.edit(task, add_opinion)
-        write_back = check_request(request, self.terminology).write_back
-        await self.deliveries.enqueue(report, task, request, write_back=write_back,
+        await self.deliveries.enqueue(report, task, request,
                                       event="opinion.amended" if amended_from else "opinion.final")
-
-    async def _task(self, request_id: str) -> Resource:
-        return await case_task(self.store, request_id)
 
     def _panel(self, task: Resource) -> Panel | None:
         owner = str((task.get("owner") or {}).get("reference") or "")
@@ -335,15 +342,7 @@ def _compact(report: Resource) -> Resource:
     return {k: v for k, v in report.items() if v != [] and v is not None}
 
 
-def _method(report: Resource) -> str | None:
-    from fhir_bridge.opinion_content import consensus_method
-
-    return consensus_method(report)
-
-
 def _without_dissents(report: Resource) -> Resource:
-    from fhir_bridge.opinion_content import DISSENT, OPINION
-
     def dissent(r: Resource) -> bool:
         return any(c.get("system") == OPINION and c.get("code") == DISSENT
                    for c in (r.get("code") or {}).get("coding", []) or [])

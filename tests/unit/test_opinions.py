@@ -331,7 +331,7 @@ async def test_the_requesting_client_is_notified_once_with_a_signed_body_without
     bench.queue.dead.clear()
     bench.queue.state.clear()
     bench.webhooks.down = False
-    await bench.service.deliveries.enqueue(report, task, request, write_back=False, event="opinion.final")
+    await bench.service.deliveries.enqueue(report, task, request, event="opinion.final")
     await bench.deliver()
     assert len(bench.webhooks.sent) == 1
     url, body, headers = bench.webhooks.sent[0]
