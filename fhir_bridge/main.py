@@ -36,7 +36,7 @@ from fhir_bridge.adapters.audit_log import RedisAuditLog
 from fhir_bridge.adapters.blobstore import BlobKeyring, FileBlobStore
 from fhir_bridge.adapters.clients import ClientRegistry
 from fhir_bridge.adapters.pseudonym_key import load_or_create_pseudonym_key
-from fhir_bridge.adapters.queue import KindPolicy, PermanentJobError, RedisJobQueue
+from fhir_bridge.adapters.queue import KindPolicy, RedisJobQueue
 from fhir_bridge.adapters.redis_clients import connect
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.adapters.redis_store import RedisResourceStore
@@ -192,8 +192,11 @@ def case_sync(settings: Settings, redis: Redis, cases: CaseService) -> CaseSync:
 def open_queue(settings: Settings, redis_url: str) -> RedisJobQueue:
     """The job queue with its own clients (close it with ``aclose``), as every process of a deployment sees it;
     deliveries retry on their own policy (``[delivery]``: a webhook may be down for hours)."""
+    # a delivery that can not succeed as it is (no PDF, the source refuses the document: the source client has
+    # already retried what retrying can mend) is a dead letter at once, for `sync deliver` once the cause is fixed
     delivery = KindPolicy(settings.delivery.max_attempts, settings.delivery.backoff_initial,
-                          settings.delivery.backoff_max)
+                          settings.delivery.backoff_max,
+                          permanent=(BusinessRuleViolation, InvalidInput, NotFound, SourceRejected))
     return RedisJobQueue.from_url(
         redis_url,
         cluster=settings.redis.cluster,
@@ -328,12 +331,6 @@ async def run_worker(settings: Settings, redis_url: str, name: str | None = None
             try:
                 with audit_context.bound(job_id=job.id):
                     await handler(job)
-            except (BusinessRuleViolation, InvalidInput, NotFound, SourceRejected) as exc:
-                if job.kind not in DELIVERY_KINDS or (isinstance(exc, SourceRejected) and exc.status in (408, 429)):
-                    raise
-                # a delivery that can not succeed as it is (no PDF, the source refuses the document): a dead
-                # letter at once, for `fhir-bridge sync deliver` once the cause is fixed
-                raise PermanentJobError(f"{type(exc).__name__}: {exc.message}") from None
             finally:
                 structlog.contextvars.clear_contextvars()
 

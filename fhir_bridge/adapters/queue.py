@@ -108,11 +108,13 @@ class PermanentJobError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class KindPolicy:
-    """Retry policy of one kind of job (overrides the queue's defaults)."""
+    """Retry policy of one kind of job (overrides the queue's defaults); ``permanent``: the errors that go to the
+    dead letters at once for this kind, as :class:`PermanentJobError` does for every kind."""
 
     max_attempts: int
     backoff_initial: float
     backoff_max: float
+    permanent: tuple[type[Exception], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,7 +351,7 @@ class RedisJobQueue:
         try:
             await handler(job)
         except Exception as exc:
-            if d.attempt >= policy.max_attempts or isinstance(exc, PermanentJobError):
+            if d.attempt >= policy.max_attempts or isinstance(exc, (PermanentJobError, *policy.permanent)):
                 await self._bury(d, d.attempt, type(exc).__name__, str(exc))
             else:
                 await self._retry_later(d, type(exc).__name__, policy)

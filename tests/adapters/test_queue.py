@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from fhir_bridge.adapters.queue import PermanentJobError, RedisJobQueue
+from fhir_bridge.adapters.queue import KindPolicy, PermanentJobError, RedisJobQueue
 from fhir_bridge.errors import InvalidInput
 from fhir_bridge.ports import Job, JobQueuePort
 
@@ -154,6 +154,25 @@ async def test_a_permanent_error_goes_straight_to_dead_letters(make_queue: Calla
     assert len(worker.seen) == 1
     [letter] = await queue.dead_letters()
     assert (letter.error_type, letter.attempts) == ("PermanentJobError", 1)
+
+
+async def test_a_kind_has_its_own_attempts_and_permanent_errors(make_queue: Callable[..., RedisJobQueue]) -> None:
+    queue = make_queue(max_attempts=2, policies={"deliver-webhook": KindPolicy(4, 0.01, 0.02),
+                                                 "deliver-record": KindPolicy(4, 0.01, 0.02, permanent=(KeyError,))})
+
+    async def fail(job: Job) -> None:
+        raise (KeyError if job.payload["n"] else ValueError)("no PDF")
+
+    worker = Worker(queue, "w1", fail).start()
+    await queue.enqueue("collect", {"n": 0})  # the queue's defaults: 2 attempts
+    await queue.enqueue("deliver-webhook", {"n": 0})  # its own: 4 attempts
+    await queue.enqueue("deliver-record", {"n": 1})  # a permanent error for this kind: 1 attempt
+    await queue.enqueue("collect", {"n": 1})  # the same error is not permanent for another kind
+    await eventually(lambda: queue.counters.dead == 4)
+    await worker.halt()
+    attempts = sorted((letter.kind, letter.error_type, letter.attempts) for letter in await queue.dead_letters())
+    assert attempts == [("collect", "KeyError", 2), ("collect", "ValueError", 2), ("deliver-record", "KeyError", 1),
+                        ("deliver-webhook", "ValueError", 4)]
 
 
 async def test_dead_jobs_can_be_retried_or_purged(make_queue: Callable[..., RedisJobQueue]) -> None:
