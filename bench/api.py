@@ -4,7 +4,7 @@ search, against ``/healthz`` of the same server in the same run.
 The real thing, as a deployment runs it: a private ``redis-server`` (``appendfsync always``, the bridge's
 default: every audited call is on disk before its answer leaves), the sandbox as the source, ``fhir-bridge
 serve`` (one uvicorn worker) and one ``fhir-bridge worker``. Cases are seeded through the API by real clients
-with real SMART Backend Services tokens (:mod:`fhir_bridge.adapters.dev_clients`): a platform asks for second
+with real SMART Backend Services tokens (:mod:`fhir_bridge.dev.clients`): a platform asks for second
 opinions, the worker pulls and packages them, the assigned reviewer posts each opinion.
 
 The load comes from ``wrk`` (Debian package; ``bash dev.sh bench`` installs it as root) with the platform's
@@ -29,10 +29,10 @@ import httpx
 
 from bench import common
 from bench.common import Report, Row, median, py_spy, python_module, sandbox_world, start_on_free_port, top_functions
-from fhir_bridge.adapters.dev_clients import DevClients, provision
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
-from fhir_bridge.demo import reviewer_opinion, second_opinion_request
-from fhir_bridge.processes import ProcessGroup
+from fhir_bridge.dev.clients import DevClients, provision
+from fhir_bridge.dev.demo import reviewer_opinion, second_opinion_request
+from fhir_bridge.dev.processes import ProcessGroup
 
 FHIR = {"Content-Type": "application/fhir+json"}
 SIZES = {"full": {"cases": 6, "seconds": 10, "rounds": 3, "connections": 16},

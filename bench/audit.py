@@ -28,9 +28,9 @@ from bench.common import Report, Row
 from fhir_bridge.adapters.audit_log import RedisAuditLog
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.adapters.signing import load_or_create_signer
-from fhir_bridge.audit import Party, rest_event
-from fhir_bridge.identity import PatientIdentifier
-from fhir_bridge.resources import dumps
+from fhir_bridge.audit.events import Party, rest_event
+from fhir_bridge.fhir.identity import PatientIdentifier
+from fhir_bridge.fhir.resources import dumps
 
 SIZES = {"full": (20_000, 8.0), "quick": (200, 0.3)}  # appends at most, seconds at most, per measurement
 TARGET = 5000.0

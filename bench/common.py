@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from fhir_bridge.processes import ProcessGroup, free_port
+from fhir_bridge.dev.processes import ProcessGroup, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 #: where ``--profile`` puts py-spy profiles of the bridge's side (None: no profiling); set by ``bench.__main__``

@@ -39,7 +39,7 @@ from bench.common import (
     start_on_free_port,
     top_functions,
 )
-from fhir_bridge.processes import ProcessGroup
+from fhir_bridge.dev.processes import ProcessGroup
 from fhir_bridge.sandbox.world import build_world
 
 SEED = 1

@@ -56,10 +56,10 @@ from bench.common import (
     sandbox_world,
     start_on_free_port,
 )
-from fhir_bridge.adapters.dev_clients import DevClients, provision
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
-from fhir_bridge.demo import second_opinion_request
-from fhir_bridge.processes import ProcessGroup
+from fhir_bridge.dev.clients import DevClients, provision
+from fhir_bridge.dev.demo import second_opinion_request
+from fhir_bridge.dev.processes import ProcessGroup
 
 FHIR = {"Content-Type": "application/fhir+json"}
 SIZES = {"full": {"cases": 10_000, "changed_every": 100, "workers": 0},
@@ -126,8 +126,8 @@ async def _ready_as_pulled(redis_url: str, patients: list[dict[str, Any]], water
 
     from fhir_bridge.adapters.redis_store import RedisResourceStore
     from fhir_bridge.adapters.sync_state import RedisSyncState
-    from fhir_bridge.identity import PatientIdentifier
-    from fhir_bridge.terminology import load_terminology
+    from fhir_bridge.fhir.identity import PatientIdentifier
+    from fhir_bridge.fhir.terminology import load_terminology
     from fhir_bridge.workflow.taskbook import TaskBook
 
     redis = Redis.from_url(redis_url)

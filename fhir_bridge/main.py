@@ -31,7 +31,6 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from fhir_bridge import audit_context
 from fhir_bridge.adapters.audit_log import RedisAuditLog
 from fhir_bridge.adapters.blobstore import BlobKeyring, FileBlobStore
 from fhir_bridge.adapters.clients import ClientRegistry
@@ -46,11 +45,12 @@ from fhir_bridge.adapters.signing import Es384Signer, JwsVerifier, SigningKeyErr
 from fhir_bridge.adapters.source_client import SourceClient, SourceExchange
 from fhir_bridge.adapters.sync_state import RedisSyncState
 from fhir_bridge.adapters.webhooks import HttpWebhooks
-from fhir_bridge.audit import Party, rest_event, source_event
+from fhir_bridge.audit import context as audit_context
+from fhir_bridge.audit.events import Party, rest_event, source_event
 from fhir_bridge.errors import AuditUnavailable, BusinessRuleViolation, InvalidInput, NotFound, SourceRejected
+from fhir_bridge.fhir.terminology import load_terminology
 from fhir_bridge.ports import AuditPort, Job, SourcePort
 from fhir_bridge.schedule import JOB_KINDS, load_schedule
-from fhir_bridge.terminology import load_terminology
 from fhir_bridge.workflow.cases import COLLECT_JOB, CaseService
 from fhir_bridge.workflow.delivery import DELIVERY_KINDS, RECORD_JOB, WEBHOOK_JOB
 from fhir_bridge.workflow.sync import CaseSync

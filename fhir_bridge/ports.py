@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from fhir_bridge.identity import PatientIdentifier
+from fhir_bridge.fhir.identity import PatientIdentifier
 
 Resource = dict[str, Any]
 
@@ -152,7 +152,7 @@ class ResourceStorePort(Protocol):
     """Versioned FHIR resource storage (FHIR R4 http.html: versionId, lastUpdated, history, tombstones).
 
     ``index`` maps a search parameter name to the token values the resource answers to (computed by the
-    core, ``fhir_bridge.search_index``), so the store needs no FHIR knowledge.
+    core, ``fhir_bridge.fhir.search_index``), so the store needs no FHIR knowledge.
     """
 
     async def create(

@@ -9,7 +9,7 @@ constraints) is generated here from the fhir.resources R4B model metadata: eleme
 we profile are identical in R4 and R4B; R4B-only datatypes are left out of choice types. What the model does
 not carry (base invariants such as bdl-9, short texts, base bindings) is not in the base part of the snapshot:
 where we rely on it, our differential states it. A build-time tool, outside the package: fhir.resources is
-imported at run time by fhir_bridge.resources only. tests/unit/test_profiles.py fails when a committed
+imported at run time by fhir_bridge.fhir.resources only. tests/unit/test_profiles.py fails when a committed
 snapshot is not what this script makes.
 """
 

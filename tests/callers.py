@@ -14,11 +14,11 @@ import uuid
 
 from fastapi import FastAPI, Request
 
-from fhir_bridge.access import AccessContext, Role, load_role_ceilings
+from fhir_bridge.access.scopes import AccessContext, Role, load_role_ceilings
 from fhir_bridge.api.routes import current_caller
 from fhir_bridge.api.security import MissingToken
-from fhir_bridge.resources import Resource
-from fhir_bridge.routing import ReviewerRegistry
+from fhir_bridge.fhir.resources import Resource
+from fhir_bridge.review.routing import ReviewerRegistry
 
 __all__ = ["Callers", "assigned_reviewer", "caller"]
 

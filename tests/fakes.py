@@ -21,9 +21,9 @@ from fhir_bridge import errors
 from fhir_bridge.adapters.blobstore import _check_digest
 from fhir_bridge.adapters.queue import PermanentJobError
 from fhir_bridge.adapters.redis_store import _check_id, _check_type, _instant, _last_updated_bounds
-from fhir_bridge.identity import PatientIdentifier
+from fhir_bridge.fhir.identity import PatientIdentifier
+from fhir_bridge.fhir.resources import dumps, loads
 from fhir_bridge.ports import Job, Resource, RetrievedAttachment, SearchPage, SourcePort, StoredBlob, SyncMark
-from fhir_bridge.resources import dumps, loads
 
 
 def _load(body: bytes) -> Resource:
@@ -376,7 +376,7 @@ class InMemorySyncState:
 
     async def advance(self, patient: PatientIdentifier, *, patient_id: str | None = None,
                       watermark: str | None = None) -> None:
-        from fhir_bridge.watermarks import instant_micros
+        from fhir_bridge.case.watermarks import instant_micros
 
         pid, wm = self.marks.get(patient.token, (None, None))
         if watermark and (wm is None or instant_micros(watermark) > instant_micros(wm)):

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from fhir_bridge.adapters.redis_server import _find_binary
-from fhir_bridge.processes import free_port
+from fhir_bridge.dev.processes import free_port
 
 SLOTS = 16384
 

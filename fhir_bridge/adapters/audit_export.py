@@ -2,9 +2,9 @@
 
 The NDJSON holds the stored events byte for byte (one canonical JSON object per line, chain extension
 included), so an auditor re-computes every hash from the file alone; the manifest
-(:class:`~fhir_bridge.audit_chain.Manifest`) says which slice it is (first and last seq, the hash before the
+(:class:`~fhir_bridge.audit.chain.Manifest`) says which slice it is (first and last seq, the hash before the
 first, the last hash), the file's SHA-256, the signed checkpoints inside the slice, and is itself signed with
-the bridge's key. Check a pair with :func:`fhir_bridge.audit_chain.verify_export` and the public JWK
+the bridge's key. Check a pair with :func:`fhir_bridge.audit.chain.verify_export` and the public JWK
 (``fhir_bridge.adapters.signing.JwsVerifier``): no Redis, no bridge needed.
 """
 
@@ -18,8 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from fhir_bridge.audit import instant
-from fhir_bridge.audit_chain import (
+from fhir_bridge.audit.chain import (
     GENESIS,
     AuditIntegrityError,
     ChainLink,
@@ -29,7 +28,8 @@ from fhir_bridge.audit_chain import (
     Signer,
     chain_link,
 )
-from fhir_bridge.resources import loads
+from fhir_bridge.audit.events import instant
+from fhir_bridge.fhir.resources import loads
 
 if TYPE_CHECKING:
     from fhir_bridge.adapters.audit_log import RedisAuditLog

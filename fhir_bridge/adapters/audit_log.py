@@ -8,15 +8,15 @@ the lexical order of members is their seq order)::
     P{audit}:ev              hash: <m> → the stored AuditEvent (canonical JSON, chain extension included)
     P{audit}:t               zset: <m> scored by ``recorded`` in ms since the epoch
     P{audit}:cp              hash: <m> → signed checkpoint JSON of the chain at that event
-    P{audit}:ix:<param>=<v>  set: the <m> answering to a search token (``fhir_bridge.audit.index_terms``)
+    P{audit}:ix:<param>=<v>  set: the <m> answering to a search token (``fhir_bridge.audit.events.index_terms``)
 
 Every key shares the ``{audit}`` hash tag: an append writes the event, its indexes and the new chain end in one
 Lua script (``fhir_bridge.adapters.audit_scripts``), so a search or a verification never sees half an event.
 The chain hash is SHA-256, which Redis Lua lacks (it has only SHA-1), so an append is a compare-and-set: read
-the chain's end, seal the event in Python (``fhir_bridge.audit_chain.seal``), and let the script store it only
+the chain's end, seal the event in Python (``fhir_bridge.audit.chain.seal``), and let the script store it only
 if the end has not moved; else retry.
 
-Fail closed: :meth:`RedisAuditLog.append` raises :class:`~fhir_bridge.audit.AuditUnavailable` on any Redis or
+Fail closed: :meth:`RedisAuditLog.append` raises :class:`~fhir_bridge.audit.events.AuditUnavailable` on any Redis or
 network error, and the caller refuses the exchange. Durability is Redis's: the embedded server runs with
 ``appendfsync always`` for the audit (an append returns once it is on disk).
 """
@@ -37,8 +37,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from fhir_bridge.adapters import audit_scripts as scripts
-from fhir_bridge.audit import AuditUnavailable, index_terms, instant
-from fhir_bridge.audit_chain import (
+from fhir_bridge.audit.chain import (
     GENESIS,
     AuditIntegrityError,
     ChainLink,
@@ -52,8 +51,9 @@ from fhir_bridge.audit_chain import (
     seal,
     sign_checkpoint,
 )
+from fhir_bridge.audit.events import AuditUnavailable, index_terms, instant
 from fhir_bridge.errors import Conflict, InvalidInput
-from fhir_bridge.resources import dumps, loads
+from fhir_bridge.fhir.resources import dumps, loads
 
 Resource = dict[str, Any]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -85,7 +85,7 @@ class _Head:
 
 
 class RedisAuditLog:
-    """The hash-chained AuditEvent log; see the module docstring for the keys and ``fhir_bridge.audit_chain``
+    """The hash-chained AuditEvent log; see the module docstring for the keys and ``fhir_bridge.audit.chain``
     for the chain. ``signer`` signs checkpoints (every ``checkpoint_every`` events or ``checkpoint_seconds``,
     whichever comes first) and export manifests; ``verifier`` checks them (default: the signer, which knows
     only its own key: pass a verifier holding the old public keys after a rotation)."""

@@ -31,7 +31,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey
 from redis.asyncio import Redis
 
-from fhir_bridge.access import ROLES, AccessContext, Role, grant_scopes, has_scope, within_ceiling
+from fhir_bridge.access.scopes import ROLES, AccessContext, Role, grant_scopes, has_scope, within_ceiling
 from fhir_bridge.adapters import key_files
 from fhir_bridge.adapters.clients import (
     ASSERTION_ALGORITHMS,

@@ -35,7 +35,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, JWKRegistry, Key, RSAKey
 
-from fhir_bridge.access import ROLES, Role, load_role_ceilings, parse_scope, within_ceiling
+from fhir_bridge.access.scopes import ROLES, Role, load_role_ceilings, parse_scope, within_ceiling
 from fhir_bridge.adapters import key_files
 from fhir_bridge.errors import Conflict, InvalidInput
 

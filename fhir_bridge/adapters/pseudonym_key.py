@@ -1,4 +1,4 @@
-"""The secret behind case pseudonyms (:mod:`fhir_bridge.pseudonym`): 32 random bytes in
+"""The secret behind case pseudonyms (:mod:`fhir_bridge.access.pseudonym`): 32 random bytes in
 ``<data_dir>/keys/case-pseudonym.key``, created 0600 on first use (:func:`key_files.create_once`, so the API and
 the workers starting together agree on one key).
 

@@ -3,7 +3,7 @@
 It keeps (FHIR R4 http.html §3.1.0) every version (vread, history), ``meta.versionId`` (a string integer
 from "1"), ``meta.lastUpdated`` (a UTC instant with milliseconds), tombstones (read answers Gone, history
 keeps the versions), the token indexes the core computes, and each type's order by lastUpdated. Bodies are
-:func:`fhir_bridge.resources.dumps` bytes read back with ``loads``, so a FHIR decimal ``1.50`` stays ``1.50``.
+:func:`fhir_bridge.fhir.resources.dumps` bytes read back with ``loads``, so a FHIR decimal ``1.50`` stays ``1.50``.
 
 Keys (``P`` is the configurable prefix, default ``fhir-bridge:``)::
 
@@ -35,8 +35,8 @@ from redis.asyncio import Redis
 
 from fhir_bridge.adapters.lua_search import SELECT_PAGE
 from fhir_bridge.errors import Conflict, Gone, InvalidInput, NotFound, PreconditionFailed
+from fhir_bridge.fhir.resources import dumps, loads
 from fhir_bridge.ports import Resource, SearchPage
-from fhir_bridge.resources import dumps, loads
 
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # FHIR R4 datatypes "id"
 _TYPE = re.compile(r"[A-Z][A-Za-z]{0,63}")

@@ -30,7 +30,7 @@ when it ends, with a :class:`SourceExchange`: a whole search (every page, every 
 first request as sent and the final status), one ITI-68 retrieve (its retries included), one Endpoint read.
 Per logical exchange rather than per attempt because that is what an auditor asks about ("the bridge fetched
 this patient's documents at 10:02"); the retries are in the logs. Every request of one exchange carries the
-same ``X-Request-Id`` (the inbound call's id when there is one, see ``fhir_bridge.audit_context``), so the
+same ``X-Request-Id`` (the inbound call's id when there is one, see ``fhir_bridge.audit.context``), so the
 source's own logs can be matched to our AuditEvents. A hook that raises (the audit log is down) makes the
 exchange fail with that error: no audit, no exchange.
 """
@@ -54,8 +54,8 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import httpx
 import structlog
 
-from fhir_bridge import audit_context
 from fhir_bridge.adapters.settings import SourceSettings
+from fhir_bridge.audit import context as audit_context
 from fhir_bridge.errors import (
     AmbiguousPatient,
     AttachmentError,
@@ -69,9 +69,9 @@ from fhir_bridge.errors import (
     SourceUnavailable,
     UnknownPatient,
 )
-from fhir_bridge.identity import PatientIdentifier
+from fhir_bridge.fhir.identity import PatientIdentifier
+from fhir_bridge.fhir.resources import FHIR_JSON, Resource, dumps, loads
 from fhir_bridge.ports import RetrievedAttachment
-from fhir_bridge.resources import FHIR_JSON, Resource, dumps, loads
 from fhir_bridge.retry import RetryPolicy
 
 log = structlog.get_logger("fhir_bridge.source")

@@ -14,10 +14,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from fhir_bridge.case.watermarks import instant_micros
 from fhir_bridge.errors import InvalidInput
-from fhir_bridge.identity import PatientIdentifier
+from fhir_bridge.fhir.identity import PatientIdentifier
 from fhir_bridge.ports import SyncMark
-from fhir_bridge.watermarks import instant_micros
 
 # KEYS: the mark. ARGV: patient id or '', watermark or '', its microseconds, ttl seconds.
 _ADVANCE = """

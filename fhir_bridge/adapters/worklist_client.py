@@ -23,9 +23,9 @@ from typing import Any
 import httpx
 
 from fhir_bridge.adapters.token_client import BackendServicesAuth
+from fhir_bridge.case.worklist import WorklistLine
 from fhir_bridge.errors import Forbidden, Unauthenticated
 from fhir_bridge.retry import RetryPolicy
-from fhir_bridge.worklist import WorklistLine
 
 __all__ = ["LineOutcome", "submit_lines"]
 

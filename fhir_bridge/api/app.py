@@ -20,7 +20,7 @@ from fhir_bridge.api.audit_middleware import REQUEST_ID_HEADER, AuditMiddleware,
 from fhir_bridge.api.errors import install_error_handlers
 from fhir_bridge.api.metrics import router as metrics_router
 from fhir_bridge.api.operations import router  # routes plus the Task operations
-from fhir_bridge.audit import Party
+from fhir_bridge.audit.events import Party
 from fhir_bridge.errors import AuditUnavailable
 from fhir_bridge.ports import AuditPort
 from fhir_bridge.workflow.cases import CaseService

@@ -2,7 +2,7 @@
 
 A pure ASGI middleware around every ``/fhir`` call (and ``/auth/*`` once the security layer serves it;
 ``/healthz``, ``/readyz`` and ``/metrics`` are not audited). It lets the handler produce its answer, holds the
-answer's first message back, builds a BALP RESTful event (``fhir_bridge.audit.rest_event``) and appends it to
+answer's first message back, builds a BALP RESTful event (``fhir_bridge.audit.events.rest_event``) and appends it to
 the audit log (``app.state.audit``); only then does the answer go out. When the append fails
 (:class:`~fhir_bridge.errors.AuditUnavailable`, or anything else going wrong while recording), the client
 gets ``503`` and an OperationOutcome instead of the answer: no audit, no exchange.
@@ -25,7 +25,7 @@ What the event says and where it comes from:
   ``request.state.jti``; ``anonymous`` until then) with the peer address;
 * **X-Request-Id**: the client's (visible ASCII, at most 200 characters) or a new UUID, echoed in the
   answer's ``X-Request-Id`` header, recorded as BALP's XrequestId entity and passed to the outbound calls the
-  request makes (``fhir_bridge.audit_context``).
+  request makes (``fhir_bridge.audit.context``).
 
 A streamed answer (the case Bundle) is recorded when its first part is ready and before any of it is sent;
 its status is then final. An exception no handler turned into an answer is recorded as a 500.
@@ -51,12 +51,12 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fhir_bridge import audit_context
-from fhir_bridge.audit import OBJECT_ROLE, Party, rest_event
+from fhir_bridge.audit import context as audit_context
+from fhir_bridge.audit.events import OBJECT_ROLE, Party, rest_event
 from fhir_bridge.errors import AuditUnavailable, BridgeError
-from fhir_bridge.fhir_xml import from_xml
-from fhir_bridge.identity import PatientIdentifier
-from fhir_bridge.resources import FHIR_JSON, dumps, operation_outcome
+from fhir_bridge.fhir.identity import PatientIdentifier
+from fhir_bridge.fhir.resources import FHIR_JSON, dumps, operation_outcome
+from fhir_bridge.fhir.xml import from_xml
 
 log = structlog.get_logger("fhir_bridge.audit")
 

@@ -18,7 +18,7 @@ no-store`` and ``Referrer-Policy: no-referrer`` (the URLs hold patient identifie
 
 **Viewing the audit log is an access to patient data, so every view is audited itself**, fail closed as the
 API is. The FHIR audit middleware only records ``/fhir`` and ``/auth`` calls and describes a call from its FHIR
-path, so the page records its own BALP RESTful event (:func:`fhir_bridge.audit.rest_event`) before it answers:
+path, so the page records its own BALP RESTful event (:func:`fhir_bridge.audit.events.rest_event`) before it answers:
 the list as a ``search-type`` on AuditEvent whose query entity is the raw request (``GET /audit?…``), the detail
 as a ``read`` of ``AuditEvent/<seq>`` naming the patient of the event shown; the client comes from the same seam
 as the API's (:func:`fhir_bridge.api.audit_middleware.client_party`), the bridge agent's address is
@@ -52,15 +52,15 @@ from fastapi import APIRouter, Request
 from redis.exceptions import RedisError
 from starlette.responses import RedirectResponse, Response
 
+from fhir_bridge.access.tenancy import require_scope
 from fhir_bridge.api.audit_middleware import REQUEST_ID_HEADER, client_party, resource_patient
 from fhir_bridge.api.audit_routes import audit_log, parse_audit_search, stored_event
 from fhir_bridge.api.errors import status_for
 from fhir_bridge.api.fhir_io import read_form
-from fhir_bridge.audit import OBJECT_ROLE, Party, rest_event
-from fhir_bridge.audit_chain import CHAIN_URL, chain_link
+from fhir_bridge.audit.chain import CHAIN_URL, chain_link
+from fhir_bridge.audit.events import OBJECT_ROLE, Party, rest_event
 from fhir_bridge.errors import AuditUnavailable, BridgeError, Forbidden, InvalidInput, NotFound
-from fhir_bridge.identity import PatientIdentifier
-from fhir_bridge.workflow.tenancy import require_scope
+from fhir_bridge.fhir.identity import PatientIdentifier
 
 __all__ = ["CONTENT_SECURITY_POLICY", "PAGE_PATH", "require_auditor", "router", "text"]
 

@@ -30,14 +30,14 @@ from fastapi import APIRouter, Depends, Request
 from redis.exceptions import RedisError
 from starlette.responses import Response
 
-from fhir_bridge.access import AccessContext, Interaction
+from fhir_bridge.access.scopes import AccessContext, Interaction
+from fhir_bridge.access.tenancy import require_scope
 from fhir_bridge.api.capability import OPERATIONS
 from fhir_bridge.api.fhir_io import fhir_response, paging, searchset
 from fhir_bridge.api.routes import Caller, base_url, router, search_form
-from fhir_bridge.audit import OUTCOMES
+from fhir_bridge.audit.events import OUTCOMES
 from fhir_bridge.errors import AuditUnavailable, Forbidden, Gone, InvalidInput, NotFound
-from fhir_bridge.resources import loads
-from fhir_bridge.workflow.tenancy import require_scope
+from fhir_bridge.fhir.resources import loads
 
 if TYPE_CHECKING:
     from fhir_bridge.adapters.audit_log import RedisAuditLog

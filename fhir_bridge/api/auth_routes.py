@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from fhir_bridge.access import load_role_ceilings
+from fhir_bridge.access.scopes import load_role_ceilings
 from fhir_bridge.adapters.auth import (
     BridgeKeys,
     ClientRegistry,

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from fhir_bridge import __version__
-from fhir_bridge.profiles import Profiles, default_profiles
-from fhir_bridge.search_index import SEARCH_PARAMS
-from fhir_bridge.terminology import CANONICAL_BASE
+from fhir_bridge.fhir.profiles import Profiles, default_profiles
+from fhir_bridge.fhir.search_index import SEARCH_PARAMS
+from fhir_bridge.fhir.terminology import CANONICAL_BASE
 
 #: resource type → interactions served (R4 restful-interaction codes)
 INTERACTIONS: dict[str, list[str]] = {
@@ -23,7 +23,7 @@ INTERACTIONS: dict[str, list[str]] = {
 }
 CONDITIONAL_CREATE = frozenset({"ServiceRequest", "DiagnosticReport"})
 #: the AuditEvent search parameters (served by fhir_bridge.api.audit_routes over the audit log's own index,
-#: fhir_bridge.audit.index_terms, not the resource store's SEARCH_PARAMS)
+#: fhir_bridge.audit.events.index_terms, not the resource store's SEARCH_PARAMS)
 AUDIT_SEARCH_PARAMS: dict[str, tuple[str, str]] = {
     "date": ("date", "When the event was recorded (AuditEvent.recorded); prefixes eq ge gt le lt"),
     "patient": ("token", "The patient's identifier, system|value (also as patient:identifier)"),

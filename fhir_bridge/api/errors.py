@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from fhir_bridge import errors as e
 from fhir_bridge.api.fhir_io import fhir_response
-from fhir_bridge.resources import operation_outcome
+from fhir_bridge.fhir.resources import operation_outcome
 
 log = structlog.get_logger("fhir_bridge.api")
 

@@ -2,8 +2,8 @@
 
 * bodies: ``application/fhir+json`` (or ``application/json``), parsed keeping decimals exact, or
   ``application/fhir+xml`` (or ``application/xml``, ``text/xml``), parsed by the hardened parser
-  (:mod:`fhir_bridge.xml_safety`: no DTD, no entity, no network) and converted to the same JSON dict
-  (:mod:`fhir_bridge.fhir_xml`); at most ``max_body_bytes`` (413); anything else is 415;
+  (:mod:`fhir_bridge.fhir.xml_safety`: no DTD, no entity, no network) and converted to the same JSON dict
+  (:mod:`fhir_bridge.fhir.xml`); at most ``max_body_bytes`` (413); anything else is 415;
 * answers: FHIR JSON or FHIR XML (``application/fhir+xml; charset=utf-8``) as negotiated by :func:`negotiate`,
   ``_format`` overriding ``Accept`` (http.html#mime-type; ``Accept: application/json`` gets FHIR JSON), error
   OperationOutcomes included; ``ETag: W/"<versionId>"`` and ``Last-Modified`` for a resource
@@ -26,9 +26,9 @@ from fastapi import Request
 from starlette.responses import Response
 
 from fhir_bridge.errors import InvalidInput, MalformedResource, NotAcceptable, TooLarge, UnsupportedMediaType
-from fhir_bridge.fhir_xml import from_xml, to_xml
-from fhir_bridge.resources import FHIR_JSON, FHIR_XML, Resource, check_characters, dumps, loads, operation_outcome
-from fhir_bridge.search_index import SEARCH_PARAMS
+from fhir_bridge.fhir.resources import FHIR_JSON, FHIR_XML, Resource, check_characters, dumps, loads, operation_outcome
+from fhir_bridge.fhir.search_index import SEARCH_PARAMS
+from fhir_bridge.fhir.xml import from_xml, to_xml
 
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 XML_TYPES = ("application/fhir+xml", "application/xml", "text/xml", "application/xml+fhir")

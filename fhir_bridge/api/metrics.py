@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 from starlette.responses import Response
 
 from fhir_bridge.api.job_metrics import add_job_metrics
-from fhir_bridge.deadlines import overdue_tasks
+from fhir_bridge.case.deadlines import overdue_tasks
 from fhir_bridge.workflow.cases import CaseService
 
 router = APIRouter()

@@ -5,7 +5,7 @@
 * ``$request-documents``: the reviewer needs more, the case waits (Parameters: ``text``).
 
 Bodies are ``Parameters`` resources; each answers the updated Task. Each needs ``system/Task.u``; who may call
-which on which case is :meth:`fhir_bridge.workflow.tenancy.Tenancy.check_task_operation`. The reviewer is the
+which on which case is :meth:`fhir_bridge.access.tenancy.Tenancy.check_task_operation`. The reviewer is the
 one the access token names: a ``reviewer`` parameter, if sent, must be that same PractitionerRole.
 """
 
@@ -16,14 +16,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from fhir_bridge.access import AccessContext
+from fhir_bridge.access.scopes import AccessContext
+from fhir_bridge.access.tenancy import require_scope
 from fhir_bridge.api.capability import OPERATIONS
 from fhir_bridge.api.fhir_io import fhir_response, read_body, version_headers
 from fhir_bridge.api.routes import Caller, Cases, Tenants, max_body, router, seen_by
 from fhir_bridge.errors import Forbidden, InvalidInput
-from fhir_bridge.resources import check_resource_type
+from fhir_bridge.fhir.resources import check_resource_type
 from fhir_bridge.workflow.cases import CaseService
-from fhir_bridge.workflow.tenancy import require_scope
 
 __all__ = ["TASK_OPERATIONS", "parameter", "router"]
 

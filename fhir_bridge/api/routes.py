@@ -12,7 +12,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request
 from starlette.responses import Response, StreamingResponse
 
-from fhir_bridge.access import AccessContext
+from fhir_bridge.access.scopes import AccessContext
+from fhir_bridge.access.tenancy import Tenancy, require_scope
 from fhir_bridge.api.audit_middleware import resource_patient
 from fhir_bridge.api.capability import capability_statement
 from fhir_bridge.api.fhir_io import (
@@ -27,10 +28,9 @@ from fhir_bridge.api.fhir_io import (
     written,
 )
 from fhir_bridge.errors import BridgeError, Forbidden, Gone
-from fhir_bridge.opinion import based_on_request
-from fhir_bridge.resources import FHIR_JSON, Resource, check_resource_type
+from fhir_bridge.fhir.resources import FHIR_JSON, Resource, check_resource_type
+from fhir_bridge.opinion.report import based_on_request
 from fhir_bridge.workflow.cases import CaseService, bundle_patient, now_instant
-from fhir_bridge.workflow.tenancy import Tenancy, require_scope
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)])
 READABLE = ("ServiceRequest", "Task", "DiagnosticReport")
@@ -157,7 +157,7 @@ async def _reidentified(service: CaseService, who: AccessContext, rules: Tenancy
 
 async def seen_by(request: Request, service: CaseService, who: AccessContext, resource: Resource) -> Resource:
     """``resource`` as ``who`` may see it: pseudonymised for a reviewer whose network asks for it
-    (:mod:`fhir_bridge.pseudonym`), the audit still naming the real patient (``request.state.audit_patient``)."""
+    (:mod:`fhir_bridge.access.pseudonym`), the audit still naming the real patient (``request.state.audit_patient``)."""
     if not service.needs_pseudonym(who):
         return resource
     if getattr(request.state, "audit_patient", None) is None:

@@ -3,7 +3,8 @@
 :func:`caller` is the FastAPI dependency every ``/fhir`` route but ``metadata`` and the SMART discovery
 document depends on: it reads ``Authorization: Bearer <token>`` (RFC 6750 §2.1; no query or form tokens),
 verifies it (:func:`fhir_bridge.adapters.auth.verify_access_token`: ES384 by the bridge key, ``at+jwt``, not
-expired, ``aud`` = this server, bound certificate if any) and gives the :class:`~fhir_bridge.access.AccessContext`.
+expired, ``aud`` = this server, bound certificate if any) and gives the
+:class:`~fhir_bridge.access.scopes.AccessContext`.
 Its scopes are cut again to the role's ceiling (``config/roles.json``), so a registry edit can not widen a token
 already issued. The client id and the token's ``jti`` go to ``request.state`` for the audit trail.
 
@@ -23,7 +24,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from fhir_bridge.access import AccessContext, within_ceiling
+from fhir_bridge.access.scopes import AccessContext, within_ceiling
 from fhir_bridge.adapters.auth import verify_access_token
 from fhir_bridge.api.auth_routes import AuthServer, client_certificate_thumbprint
 from fhir_bridge.api.routes import base_url

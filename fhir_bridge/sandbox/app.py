@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fhir_bridge import errors
-from fhir_bridge.resources import Resource, operation_outcome
+from fhir_bridge.fhir.resources import Resource, operation_outcome
 from fhir_bridge.sandbox.routes import router
 from fhir_bridge.sandbox.state import FhirResponse, SandboxConfig, SandboxState, StateDep
 from fhir_bridge.sandbox.world import build_world, world_summary

@@ -30,7 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fhir_bridge.access import Interaction, has_scope
+from fhir_bridge.access.scopes import Interaction, has_scope
 from fhir_bridge.adapters.auth import (
     BridgeKeys,
     ClientRegistry,

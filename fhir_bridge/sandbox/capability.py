@@ -6,7 +6,7 @@ behaves like; it does not claim profiles it would not fully meet.
 
 from __future__ import annotations
 
-from fhir_bridge.resources import FHIR_JSON, Resource
+from fhir_bridge.fhir.resources import FHIR_JSON, Resource
 from fhir_bridge.sandbox.render import Urls
 
 _MHD = "https://profiles.ihe.net/ITI/MHD/CapabilityStatement"

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
-from fhir_bridge.identity import INS_NIR_TEST
+from fhir_bridge.fhir.identity import INS_NIR_TEST
 from fhir_bridge.sandbox.content import BigContent
 
 CURRENT, SUPERSEDED, ENTERED_IN_ERROR = "current", "superseded", "entered-in-error"

@@ -25,7 +25,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from fhir_bridge.identity import nir_key
+from fhir_bridge.fhir.identity import nir_key
 from fhir_bridge.sandbox.content import CONTENT_TYPES, Rendering, render, sha1_b64
 from fhir_bridge.sandbox.model import (
     DEFAULT_TODAY,

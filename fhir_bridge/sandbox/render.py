@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from fhir_bridge.identity import INS_NIR_TEST
-from fhir_bridge.resources import Resource
+from fhir_bridge.fhir.identity import INS_NIR_TEST
+from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.sandbox.content import SANDBOX_PATIENT_ID_ROOT
 from fhir_bridge.sandbox.model import (
     SandboxDocument,

@@ -24,7 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from fhir_bridge.errors import NotAcceptable, NotFound, UnsupportedMediaType
-from fhir_bridge.resources import FHIR_JSON, iterencode, parse_resource
+from fhir_bridge.fhir.resources import FHIR_JSON, iterencode, parse_resource
 from fhir_bridge.sandbox import render, search, transaction
 from fhir_bridge.sandbox.capability import capability_statement
 from fhir_bridge.sandbox.model import SandboxDocument
@@ -113,7 +113,7 @@ def _wants_raw(accept: str, content_type: str) -> bool | None:
 
 
 class _Base64Data:
-    """``Binary.data`` streamed as base64 (:class:`fhir_bridge.resources.StreamedText`)."""
+    """``Binary.data`` streamed as base64 (:class:`fhir_bridge.fhir.resources.StreamedText`)."""
 
     def __init__(self, doc: SandboxDocument, faults: bool) -> None:
         self.doc, self.faults = doc, faults

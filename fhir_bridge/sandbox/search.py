@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from fhir_bridge.errors import InvalidInput
-from fhir_bridge.resources import Resource
+from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.sandbox import render
 from fhir_bridge.sandbox.model import DOCUMENT_STATUSES, SandboxDocument, SandboxPatient, SandboxStudy, World
 from fhir_bridge.sandbox.render import Urls, entry_uuid, instant

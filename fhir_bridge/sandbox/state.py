@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.responses import Response
 
-from fhir_bridge.resources import FHIR_JSON, dumps
+from fhir_bridge.fhir.resources import FHIR_JSON, dumps
 from fhir_bridge.sandbox.render import Urls
 from fhir_bridge.sandbox.world import World
 

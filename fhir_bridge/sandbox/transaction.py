@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fhir_bridge.errors import BusinessRuleViolation, Conflict, MalformedResource
-from fhir_bridge.resources import Resource
+from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.sandbox.content import sha1_b64
 from fhir_bridge.sandbox.model import CURRENT, SUPERSEDED, SandboxDocument, World
 from fhir_bridge.sandbox.render import CLASS_SYSTEM, CONFIDENTIALITY_SYSTEM, LOINC, MASQUE_PS, instant

@@ -1,6 +1,6 @@
 """Who reviews a ready case, and what a reviewer can do with it: routing, decline, ask for documents, deadlines.
 
-* Routing (:mod:`fhir_bridge.routing`, reviewers and panels as data in ``config/reviewers.json``) runs when a
+* Routing (:mod:`fhir_bridge.review.routing`, reviewers and panels as data in ``config/reviewers.json``) runs when a
   case becomes ready; ``Task.owner`` names the PractitionerRole (a reviewer) or CareTeam (a tumor-board panel).
   The load of each reviewer is counted from the open Tasks they own. Nobody with room: the case stays ready and
   unowned, with a note, and is routed again by the next refresh or decline.
@@ -19,12 +19,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from fhir_bridge.deadlines import DONE_STATUSES, DeadlinePolicy, overdue_tasks, parse_fhir_datetime
+from fhir_bridge.case.deadlines import DONE_STATUSES, DeadlinePolicy, overdue_tasks, parse_fhir_datetime
+from fhir_bridge.case.tasks import state_of
 from fhir_bridge.errors import BusinessRuleViolation, Forbidden
+from fhir_bridge.fhir.terminology import CANONICAL_BASE
 from fhir_bridge.ports import ResourceStorePort
-from fhir_bridge.routing import Assignment, ReviewerRegistry, RoutingRequest, load_from_tasks, route
-from fhir_bridge.tasks import state_of
-from fhir_bridge.terminology import CANONICAL_BASE
+from fhir_bridge.review.routing import Assignment, ReviewerRegistry, RoutingRequest, load_from_tasks, route
 from fhir_bridge.workflow.taskbook import TaskBook, extension_value, now_instant, set_extension
 
 Resource = dict[str, Any]

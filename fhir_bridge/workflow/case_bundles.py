@@ -2,13 +2,13 @@
 pseudonymised for reviewers abroad. Used by :class:`~fhir_bridge.workflow.cases.CaseService`.
 
 * Packaging (the collect job's tail): each document goes to the blob store, the bundle's layout names the
-  blobs (:func:`~fhir_bridge.packaging.layout_of`), and the bundle is signed over the files still on disk;
+  blobs (:func:`~fhir_bridge.case.packaging.layout_of`), and the bundle is signed over the files still on disk;
   the small skeleton is what the stub's ``blob-digest`` extension names.
 * Reading: the skeleton is filled with each document's base64 as it streams, ``id`` and ``meta`` in front.
   A reviewer whose network pseudonymises (``config/reviewer-networks.json``) gets the variant of
-  :func:`~fhir_bridge.pseudonym.pseudonymise_bundle`, signed while it streams, its ``meta.security``
+  :func:`~fhir_bridge.access.pseudonym.pseudonymise_bundle`, signed while it streams, its ``meta.security``
   saying PSEUDED; the same reader sees ServiceRequest, Task and DiagnosticReport through
-  :func:`~fhir_bridge.pseudonym.pseudonymise_view`, and posts opinions that :meth:`reidentified_opinion`
+  :func:`~fhir_bridge.access.pseudonym.pseudonymise_view`, and posts opinions that :meth:`reidentified_opinion`
   puts back under the INS. Nothing pseudonymised is stored: the variant is a transform of the skeleton.
 """
 
@@ -19,12 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from fhir_bridge.access import AccessContext
-from fhir_bridge.errors import BusinessRuleViolation, Forbidden, NotFound
-from fhir_bridge.opinion import based_on_request
-from fhir_bridge.packaging import PackagedDocument
-from fhir_bridge.ports import BlobStorePort, ResourceStorePort, SignerPort
-from fhir_bridge.pseudonym import (
+from fhir_bridge.access.pseudonym import (
     PSEUDONYM_TERM,
     PSEUDONYMISED_LABEL,
     CasePseudonyms,
@@ -33,10 +28,9 @@ from fhir_bridge.pseudonym import (
     pseudonymise_view,
     reidentify_opinion,
 )
-from fhir_bridge.resources import Resource, check_resource_type, dumps
-from fhir_bridge.routing import ReviewerRegistry
-from fhir_bridge.search_index import OUTPUT_TERM
-from fhir_bridge.signed_bundles import (
+from fhir_bridge.access.scopes import AccessContext
+from fhir_bridge.case.packaging import PackagedDocument
+from fhir_bridge.case.signature import (
     SKELETON_PREFIX,
     BundleLayout,
     instant,
@@ -46,7 +40,13 @@ from fhir_bridge.signed_bundles import (
     served_chunks,
     sign_from_files,
 )
-from fhir_bridge.terminology import CANONICAL_BASE
+from fhir_bridge.errors import BusinessRuleViolation, Forbidden, NotFound
+from fhir_bridge.fhir.resources import Resource, check_resource_type, dumps
+from fhir_bridge.fhir.search_index import OUTPUT_TERM
+from fhir_bridge.fhir.terminology import CANONICAL_BASE
+from fhir_bridge.opinion.report import based_on_request
+from fhir_bridge.ports import BlobStorePort, ResourceStorePort, SignerPort
+from fhir_bridge.review.routing import ReviewerRegistry
 from fhir_bridge.workflow.taskbook import extension_value
 
 BLOB_EXTENSION = f"{CANONICAL_BASE}/StructureDefinition/blob-digest"

@@ -9,16 +9,17 @@ at any point leaves a state a retry repairs, never a duplicate:
 * the case Bundle is created under ``case-bundle:<task>:<generation>``: a second worker finishing a
   reclaimed job finds the first one's bundle instead of making another; a refresh is a new generation.
   The documents go to the blob store one by one; the bundle itself is stored as a small signed skeleton
-  (:mod:`fhir_bridge.packaging`) that :meth:`CaseService.bundle_chunks` fills with the documents' base64 when
-  it is read, pseudonymised and signed again for readers whose network asks for it (:mod:`fhir_bridge.pseudonym`);
-* after packaging, triage (:mod:`fhir_bridge.triage`, rules in ``mappings/``) decides: a blocking finding
+  (:mod:`fhir_bridge.case.packaging`) that :meth:`CaseService.bundle_chunks` fills with the documents' base64 when
+  it is read, pseudonymised and signed again for readers whose network asks for it
+  (:mod:`fhir_bridge.access.pseudonym`);
+* after packaging, triage (:mod:`fhir_bridge.review.triage`, rules in ``mappings/``) decides: a blocking finding
   puts the case on hold (``waiting-for-documents``, what is missing in ``statusReason``), otherwise it is
   ready and routed to a reviewer or panel (:mod:`fhir_bridge.workflow.assignment`);
 * each Task transition is a compare-and-set on its versionId (If-Match), so two workers can not both move
   a case, and a transition already made is not made again.
 
 Audit: with an ``audit`` port, every case change appends a job event (:mod:`fhir_bridge.workflow.taskbook`);
-the source calls made for a patient run with that patient in :mod:`fhir_bridge.audit_context`, so the audit
+the source calls made for a patient run with that patient in :mod:`fhir_bridge.audit.context`, so the audit
 hook of the source client can name the patient of an ITI-67 search or an ITI-68 retrieve.
 """
 
@@ -35,10 +36,16 @@ from typing import Any
 
 import structlog
 
-from fhir_bridge import audit_context
-from fhir_bridge.access import AccessContext
-from fhir_bridge.audit import Party
-from fhir_bridge.deadlines import DeadlinePolicy, due_date, load_deadline_policy, parse_fhir_datetime
+from fhir_bridge.access.pseudonym import ReviewerNetworks, load_networks
+from fhir_bridge.access.scopes import AccessContext
+from fhir_bridge.audit import context as audit_context
+from fhir_bridge.audit.events import Party
+from fhir_bridge.case.deadlines import DeadlinePolicy, due_date, load_deadline_policy, parse_fhir_datetime
+from fhir_bridge.case.intake import check_request
+from fhir_bridge.case.packaging import build_case_bundle
+from fhir_bridge.case.selection import Problem
+from fhir_bridge.case.signature import skeleton_bytes
+from fhir_bridge.case.tasks import new_task, state_of
 from fhir_bridge.errors import (
     BusinessRuleViolation,
     InvalidInput,
@@ -48,9 +55,11 @@ from fhir_bridge.errors import (
     SourceUnavailable,
     UnknownPatient,
 )
-from fhir_bridge.identity import PatientIdentifier
-from fhir_bridge.intake import check_request
-from fhir_bridge.packaging import build_case_bundle
+from fhir_bridge.fhir.identity import PatientIdentifier
+from fhir_bridge.fhir.resources import Resource
+from fhir_bridge.fhir.search_index import TENANT_TERM, index_terms, parse_criteria, tenant_of, with_tenant
+from fhir_bridge.fhir.terminology import CANONICAL_BASE, Terminology
+from fhir_bridge.opinion.writeback import WriteBackConfig, load_write_back_config
 from fhir_bridge.ports import (
     AuditPort,
     BlobStorePort,
@@ -61,19 +70,12 @@ from fhir_bridge.ports import (
     SourcePort,
     WebhookPort,
 )
-from fhir_bridge.presented_form import Renderer
-from fhir_bridge.pseudonym import ReviewerNetworks, load_networks
-from fhir_bridge.report_pdf import render_pdf
-from fhir_bridge.report_render import render_html
-from fhir_bridge.resources import Resource
-from fhir_bridge.routing import ReviewerRegistry, load_registry
-from fhir_bridge.search_index import TENANT_TERM, index_terms, parse_criteria, tenant_of, with_tenant
-from fhir_bridge.selection import Problem
-from fhir_bridge.signed_bundles import skeleton_bytes
-from fhir_bridge.tasks import new_task, state_of
-from fhir_bridge.terminology import CANONICAL_BASE, Terminology
-from fhir_bridge.triage import findings_outcome, missing_summary, triage_case
-from fhir_bridge.triage_rules import TriageRules, load_triage_rules
+from fhir_bridge.rendering.forms import Renderer
+from fhir_bridge.rendering.html import render_html
+from fhir_bridge.rendering.pdf import render_pdf
+from fhir_bridge.review.routing import ReviewerRegistry, load_registry
+from fhir_bridge.review.triage import findings_outcome, missing_summary, triage_case
+from fhir_bridge.review.triage_rules import TriageRules, load_triage_rules
 from fhir_bridge.workflow.assignment import Assignments
 from fhir_bridge.workflow.case_bundles import BLOB_EXTENSION, CASE_TASK, CaseBundles
 from fhir_bridge.workflow.collect import CollectedCase, collect_case
@@ -87,7 +89,6 @@ from fhir_bridge.workflow.taskbook import (
     output_type,
     set_extension,
 )
-from fhir_bridge.writeback import WriteBackConfig, load_write_back_config
 
 log = structlog.get_logger("fhir_bridge.cases")
 
@@ -167,7 +168,7 @@ class CaseService:
         self, resource_type: str, params: list[tuple[str, str]], count: int, offset: int,
         *, scope: Mapping[str, list[str]] | None = None,
     ) -> tuple[list[Resource], int]:
-        """A search, ANDed with ``scope`` (the caller's access criteria, :mod:`fhir_bridge.workflow.tenancy`)."""
+        """A search, ANDed with ``scope`` (the caller's access criteria, :mod:`fhir_bridge.access.tenancy`)."""
         criteria = {**parse_criteria(resource_type, params), **(scope or {})}
         page = await self.store.search(resource_type, criteria, count=count, offset=offset)
         return page.resources, page.total
@@ -396,7 +397,7 @@ class CaseService:
         async for chunk in self.bundles.chunks(bundle_id, reader):
             yield chunk
 
-    # -- pseudonymised readers (fhir_bridge.pseudonym) -------------------------------------------------
+    # -- pseudonymised readers (fhir_bridge.access.pseudonym) -------------------------------------------------
 
     def needs_pseudonym(self, reader: AccessContext | None) -> bool:
         """Whether ``reader`` sees cases pseudonymised: a reviewer whose network (``config/reviewers.json``,
@@ -415,7 +416,7 @@ class CaseService:
 
     async def reader_view(self, resource: Resource, reader: AccessContext | None) -> Resource:
         """A ServiceRequest, Task or DiagnosticReport as ``reader`` may see it: pseudonymised when
-        :meth:`needs_pseudonym` (:func:`~fhir_bridge.pseudonym.pseudonymise_view`), else as stored."""
+        :meth:`needs_pseudonym` (:func:`~fhir_bridge.access.pseudonym.pseudonymise_view`), else as stored."""
         return await self.bundles.reader_view(resource, reader)
 
     async def reidentified_opinion(self, body: Any, reader: AccessContext | None) -> Any:

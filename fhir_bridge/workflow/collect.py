@@ -1,7 +1,7 @@
 """Collect one patient's case from the source: the use case behind ``fhir-bridge pull`` and the pull job.
 
 Order of work (MHD ITI-67/68, STANDARDS.md §1): resolve the Patient by identifier; search documents and
-imaging studies concurrently; screen them (:mod:`fhir_bridge.selection`); retrieve the kept documents'
+imaging studies concurrently; screen them (:mod:`fhir_bridge.case.selection`); retrieve the kept documents'
 bytes concurrently (the source adapter bounds the concurrency) into ``attachments_dir``, verifying size and
 hash; report every left-out item. A failure of the whole source (searches) raises; a failure of one
 attachment only leaves that document out, with its reason.
@@ -16,13 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fhir_bridge.case.packaging import CaseContent, PackagedDocument
+from fhir_bridge.case.selection import (
+    REASONS,
+    PatientMatcher,
+    Problem,
+    document_label,
+    screen_documents,
+    screen_studies,
+)
+from fhir_bridge.case.watermarks import newest_update
 from fhir_bridge.errors import AttachmentError
-from fhir_bridge.identity import PatientIdentifier
-from fhir_bridge.packaging import CaseContent, PackagedDocument
+from fhir_bridge.fhir.identity import PatientIdentifier
+from fhir_bridge.fhir.terminology import Terminology
 from fhir_bridge.ports import SourcePort
-from fhir_bridge.selection import REASONS, PatientMatcher, Problem, document_label, screen_documents, screen_studies
-from fhir_bridge.terminology import Terminology
-from fhir_bridge.watermarks import newest_update
 
 Progress = Callable[[str, int, int], None]
 

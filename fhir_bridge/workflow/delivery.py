@@ -12,7 +12,7 @@ report **version**, with job ids that make enqueueing idempotent:
   answer, is recorded and retried until it succeeds or the attempts run out (then a dead letter that
   ``fhir-bridge sync deliver`` re-drives).
 * ``deliver-record`` (``record:<report>:<version>``): ITI-65 of the French PDF rendering
-  (:mod:`fhir_bridge.writeback`), when the request asked for it; the patient is resolved at the source first
+  (:mod:`fhir_bridge.opinion.writeback`), when the request asked for it; the patient is resolved at the source first
   (ITI-78), a version already written is found again (ITI-67 by ``identifier``) instead of written twice, and
   the location the source returns is recorded on the case.
 
@@ -35,16 +35,16 @@ from typing import Any
 
 import structlog
 
-from fhir_bridge import audit_context
-from fhir_bridge.audit import Party, delivery_event
+from fhir_bridge.audit import context as audit_context
+from fhir_bridge.audit.events import Party, delivery_event
+from fhir_bridge.case.intake import asks_write_back
 from fhir_bridge.errors import BusinessRuleViolation, Conflict, DeliveryFailed, SourceRejected
-from fhir_bridge.intake import asks_write_back
-from fhir_bridge.opinion import FINAL_TYPES
+from fhir_bridge.fhir.terminology import CANONICAL_BASE
+from fhir_bridge.opinion.report import FINAL_TYPES
+from fhir_bridge.opinion.writeback import WriteBackConfig, document_location, master_identifier, provide_bundle
 from fhir_bridge.ports import AuditPort, Job, JobQueuePort, ResourceStorePort, SourcePort, WebhookPort
-from fhir_bridge.presented_form import form_bytes
-from fhir_bridge.terminology import CANONICAL_BASE
+from fhir_bridge.rendering.forms import form_bytes
 from fhir_bridge.workflow.taskbook import TaskBook, case_task, now_instant, output_type, task_patient
-from fhir_bridge.writeback import WriteBackConfig, document_location, master_identifier, provide_bundle
 
 Resource = dict[str, Any]
 SourceFactory = Callable[[], AbstractAsyncContextManager[SourcePort]]

@@ -1,7 +1,7 @@
 """Opinions on a case: a reviewer's, a panel member's, the panel's consensus; amendments; what follows a final.
 
-Rules (STANDARDS.md §5; :mod:`fhir_bridge.opinion` for the resource checks, :mod:`fhir_bridge.opinion_content`
-for the coded content, :mod:`fhir_bridge.consensus` for panels):
+Rules (STANDARDS.md §5; :mod:`fhir_bridge.opinion.report` for the resource checks, :mod:`fhir_bridge.opinion.content`
+for the coded content, :mod:`fhir_bridge.opinion.consensus` for panels):
 
 * **Exactly one final opinion per case.** Every final-type report is created under the unique key
   ``final-opinion:ServiceRequest/<id>`` (atomic in the store), so two concurrent finals — a coordinator and an
@@ -13,7 +13,7 @@ for the coded content, :mod:`fhir_bridge.consensus` for panels):
   opinions are closed (409).
 * **Bridge-owned elements**: ``resultsInterpreter`` and ``performer`` (from the caller's PractitionerRole and the
   registry, never from the body), the dissent Observations and panel extensions, ``presentedForm`` (HTML and
-  PDF, French and English, :mod:`fhir_bridge.presented_form`), ``issued`` when absent.
+  PDF, French and English, :mod:`fhir_bridge.rendering.forms`), ``issued`` when absent.
 * **Amendments** (PUT, If-Match): a final-type report moves only to ``amended``, ``corrected``, ``appended`` or
   ``entered-in-error``, as a new version (``_history``/vread keep the earlier ones); its renderings say which
   version they replace. A preliminary report can be deleted by its author (R4 http.html#delete: read then
@@ -31,16 +31,12 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
-from fhir_bridge.consensus import MemberOpinion, attribute, automatic_consensus, merged_report, panel_final
+from fhir_bridge.case.tasks import state_of
 from fhir_bridge.errors import BusinessRuleViolation, Conflict, Forbidden, NotFound
-from fhir_bridge.opinion import (
-    FINAL_TYPES,
-    based_on_request,
-    check_against_case,
-    check_amendment,
-    check_new_opinion,
-)
-from fhir_bridge.opinion_content import (
+from fhir_bridge.fhir.search_index import index_terms, tenant_of, with_tenant
+from fhir_bridge.fhir.terminology import Terminology
+from fhir_bridge.opinion.consensus import MemberOpinion, attribute, automatic_consensus, merged_report, panel_final
+from fhir_bridge.opinion.content import (
     DISSENT,
     OPINION,
     ConclusionSystems,
@@ -49,12 +45,16 @@ from fhir_bridge.opinion_content import (
     read_content,
     require_position,
 )
+from fhir_bridge.opinion.report import (
+    FINAL_TYPES,
+    based_on_request,
+    check_against_case,
+    check_amendment,
+    check_new_opinion,
+)
 from fhir_bridge.ports import ResourceStorePort
-from fhir_bridge.presented_form import LANGUAGES, Renderer, presented_forms, report_view
-from fhir_bridge.routing import Panel, ReviewerRegistry
-from fhir_bridge.search_index import index_terms, tenant_of, with_tenant
-from fhir_bridge.tasks import state_of
-from fhir_bridge.terminology import Terminology
+from fhir_bridge.rendering.forms import LANGUAGES, Renderer, presented_forms, report_view
+from fhir_bridge.review.routing import Panel, ReviewerRegistry
 from fhir_bridge.workflow.delivery import Deliveries
 from fhir_bridge.workflow.taskbook import TaskBook, case_task, now_instant, output_type
 
@@ -159,7 +159,7 @@ class Opinions:
         return await self._create_final(final, content, request, task, panel), True
 
     async def _maybe_automatic(self, request: Resource, task: Resource, panel: Panel) -> None:
-        """Issue the panel's final opinion when its rule is met (see :mod:`fhir_bridge.consensus`)."""
+        """Issue the panel's final opinion when its rule is met (see :mod:`fhir_bridge.opinion.consensus`)."""
         opinions = await self._member_opinions(request["id"])
         automatic = automatic_consensus(panel, opinions)
         if automatic is None or await self._final_of(request["id"]) is not None:

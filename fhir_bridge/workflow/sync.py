@@ -32,12 +32,12 @@ from datetime import UTC, datetime
 
 import structlog
 
-from fhir_bridge import audit_context
+from fhir_bridge.audit import context as audit_context
+from fhir_bridge.case.tasks import state_of
+from fhir_bridge.case.watermarks import instant_micros, newest_update
 from fhir_bridge.errors import BridgeError, BusinessRuleViolation, Conflict
-from fhir_bridge.identity import PatientIdentifier
+from fhir_bridge.fhir.identity import PatientIdentifier
 from fhir_bridge.ports import Resource, SyncStatePort
-from fhir_bridge.tasks import state_of
-from fhir_bridge.watermarks import instant_micros, newest_update
 from fhir_bridge.workflow.cases import CaseService
 from fhir_bridge.workflow.collect import CollectedCase
 from fhir_bridge.workflow.taskbook import now_instant

@@ -23,14 +23,14 @@ from typing import Any
 
 import structlog
 
-from fhir_bridge import audit_context
-from fhir_bridge.audit import Party, job_event
+from fhir_bridge.audit import context as audit_context
+from fhir_bridge.audit.events import Party, job_event
+from fhir_bridge.case.tasks import state_of, transition
 from fhir_bridge.errors import NotFound, PreconditionFailed
-from fhir_bridge.identity import PatientIdentifier
+from fhir_bridge.fhir.identity import PatientIdentifier
+from fhir_bridge.fhir.search_index import index_terms
+from fhir_bridge.fhir.terminology import CANONICAL_BASE, Terminology
 from fhir_bridge.ports import AuditPort, ResourceStorePort
-from fhir_bridge.search_index import index_terms
-from fhir_bridge.tasks import state_of, transition
-from fhir_bridge.terminology import CANONICAL_BASE, Terminology
 
 Resource = dict[str, Any]
 log = structlog.get_logger("fhir_bridge.cases")

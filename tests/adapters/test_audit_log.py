@@ -21,10 +21,10 @@ from redis.asyncio import Redis
 from fhir_bridge.adapters.audit_log import RedisAuditLog
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.adapters.signing import Es384Signer, JwsVerifier
-from fhir_bridge.audit import AuditUnavailable, Party, rest_event, source_event
-from fhir_bridge.audit_chain import AuditIntegrityError, Checkpoint, chain_link, verify_export
-from fhir_bridge.identity import INS_NIR_TEST, PatientIdentifier
-from fhir_bridge.resources import dumps, validate
+from fhir_bridge.audit.chain import AuditIntegrityError, Checkpoint, chain_link, verify_export
+from fhir_bridge.audit.events import AuditUnavailable, Party, rest_event, source_event
+from fhir_bridge.fhir.identity import INS_NIR_TEST, PatientIdentifier
+from fhir_bridge.fhir.resources import dumps, validate
 
 T0 = datetime(2026, 5, 4, 8, 0, 0, tzinfo=UTC)
 EV, HEAD, CP = "fhir-bridge:{audit}:ev", "fhir-bridge:{audit}:head", "fhir-bridge:{audit}:cp"

@@ -25,7 +25,7 @@ from fhir_bridge.adapters.redis_store import RedisResourceStore
 from fhir_bridge.adapters.scheduler import RedisScheduler
 from fhir_bridge.adapters.signing import Es384Signer
 from fhir_bridge.adapters.sync_state import RedisSyncState
-from fhir_bridge.identity import INS_NIR_TEST, PatientIdentifier
+from fhir_bridge.fhir.identity import INS_NIR_TEST, PatientIdentifier
 from fhir_bridge.ports import Job, SyncMark
 from fhir_bridge.schedule import load_schedule
 from tests.adapters.test_audit_log import read

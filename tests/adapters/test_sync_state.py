@@ -5,7 +5,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from fhir_bridge.adapters.sync_state import RedisSyncState
-from fhir_bridge.identity import INS_NIR_TEST, PatientIdentifier
+from fhir_bridge.fhir.identity import INS_NIR_TEST, PatientIdentifier
 from fhir_bridge.ports import SyncMark
 
 PATIENT = PatientIdentifier(INS_NIR_TEST, "295109912611193")

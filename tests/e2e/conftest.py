@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from fhir_bridge.adapters.dev_clients import DevClients, provision
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
-from fhir_bridge.processes import ProcessGroup, free_port
+from fhir_bridge.dev.clients import DevClients, provision
+from fhir_bridge.dev.processes import ProcessGroup, free_port
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Bridge:
         return self.group.start(name, ["worker", "--name", name], extra_env={**self.env, **env})
 
     def auth(self, client_id: str = "platform", scope: str | None = None) -> httpx.Auth:
-        """SMART Backend Services tokens for one of the registered clients (see fhir_bridge.adapters.dev_clients):
+        """SMART Backend Services tokens for one of the registered clients (see fhir_bridge.dev.clients):
         ``platform``, ``platform-other``, ``auditor``, ``operator``, ``reviewer-<PractitionerRole id>``."""
         return self.clients.auth(client_id, self.api, scope)
 

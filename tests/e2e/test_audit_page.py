@@ -36,9 +36,9 @@ import lxml.html
 import pytest
 
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
-from fhir_bridge.audit import JTI_PREFIX
-from fhir_bridge.demo import second_opinion_request
-from fhir_bridge.processes import ProcessGroup
+from fhir_bridge.audit.events import JTI_PREFIX
+from fhir_bridge.dev.demo import second_opinion_request
+from fhir_bridge.dev.processes import ProcessGroup
 from tests.e2e.conftest import Bridge, Sandbox, start_bridge
 from tests.e2e.test_exchange import FHIR, wait_task
 

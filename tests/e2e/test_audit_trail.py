@@ -24,10 +24,10 @@ import httpx
 import pytest
 
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
-from fhir_bridge.audit import IHE_EVENT_TYPE, JTI_PREFIX
-from fhir_bridge.demo import second_opinion_request
-from fhir_bridge.processes import ProcessGroup
-from fhir_bridge.resources import validate
+from fhir_bridge.audit.events import IHE_EVENT_TYPE, JTI_PREFIX
+from fhir_bridge.dev.demo import second_opinion_request
+from fhir_bridge.dev.processes import ProcessGroup
+from fhir_bridge.fhir.resources import validate
 from tests.e2e.conftest import Bridge, Sandbox, start_bridge
 from tests.e2e.test_exchange import FHIR, opinion_as_seen, wait_task
 

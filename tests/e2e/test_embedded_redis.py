@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fhir_bridge.adapters.dev_clients import provision
-from fhir_bridge.demo import second_opinion_request
-from fhir_bridge.processes import ProcessGroup
+from fhir_bridge.dev.clients import provision
+from fhir_bridge.dev.demo import second_opinion_request
+from fhir_bridge.dev.processes import ProcessGroup
 from tests.e2e.conftest import Sandbox, start_on_free_port
 from tests.e2e.test_exchange import post, wait_task
 

@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from fhir_bridge.demo import reviewer_opinion, second_opinion_request
-from fhir_bridge.resources import validate
+from fhir_bridge.dev.demo import reviewer_opinion, second_opinion_request
+from fhir_bridge.fhir.resources import validate
 from tests.e2e.conftest import Bridge, Sandbox
 
 pytestmark = pytest.mark.e2e

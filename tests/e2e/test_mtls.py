@@ -28,11 +28,11 @@ from redis import Redis
 from fhir_bridge.adapters.auth import BridgeKeys, InvalidToken, verify_access_token
 from fhir_bridge.adapters.clients import generate_client_keypair
 from fhir_bridge.adapters.dev_certs import CertAndKey, DevCertificates, make_dev_certificates
-from fhir_bridge.adapters.dev_clients import PLATFORM_TENANT, DevClients, provision
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.adapters.tls import certificate_file_thumbprint
 from fhir_bridge.adapters.token_client import BackendServicesAuth, load_private_jwk
-from fhir_bridge.processes import ProcessGroup
+from fhir_bridge.dev.clients import PLATFORM_TENANT, DevClients, provision
+from fhir_bridge.dev.processes import ProcessGroup
 from tests.e2e.conftest import Sandbox
 from tests.e2e.tls_helpers import server_env, start_tls, tls_context
 

@@ -24,7 +24,7 @@ import pytest
 from fhir_bridge.adapters.clients import Client, generate_client_keypair
 from fhir_bridge.adapters.dev_certs import DevCertificates, make_dev_certificates
 from fhir_bridge.adapters.settings import DEFAULT_SOURCE_SCOPE
-from fhir_bridge.processes import ProcessGroup
+from fhir_bridge.dev.processes import ProcessGroup
 from tests.e2e.tls_helpers import start_tls, tls_context
 
 pytestmark = pytest.mark.e2e

@@ -3,7 +3,7 @@ amended with its history kept, notified to the requesting platform's webhook (do
 exactly once) and written back into the patient's record at the source (found again by ITI-67).
 
 Real processes: redis-server, the sandbox, ``fhir-bridge serve`` and a worker; real tokens for every caller;
-the webhook receiver is real HTTP (fhir_bridge.webhook_receiver) checking the Standard Webhooks signature.
+the webhook receiver is real HTTP (fhir_bridge.dev.webhook_receiver) checking the Standard Webhooks signature.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ import pytest
 from pypdf import PdfReader
 
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
-from fhir_bridge.demo import opinion_report, second_opinion_request
-from fhir_bridge.intake import WRITE_BACK
-from fhir_bridge.processes import ProcessGroup, free_port
-from fhir_bridge.profile_check import conform
-from fhir_bridge.profiles import load_profiles
-from fhir_bridge.resources import validate
-from fhir_bridge.routing import load_registry
-from fhir_bridge.terminology import load_terminology
-from fhir_bridge.webhook_receiver import WebhookReceiver
-from fhir_bridge.writeback import master_identifier
+from fhir_bridge.case.intake import WRITE_BACK
+from fhir_bridge.dev.demo import opinion_report, second_opinion_request
+from fhir_bridge.dev.processes import ProcessGroup, free_port
+from fhir_bridge.dev.webhook_receiver import WebhookReceiver
+from fhir_bridge.fhir.profile_check import conform
+from fhir_bridge.fhir.profiles import load_profiles
+from fhir_bridge.fhir.resources import validate
+from fhir_bridge.fhir.terminology import load_terminology
+from fhir_bridge.opinion.writeback import master_identifier
+from fhir_bridge.review.routing import load_registry
 from tests.e2e.conftest import Bridge, Sandbox, start_bridge, start_sandbox
 from tests.e2e.test_exchange import post, wait_task
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from fhir_bridge.processes import ProcessGroup
-from fhir_bridge.resources import validate
+from fhir_bridge.dev.processes import ProcessGroup
+from fhir_bridge.fhir.resources import validate
 from tests.e2e.conftest import Sandbox, start_sandbox
 
 pytestmark = pytest.mark.e2e

@@ -25,7 +25,7 @@ from fhirclient.models.servicerequest import ServiceRequest as SmartServiceReque
 from fhirclient.models.task import Task as SmartTask
 from fhirpy import AsyncFHIRClient
 
-from fhir_bridge.demo import second_opinion_request
+from fhir_bridge.dev.demo import second_opinion_request
 from tests.e2e.conftest import Bridge, Sandbox
 from tests.e2e.test_exchange import opinion_as_seen, post, wait_task
 

@@ -19,8 +19,8 @@ from redis.asyncio import Redis
 
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.adapters.redis_store import RedisResourceStore
-from fhir_bridge.processes import ProcessGroup
-from fhir_bridge.tasks import state_of
+from fhir_bridge.case.tasks import state_of
+from fhir_bridge.dev.processes import ProcessGroup
 from tests.e2e.conftest import Bridge, Sandbox, start_bridge, start_on_free_port, start_sandbox
 from tests.e2e.sync_helpers import platform_options, run_cli, summary, worklist_line, write_worklist
 

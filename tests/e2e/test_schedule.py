@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.adapters.scheduler import RedisScheduler
-from fhir_bridge.processes import ProcessGroup
+from fhir_bridge.dev.processes import ProcessGroup
 from tests.e2e.conftest import Bridge, Sandbox, start_bridge
 from tests.fakes import InMemoryQueue
 

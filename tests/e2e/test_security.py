@@ -27,7 +27,7 @@ from joserfc.jwk import ECKey
 
 from fhir_bridge.adapters.auth import BridgeKeys
 from fhir_bridge.adapters.clients import make_client_assertion
-from fhir_bridge.demo import reviewer_opinion, second_opinion_request
+from fhir_bridge.dev.demo import reviewer_opinion, second_opinion_request
 from tests.e2e.conftest import Bridge, Sandbox
 from tests.e2e.test_exchange import FHIR
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fhir_bridge.identity import nir_key
+from fhir_bridge.fhir.identity import nir_key
 from tests.e2e.conftest import Bridge, Sandbox
 from tests.e2e.sync_helpers import platform_options, run_cli, summary, worklist_line, write_worklist
 

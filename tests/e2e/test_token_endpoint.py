@@ -20,7 +20,7 @@ import pytest
 from fhir_bridge.adapters.auth import BridgeKeys, verify_access_token
 from fhir_bridge.adapters.clients import make_client_assertion
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
-from fhir_bridge.processes import ProcessGroup
+from fhir_bridge.dev.processes import ProcessGroup
 from tests.e2e.conftest import Bridge, Sandbox, start_bridge
 
 pytestmark = pytest.mark.e2e

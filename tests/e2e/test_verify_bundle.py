@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from fhir_bridge.access import AccessContext
+from fhir_bridge.access.scopes import AccessContext
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.adapters.settings import load_settings
 from fhir_bridge.adapters.signing import Es384Signer
-from fhir_bridge.demo import second_opinion_request
+from fhir_bridge.dev.demo import second_opinion_request
 from fhir_bridge.main import open_runtime
 from fhir_bridge.ports import Job
 from fhir_bridge.workflow.cases import COLLECT_JOB

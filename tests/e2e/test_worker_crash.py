@@ -11,8 +11,8 @@ import pytest
 from redis.asyncio import Redis
 
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
-from fhir_bridge.demo import second_opinion_request
-from fhir_bridge.processes import ProcessGroup
+from fhir_bridge.dev.demo import second_opinion_request
+from fhir_bridge.dev.processes import ProcessGroup
 from tests.e2e.conftest import Bridge, Sandbox, start_bridge, start_sandbox
 from tests.e2e.test_exchange import post, wait_task
 

@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from fhir_bridge.demo import reviewer_opinion, second_opinion_request
-from fhir_bridge.fhir_xml import from_xml, to_xml
-from fhir_bridge.resources import Resource, validate
+from fhir_bridge.dev.demo import reviewer_opinion, second_opinion_request
+from fhir_bridge.fhir.resources import Resource, validate
+from fhir_bridge.fhir.xml import from_xml, to_xml
 from tests.e2e.conftest import Bridge, Sandbox
 from tests.unit.test_xml_safety import billion_laughs
 

@@ -14,7 +14,7 @@ import httpx
 
 from fhir_bridge.adapters.dev_certs import CertAndKey, DevCertificates
 from fhir_bridge.adapters.tls import client_ssl_context
-from fhir_bridge.processes import Child, ProcessGroup, free_port
+from fhir_bridge.dev.processes import Child, ProcessGroup, free_port
 
 
 def tls_context(certs: DevCertificates, client: CertAndKey | None = None) -> Any:

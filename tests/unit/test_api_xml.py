@@ -20,10 +20,10 @@ from lxml import etree
 
 from fhir_bridge.adapters.settings import Settings
 from fhir_bridge.api.app import create_app
-from fhir_bridge.audit import Party
-from fhir_bridge.demo import reviewer_opinion, second_opinion_request
-from fhir_bridge.fhir_xml import FHIR_NS, from_xml, to_xml
-from fhir_bridge.resources import Resource, dumps, validate
+from fhir_bridge.audit.events import Party
+from fhir_bridge.dev.demo import reviewer_opinion, second_opinion_request
+from fhir_bridge.fhir.resources import Resource, dumps, validate
+from fhir_bridge.fhir.xml import FHIR_NS, from_xml, to_xml
 from fhir_bridge.workflow.cases import CaseService
 from tests.callers import Callers, assigned_reviewer, caller
 from tests.fakes import FakeSource, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory

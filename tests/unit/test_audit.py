@@ -12,7 +12,19 @@ from typing import Any
 import pytest
 
 from fhir_bridge.adapters.signing import Es384Signer
-from fhir_bridge.audit import (
+from fhir_bridge.audit.chain import (
+    CHAIN_URL,
+    GENESIS,
+    ChainLink,
+    Checkpoint,
+    canonical_bytes,
+    chain_hash,
+    chain_link,
+    seal,
+    sign_checkpoint,
+    verify_chain,
+)
+from fhir_bridge.audit.events import (
     BALP_ENTITY_TYPE,
     DCM,
     IHE_EVENT_TYPE,
@@ -25,21 +37,9 @@ from fhir_bridge.audit import (
     rest_event,
     source_event,
 )
-from fhir_bridge.audit_chain import (
-    CHAIN_URL,
-    GENESIS,
-    ChainLink,
-    Checkpoint,
-    canonical_bytes,
-    chain_hash,
-    chain_link,
-    seal,
-    sign_checkpoint,
-    verify_chain,
-)
 from fhir_bridge.errors import InvalidInput
-from fhir_bridge.identity import INS_NIR_TEST, PatientIdentifier
-from fhir_bridge.resources import dumps, validate
+from fhir_bridge.fhir.identity import INS_NIR_TEST, PatientIdentifier
+from fhir_bridge.fhir.resources import dumps, validate
 
 T0 = datetime(2026, 3, 2, 9, 30, 15, 250000, tzinfo=UTC)
 PATIENT = PatientIdentifier(INS_NIR_TEST, "295109912611193")

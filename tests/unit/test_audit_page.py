@@ -16,7 +16,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from fhir_bridge.access import AccessContext, Role, load_role_ceilings
+from fhir_bridge.access.scopes import AccessContext, Role, load_role_ceilings
 from fhir_bridge.adapters.audit_log import RedisAuditLog
 from fhir_bridge.adapters.auth import BridgeKeys, RedisReplayCache, issue_access_token, verify_access_token
 from fhir_bridge.adapters.clients import Client, ClientRegistry
@@ -25,9 +25,9 @@ from fhir_bridge.adapters.signing import Es384Signer
 from fhir_bridge.api import audit_page
 from fhir_bridge.api.app import create_app
 from fhir_bridge.api.auth_routes import AuthServer
-from fhir_bridge.audit import JTI_PREFIX, Party, rest_event
+from fhir_bridge.audit.events import JTI_PREFIX, Party, rest_event
 from fhir_bridge.errors import AuditUnavailable, Forbidden
-from fhir_bridge.identity import INS_NIR_TEST, PatientIdentifier
+from fhir_bridge.fhir.identity import INS_NIR_TEST, PatientIdentifier
 from tests.redis_fixture import redis_client, redis_server, redis_url
 
 __all__ = ["redis_client", "redis_server", "redis_url"]  # the real-Redis fixtures, used by name

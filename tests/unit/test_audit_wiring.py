@@ -15,18 +15,18 @@ from typing import Any
 import httpx
 import pytest
 
-from fhir_bridge.access import AccessContext
+from fhir_bridge.access.scopes import AccessContext
 from fhir_bridge.adapters.settings import Settings, SourceSettings
 from fhir_bridge.adapters.source_client import SourceClient, SourceExchange
 from fhir_bridge.api.app import create_app
 from fhir_bridge.api.audit_middleware import describe
 from fhir_bridge.api.audit_routes import date_bounds, parse_audit_search
 from fhir_bridge.api.capability import AUDIT_SEARCH_PARAMS
-from fhir_bridge.audit import BALP_ENTITY_TYPE, JTI_PREFIX, Party
-from fhir_bridge.demo import second_opinion_request
+from fhir_bridge.audit.events import BALP_ENTITY_TYPE, JTI_PREFIX, Party
+from fhir_bridge.dev.demo import second_opinion_request
 from fhir_bridge.errors import AttachmentError, AuditUnavailable, InvalidInput, SourceUnavailable
-from fhir_bridge.identity import INS_NIR_TEST, PatientIdentifier
-from fhir_bridge.resources import validate
+from fhir_bridge.fhir.identity import INS_NIR_TEST, PatientIdentifier
+from fhir_bridge.fhir.resources import validate
 from fhir_bridge.workflow.cases import CaseService
 from fhir_bridge.workflow.taskbook import TaskBook
 from tests.callers import Callers, assigned_reviewer, caller

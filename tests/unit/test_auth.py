@@ -21,7 +21,7 @@ from joserfc.errors import SecurityWarning
 from joserfc.jwk import ECKey, RSAKey
 from redis.asyncio import Redis
 
-from fhir_bridge.access import AccessContext, grant_scopes, has_scope, parse_scope
+from fhir_bridge.access.scopes import AccessContext, grant_scopes, has_scope, parse_scope
 from fhir_bridge.adapters.auth import (
     BridgeKeys,
     Client,

@@ -9,8 +9,8 @@ from fhir_bridge.adapters.settings import Settings
 from fhir_bridge.api.app import create_app
 from fhir_bridge.api.capability import AUDIT_SEARCH_PARAMS, capability_statement
 from fhir_bridge.api.operations import router
-from fhir_bridge.resources import validate
-from fhir_bridge.search_index import SEARCH_PARAMS
+from fhir_bridge.fhir.resources import validate
+from fhir_bridge.fhir.search_index import SEARCH_PARAMS
 
 SHAPES = {
     ("GET", "/fhir/{T}/{resource_id}"): "read",

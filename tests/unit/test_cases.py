@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from fhir_bridge.demo import reviewer_opinion, second_opinion_request
+from fhir_bridge.dev.demo import reviewer_opinion, second_opinion_request
 from fhir_bridge.errors import BusinessRuleViolation, InvalidInput, PreconditionFailed, SourceUnavailable
-from fhir_bridge.identity import INS_NIR_TEST, nir_key
+from fhir_bridge.fhir.identity import INS_NIR_TEST, nir_key
+from fhir_bridge.fhir.resources import loads, validate
+from fhir_bridge.fhir.search_index import tenant_of
+from fhir_bridge.fhir.terminology import load_terminology
 from fhir_bridge.ports import Job
-from fhir_bridge.resources import loads, validate
-from fhir_bridge.search_index import tenant_of
-from fhir_bridge.terminology import load_terminology
-from fhir_bridge.triage_rules import load_triage_rules
+from fhir_bridge.review.triage_rules import load_triage_rules
 from fhir_bridge.workflow.cases import COLLECT_JOB, CaseService
 from tests.fakes import FakeSource, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory
 

@@ -1,4 +1,4 @@
-"""Due dates from urgency and the overdue scan (fhir_bridge.deadlines), with an injected clock."""
+"""Due dates from urgency and the overdue scan (fhir_bridge.case.deadlines), with an injected clock."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from fhir_bridge.deadlines import (
+from fhir_bridge.case.deadlines import (
     DEADLINES_FILE,
     due_date,
     is_overdue,

@@ -17,17 +17,17 @@ from lxml import etree
 
 from fhir_bridge.api.capability import capability_statement
 from fhir_bridge.api.fhir_io import searchset
-from fhir_bridge.audit import Party, rest_event
-from fhir_bridge.demo import reviewer_opinion, second_opinion_request
+from fhir_bridge.audit.events import Party, rest_event
+from fhir_bridge.dev.demo import reviewer_opinion, second_opinion_request
 from fhir_bridge.errors import MalformedResource, TooLarge
-from fhir_bridge.fhir_xml import FHIR_NS, from_xml, to_xml
-from fhir_bridge.identity import INS_NIR_TEST, PatientIdentifier
-from fhir_bridge.resources import Resource, dumps, loads, operation_outcome, validate
+from fhir_bridge.fhir.identity import INS_NIR_TEST, PatientIdentifier
+from fhir_bridge.fhir.resources import Resource, dumps, loads, operation_outcome, validate
+from fhir_bridge.fhir.xml import FHIR_NS, from_xml, to_xml
+from fhir_bridge.fhir.xml_safety import _hardened_parser
 from fhir_bridge.sandbox import render
 from fhir_bridge.sandbox.render import Urls
 from fhir_bridge.sandbox.world import build_world
 from fhir_bridge.workflow.cases import CaseService
-from fhir_bridge.xml_safety import _hardened_parser
 from tests.fakes import FakeSource, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory
 from tests.unit.test_cases import LAB_ONLY_RULES, PATIENT, REQUESTS, TERMS, output_reference, world
 
@@ -49,7 +49,7 @@ def read_by_fhir_resources(resource: Resource) -> None:
     """fhir.resources' own XML reader (an independent implementation) reads our XML as the same resource."""
     from fhir.resources.R4B import get_fhir_model_class
 
-    from fhir_bridge.resources import _jsonable
+    from fhir_bridge.fhir.resources import _jsonable
 
     model = get_fhir_model_class(resource["resourceType"])
     theirs = model.model_validate_xml(to_xml(resource), xmlparser=_hardened_parser())
@@ -273,7 +273,7 @@ def test_xml_written_by_fhir_resources_is_read_as_the_same_resource() -> None:
     """The other direction with an independent writer: fhir.resources' model_dump_xml."""
     from fhir.resources.R4B import get_fhir_model_class
 
-    from fhir_bridge.resources import _jsonable
+    from fhir_bridge.fhir.resources import _jsonable
 
     for resource in (task_with_contained_outcomes(), second_opinion_request(PATIENT, "R"), audit_event()):
         cls = get_fhir_model_class(resource["resourceType"])

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fhir_bridge.errors import InvalidIdentifier
-from fhir_bridge.identity import INS_NIR, INS_NIR_TEST, nir_key, parse_patient_identifier, validate_nir
+from fhir_bridge.fhir.identity import INS_NIR, INS_NIR_TEST, nir_key, parse_patient_identifier, validate_nir
 
 
 @pytest.mark.parametrize("nir", ["295109912611193", "253072B07300470", "253072A07300443", "2 95 10 99 126 111 93"])

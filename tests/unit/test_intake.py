@@ -1,5 +1,6 @@
-"""What a second-opinion request must say (fhir_bridge.intake), and how search parameters are read
-(fhir_bridge.search_index): broken structure is MalformedResource (400), a broken rule BusinessRuleViolation (422)."""
+"""What a second-opinion request must say (fhir_bridge.case.intake), and how search parameters are read
+(fhir_bridge.fhir.search_index): broken structure is MalformedResource (400), a broken rule
+BusinessRuleViolation (422)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from fhir_bridge.demo import second_opinion_request
+from fhir_bridge.case.intake import SPECIALTY, check_request
+from fhir_bridge.dev.demo import second_opinion_request
 from fhir_bridge.errors import BusinessRuleViolation, InvalidInput, MalformedResource
-from fhir_bridge.identity import INS_NIR, INS_NIR_TEST, PatientIdentifier, nir_key
-from fhir_bridge.intake import SPECIALTY, check_request
-from fhir_bridge.search_index import index_terms, parse_criteria
-from fhir_bridge.terminology import CASE_CODES, load_terminology
+from fhir_bridge.fhir.identity import INS_NIR, INS_NIR_TEST, PatientIdentifier, nir_key
+from fhir_bridge.fhir.search_index import index_terms, parse_criteria
+from fhir_bridge.fhir.terminology import CASE_CODES, load_terminology
 from tests.fakes import InMemoryStore
 
 TERMS = load_terminology()

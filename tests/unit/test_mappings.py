@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from fhir_bridge.resources import validate
-from fhir_bridge.terminology import CANONICAL_BASE, MAPPINGS_DIR, load_terminology
+from fhir_bridge.fhir.resources import validate
+from fhir_bridge.fhir.terminology import CANONICAL_BASE, MAPPINGS_DIR, load_terminology
 
 FHIR_TYPES = {"CodeSystem", "ValueSet", "ConceptMap"}
 #: our own formats kept next to the FHIR files (each documents itself in its description)
@@ -86,7 +86,7 @@ def test_the_terminology_loader_reads_every_file_by_id() -> None:
 
 
 def test_code_systems_mirroring_code_say_the_same_codes() -> None:
-    from fhir_bridge.selection import REASONS
+    from fhir_bridge.case.selection import REASONS
     from fhir_bridge.workflow.taskbook import EDIT_STEP
 
     systems = our_code_systems()
@@ -97,12 +97,12 @@ def test_code_systems_mirroring_code_say_the_same_codes() -> None:
 
 
 def test_the_specialty_to_documents_concept_map_is_the_triage_rules_in_fhir_form() -> None:
-    from fhir_bridge.terminology import REQUIRED_DOCUMENTS_MAP, required_documents_map
+    from fhir_bridge.fhir.terminology import REQUIRED_DOCUMENTS_MAP, required_documents_map
 
     rules = read(MAPPINGS_DIR / "triage-rules.json")
     published = read(MAPPINGS_DIR / f"{REQUIRED_DOCUMENTS_MAP}.json")
     assert published == required_documents_map(rules, published["version"]), \
-        "triage-rules.json changed: rewrite the ConceptMap with fhir_bridge.terminology.required_documents_map"
+        "triage-rules.json changed: rewrite the ConceptMap with fhir_bridge.fhir.terminology.required_documents_map"
     oncology = next(e for e in published["group"][0]["element"] if e["code"] == "oncology")
     pathology = [t for t in oncology["target"] if t["dependsOn"][0]["value"] == "tumor-board-opinion"
                  and {"property": f"{published['url']}#group", "value": "pathology"} in t["product"]]

@@ -1,5 +1,5 @@
 """Opinions, panels and deliveries (issue 5) on the in-memory fakes: the rules of fhir_bridge.workflow.opinions,
-fhir_bridge.consensus and fhir_bridge.workflow.delivery, with the real HTML/PDF renderers."""
+fhir_bridge.opinion.consensus and fhir_bridge.workflow.delivery, with the real HTML/PDF renderers."""
 
 from __future__ import annotations
 
@@ -16,19 +16,19 @@ from typing import Any
 import pytest
 from pypdf import PdfReader
 
-from fhir_bridge.consensus import MemberOpinion, automatic_consensus
-from fhir_bridge.demo import opinion_report, second_opinion_request
+from fhir_bridge.case.intake import WRITE_BACK
+from fhir_bridge.dev.demo import opinion_report, second_opinion_request
 from fhir_bridge.errors import BusinessRuleViolation, Conflict, DeliveryFailed, Forbidden, Gone
-from fhir_bridge.intake import WRITE_BACK
-from fhir_bridge.opinion_content import OpinionContent, read_content
+from fhir_bridge.fhir.profile_check import conform
+from fhir_bridge.fhir.profiles import default_profiles
+from fhir_bridge.fhir.resources import validate
+from fhir_bridge.opinion.consensus import MemberOpinion, automatic_consensus
+from fhir_bridge.opinion.content import OpinionContent, read_content
+from fhir_bridge.opinion.writeback import master_identifier
 from fhir_bridge.ports import Job, WebhookTarget
-from fhir_bridge.profile_check import conform
-from fhir_bridge.profiles import default_profiles
-from fhir_bridge.resources import validate
-from fhir_bridge.routing import load_registry
+from fhir_bridge.review.routing import load_registry
 from fhir_bridge.workflow.cases import CaseService
 from fhir_bridge.workflow.delivery import RECORD_JOB, WEBHOOK_JOB, sign_webhook
-from fhir_bridge.writeback import master_identifier
 from tests.fakes import FakeSource, FakeWebhooks, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory
 from tests.unit.test_cases import LAB_ONLY_RULES, PATIENT, REQUESTS, TENANT, TERMS, world
 

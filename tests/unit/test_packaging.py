@@ -19,9 +19,8 @@ from typing import Any
 import pytest
 
 from fhir_bridge.adapters.signing import Es384Signer
-from fhir_bridge.packaging import CaseContent, FileBase64, PackagedDocument, build_case_bundle, write_bundle
-from fhir_bridge.resources import dumps, loads, validate
-from fhir_bridge.signed_bundles import (
+from fhir_bridge.case.packaging import CaseContent, FileBase64, PackagedDocument, build_case_bundle, write_bundle
+from fhir_bridge.case.signature import (
     SKELETON_PREFIX,
     BundleLayout,
     SignatureCheck,
@@ -33,7 +32,8 @@ from fhir_bridge.signed_bundles import (
     signed_payload,
     skeleton_bytes,
 )
-from fhir_bridge.terminology import load_terminology
+from fhir_bridge.fhir.resources import dumps, loads, validate
+from fhir_bridge.fhir.terminology import load_terminology
 
 BASE = "https://source.test/fhir"
 TERMS = load_terminology()

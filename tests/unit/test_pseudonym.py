@@ -1,4 +1,4 @@
-"""Pseudonymised cases for reviewers abroad (fhir_bridge.pseudonym): no INS, name, birth day, address or telecom
+"""Pseudonymised cases for reviewers abroad (fhir_bridge.access.pseudonym): no INS, name, birth day, address or telecom
 left outside the documents themselves; a stable pseudonym per case; the way back stays in the bridge."""
 
 from __future__ import annotations
@@ -16,15 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fhir_bridge.access import AccessContext
-from fhir_bridge.adapters.settings import SourceSettings
-from fhir_bridge.adapters.signing import Es384Signer
-from fhir_bridge.adapters.source_client import SourceClient
-from fhir_bridge.demo import reviewer_opinion, second_opinion_request
-from fhir_bridge.errors import BusinessRuleViolation, Forbidden, InvalidInput, NotFound
-from fhir_bridge.identity import NIR_SYSTEMS, PatientIdentifier
-from fhir_bridge.packaging import FileBase64, build_case_bundle
-from fhir_bridge.pseudonym import (
+from fhir_bridge.access.pseudonym import (
     PSEUDONYM_SYSTEM,
     CasePseudonyms,
     load_networks,
@@ -32,12 +24,20 @@ from fhir_bridge.pseudonym import (
     pseudonymise_view,
     reidentify_opinion,
 )
-from fhir_bridge.resources import dumps, loads, validate
-from fhir_bridge.routing import load_registry
+from fhir_bridge.access.scopes import AccessContext
+from fhir_bridge.adapters.settings import SourceSettings
+from fhir_bridge.adapters.signing import Es384Signer
+from fhir_bridge.adapters.source_client import SourceClient
+from fhir_bridge.case.packaging import FileBase64, build_case_bundle
+from fhir_bridge.case.signature import check_bundle_signature
+from fhir_bridge.case.tasks import new_task
+from fhir_bridge.dev.demo import reviewer_opinion, second_opinion_request
+from fhir_bridge.errors import BusinessRuleViolation, Forbidden, InvalidInput, NotFound
+from fhir_bridge.fhir.identity import NIR_SYSTEMS, PatientIdentifier
+from fhir_bridge.fhir.resources import dumps, loads, validate
+from fhir_bridge.fhir.terminology import load_terminology
+from fhir_bridge.review.routing import load_registry
 from fhir_bridge.sandbox.app import SandboxConfig, create_app
-from fhir_bridge.signed_bundles import check_bundle_signature
-from fhir_bridge.tasks import new_task
-from fhir_bridge.terminology import load_terminology
 from fhir_bridge.workflow.cases import CaseService
 from fhir_bridge.workflow.collect import collect_case
 from tests.fakes import FakeSource, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory

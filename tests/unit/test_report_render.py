@@ -1,4 +1,4 @@
-"""The HTML and PDF renderings of a second opinion (fhir_bridge.report_render, fhir_bridge.report_pdf)."""
+"""The HTML and PDF renderings of a second opinion (fhir_bridge.rendering.html, fhir_bridge.rendering.pdf)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 from pypdf import PdfReader
 
-from fhir_bridge.report_pdf import SUBSTITUTE, printable, render_pdf
-from fhir_bridge.report_render import LABELS_FILE, format_instant, render_html
-from fhir_bridge.report_view import DissentView, ReportView
+from fhir_bridge.rendering.html import LABELS_FILE, format_instant, render_html
+from fhir_bridge.rendering.pdf import SUBSTITUTE, printable, render_pdf
+from fhir_bridge.rendering.view import DissentView, ReportView
 
 CONCLUSION_FR = "Chimio-immunothérapie néoadjuvante puis réévaluation à 3 mois ; chirurgie d’emblée non recommandée."
 

@@ -1,4 +1,4 @@
-"""Routing a ready case (fhir_bridge.routing) over the reviewer registry of config/reviewers.json: specialty,
+"""Routing a ready case (fhir_bridge.review.routing) over the reviewer registry of config/reviewers.json: specialty,
 language, load and deadline, declines, tumor-board panels."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fhir_bridge.deadlines import load_deadline_policy
+from fhir_bridge.case.deadlines import load_deadline_policy
 from fhir_bridge.errors import InvalidInput
-from fhir_bridge.resources import validate
-from fhir_bridge.routing import (
+from fhir_bridge.fhir.resources import validate
+from fhir_bridge.review.routing import (
     CAPACITY,
     REGISTRY_FILE,
     SPECIALTY,

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from fhir_bridge.identity import INS_NIR_TEST, nir_key, validate_nir
+from fhir_bridge.fhir.identity import INS_NIR_TEST, nir_key, validate_nir
 from fhir_bridge.sandbox.world import (
     World,
     build_world,
@@ -217,7 +217,7 @@ def test_a_taken_ins_is_drawn_again() -> None:
     import random
     from datetime import date
 
-    from fhir_bridge.identity import validate_nir
+    from fhir_bridge.fhir.identity import validate_nir
     from fhir_bridge.sandbox.population import make_nir
 
     first = make_nir(random.Random(7), "female", date(1960, 5, 1), "75056")

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fhir_bridge.resources import validate
+from fhir_bridge.fhir.resources import validate
 from fhir_bridge.sandbox.app import SandboxConfig, create_app
 
 BASE = "http://sandbox.test"

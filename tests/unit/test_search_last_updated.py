@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fhir_bridge.errors import InvalidInput
-from fhir_bridge.search_index import LAST_UPDATED, SEARCH_PARAMS, parse_criteria
+from fhir_bridge.fhir.search_index import LAST_UPDATED, SEARCH_PARAMS, parse_criteria
 
 
 def test_last_updated_is_a_criterion_whose_repeats_make_a_window() -> None:

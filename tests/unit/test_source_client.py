@@ -26,7 +26,7 @@ from fhir_bridge.errors import (
     SourceUnavailable,
     UnknownPatient,
 )
-from fhir_bridge.identity import INS_NIR_TEST, PatientIdentifier
+from fhir_bridge.fhir.identity import INS_NIR_TEST, PatientIdentifier
 
 BASE = "https://source.test/fhir"
 IDENT = PatientIdentifier(INS_NIR_TEST, "295109912611193")

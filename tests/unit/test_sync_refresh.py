@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from fhir_bridge.identity import PatientIdentifier
-from fhir_bridge.watermarks import newest_update
+from fhir_bridge.case.watermarks import newest_update
+from fhir_bridge.fhir.identity import PatientIdentifier
 from fhir_bridge.workflow.sync import CaseSync
 from tests.fakes import InMemorySyncState
 from tests.unit.test_cases import PATIENT, PDF, Bridge, bridge, document, state  # noqa: F401 (fixture)

@@ -1,4 +1,4 @@
-"""Roles and tenants in the core (fhir_bridge.workflow.tenancy, access ceilings), on the in-memory store.
+"""Roles and tenants in the core (fhir_bridge.access.tenancy, access ceilings), on the in-memory store.
 
 The same rules are proven over real HTTP in tests/e2e/test_security.py; these pin each decision down fast.
 """
@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from fhir_bridge.access import AccessContext, load_role_ceilings, within_ceiling
+from fhir_bridge.access.scopes import AccessContext, load_role_ceilings, within_ceiling
+from fhir_bridge.access.tenancy import Tenancy, require_scope
 from fhir_bridge.adapters.clients import add_client, generate_client_keypair
 from fhir_bridge.errors import Forbidden, InsufficientScope, InvalidInput, NotFound
-from fhir_bridge.routing import load_registry
-from fhir_bridge.search_index import OUTPUT_TERM, OWNER_TERM, TENANT_TERM, index_terms, tenant_of, with_tenant
-from fhir_bridge.workflow.tenancy import Tenancy, require_scope
+from fhir_bridge.fhir.search_index import OUTPUT_TERM, OWNER_TERM, TENANT_TERM, index_terms, tenant_of, with_tenant
+from fhir_bridge.review.routing import load_registry
 from tests.fakes import InMemoryStore
 
 REGISTRY = load_registry()

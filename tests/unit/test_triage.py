@@ -1,5 +1,5 @@
-"""Pre-review triage (fhir_bridge.triage) on real case bundles built by fhir_bridge.packaging: what a reviewer
-needs per specialty (mappings/triage-rules.json) and the consistency checks every case gets."""
+"""Pre-review triage (fhir_bridge.review.triage) on real case bundles built by fhir_bridge.case.packaging: what a
+reviewer needs per specialty (mappings/triage-rules.json) and the consistency checks every case gets."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
+from fhir_bridge.case.packaging import CaseContent, PackagedDocument, build_case_bundle
+from fhir_bridge.case.selection import Problem
 from fhir_bridge.errors import InvalidInput
-from fhir_bridge.identity import INS_NIR_TEST, PatientIdentifier
-from fhir_bridge.packaging import CaseContent, PackagedDocument, build_case_bundle
-from fhir_bridge.resources import validate
-from fhir_bridge.selection import Problem
-from fhir_bridge.terminology import MAPPINGS_DIR, load_terminology
-from fhir_bridge.triage import (
+from fhir_bridge.fhir.identity import INS_NIR_TEST, PatientIdentifier
+from fhir_bridge.fhir.resources import validate
+from fhir_bridge.fhir.terminology import MAPPINGS_DIR, load_terminology
+from fhir_bridge.review.triage import (
     CONSISTENCY_CODES,
     ISSUE_TYPES,
     TRIAGE_FINDINGS,

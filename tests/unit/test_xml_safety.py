@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fhir_bridge.errors import MalformedResource, TooLarge
-from fhir_bridge.xml_safety import parse_xml
+from fhir_bridge.fhir.xml_safety import parse_xml
 
 LIMIT = 1024 * 1024
 
@@ -82,8 +82,7 @@ def test_a_bare_doctype_is_refused() -> None:
 
 
 def test_the_parsed_tree_is_checked_even_when_the_byte_scan_is_evaded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fhir_bridge import xml_safety
-
+    from fhir_bridge.fhir import xml_safety
     monkeypatch.setattr(xml_safety, "_MARKERS", ())
     for payload in (XXE_FILE, billion_laughs(4), b'<!DOCTYPE r SYSTEM "http://127.0.0.1:9/x.dtd"><r/>'):
         with pytest.raises(MalformedResource):

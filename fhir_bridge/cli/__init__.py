@@ -1,0 +1,5 @@
+"""The ``fhir-bridge`` command line."""
+
+from fhir_bridge.cli.commands import cli, main
+
+__all__ = ["cli", "main"]
