@@ -31,11 +31,14 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from fhir_bridge import worker
+from fhir_bridge.access.pseudonym import load_networks
 from fhir_bridge.adapters.audit_log import RedisAuditLog
 from fhir_bridge.adapters.blobstore import BlobKeyring, FileBlobStore
 from fhir_bridge.adapters.clients import ClientRegistry
 from fhir_bridge.adapters.pseudonym_key import load_or_create_pseudonym_key
 from fhir_bridge.adapters.queue import KindPolicy, RedisJobQueue
+from fhir_bridge.adapters.queue_admin import QueueAdmin
 from fhir_bridge.adapters.redis_clients import connect
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.adapters.redis_store import RedisResourceStore
@@ -47,26 +50,33 @@ from fhir_bridge.adapters.sync_state import RedisSyncState
 from fhir_bridge.adapters.webhooks import HttpWebhooks
 from fhir_bridge.audit import context as audit_context
 from fhir_bridge.audit.events import Party, rest_event, source_event
+from fhir_bridge.case.deadlines import load_deadline_policy
 from fhir_bridge.errors import AuditUnavailable, BusinessRuleViolation, InvalidInput, NotFound, SourceRejected
 from fhir_bridge.fhir.terminology import load_terminology
-from fhir_bridge.ports import AuditPort, Job, SourcePort
+from fhir_bridge.opinion.writeback import load_write_back_config
+from fhir_bridge.ports import AuditPort, SourcePort
+from fhir_bridge.rendering.html import render_html
+from fhir_bridge.rendering.pdf import render_pdf
+from fhir_bridge.review.routing import load_registry
+from fhir_bridge.review.triage_rules import load_triage_rules
 from fhir_bridge.schedule import JOB_KINDS, load_schedule
-from fhir_bridge.workflow.cases import COLLECT_JOB, CaseService
-from fhir_bridge.workflow.delivery import DELIVERY_KINDS, RECORD_JOB, WEBHOOK_JOB
-from fhir_bridge.workflow.sync import CaseSync
+from fhir_bridge.workflow.bridge import Bridge, build_bridge
+from fhir_bridge.workflow.collaborators import CaseRules, Deployment, Ports
+from fhir_bridge.workflow.delivery import DELIVERY_KINDS
 
 log = structlog.get_logger("fhir_bridge.main")
 
 
 @dataclass
 class Runtime:
+    """What one process opened: the adapters it closes at the end, and the use cases built on them."""
+
     settings: Settings
     redis: Redis
     queue: RedisJobQueue
-    cases: CaseService
     audit: RedisAuditLog
-    bridge: Party  # the bridge as an AuditEvent agent and observer
-    sync: CaseSync | None = None  # incremental refresh of open cases (issue 8)
+    party: Party  # the bridge as an AuditEvent agent and observer
+    bridge: Bridge
 
 
 def bridge_party(settings: Settings, role: str) -> Party:
@@ -181,14 +191,6 @@ def _answers(url: str) -> bool:
         return False
 
 
-def case_sync(settings: Settings, redis: Redis, cases: CaseService) -> CaseSync:
-    """Sync marks per patient in Redis, recorded by every pull (the collect job's hook), for ``sync refresh``."""
-    sync = CaseSync(cases, RedisSyncState(redis), concurrency=settings.sync.refresh_concurrency,
-                    imaging=settings.sync.refresh_imaging)
-    cases.on_collected = sync.record_pull
-    return sync
-
-
 def open_queue(settings: Settings, redis_url: str) -> RedisJobQueue:
     """The job queue with its own clients (close it with ``aclose``), as every process of a deployment sees it;
     deliveries retry on their own policy (``[delivery]``: a webhook may be down for hours)."""
@@ -213,7 +215,7 @@ async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") ->
     """Open every adapter once for this process, and close them at the end (signing a last audit checkpoint)."""
     redis = connect(redis_url, cluster=settings.redis.cluster)
     audit = open_audit_log(settings, redis)
-    bridge = bridge_party(settings, role)
+    party = bridge_party(settings, role)
     queue = open_queue(settings, redis_url)
     webhooks = HttpWebhooks(ClientRegistry.load(clients_file(settings), missing_ok=True),
                             timeout=settings.delivery.webhook_timeout)
@@ -221,7 +223,7 @@ async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") ->
     if settings.source.url:
         source_as_party = Party(settings.source.url.rstrip("/"), address=settings.source.url.rstrip("/"))
         source = SourceClient(settings.source.url, settings.source,
-                              on_exchange=source_recorder(audit, bridge, source_as_party))
+                              on_exchange=source_recorder(audit, party, source_as_party))
 
     @contextlib.asynccontextmanager
     async def shared_source() -> AsyncIterator[SourcePort]:
@@ -229,29 +231,31 @@ async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") ->
             raise InvalidInput("no source: set FHIR_BRIDGE_SOURCE_URL or [source] url in the configuration")
         yield source  # one pooled client per process; closed with the runtime
 
-    cases = CaseService(
+    ports = Ports(
         store=RedisResourceStore(redis),
         queue=queue,
         # attachments and case bundles are encrypted at rest (AES-256-GCM, key id stored with each blob)
         blobs=FileBlobStore(settings.data_dir / "blobs",
                             BlobKeyring.load_or_create(settings.data_dir / "keys" / "blob-keys.json")),
         source=shared_source,
-        terminology=load_terminology(),
-        work_dir=settings.data_dir / "work",
-        max_attempts=settings.worker.max_attempts,
         audit=audit,
-        audit_agent=bridge,
+        webhooks=webhooks,
         # case bundles are signed with the bridge's (audit) key; reviewers abroad read them pseudonymised
         signer=audit_signer(settings),
-        pseudonym_key=load_or_create_pseudonym_key(settings.data_dir / "keys"),
-        webhooks=webhooks,
-        public_base=settings.api.public_base_url,
+        # sync marks per patient, recorded by every pull, for the incremental refresh (``sync refresh``)
+        sync_marks=RedisSyncState(redis),
     )
-    sync = case_sync(settings, redis, cases)
+    rules = CaseRules(terminology=load_terminology(), triage_rules=load_triage_rules(), registry=load_registry(),
+                      deadlines=load_deadline_policy(), networks=load_networks(),
+                      write_back=load_write_back_config())
+    deployment = Deployment(work_dir=settings.data_dir / "work", agent=party, public_base=settings.api.public_base_url,
+                            pseudonym_key=load_or_create_pseudonym_key(settings.data_dir / "keys"),
+                            max_attempts=settings.worker.max_attempts, renderers=(render_html, render_pdf))
+    bridge = build_bridge(ports, rules, deployment, refresh_concurrency=settings.sync.refresh_concurrency,
+                          refresh_imaging=settings.sync.refresh_imaging)
     timer = asyncio.create_task(_checkpoint_timer(audit, settings.audit.checkpoint_seconds))
     try:
-        yield Runtime(settings=settings, redis=redis, queue=queue, cases=cases, audit=audit, bridge=bridge,
-                      sync=sync)
+        yield Runtime(settings=settings, redis=redis, queue=queue, audit=audit, party=party, bridge=bridge)
     finally:
         timer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -291,10 +295,10 @@ def build_app(settings: Settings, redis_url: str) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_runtime(settings, redis_url, "api") as runtime:
             holder["runtime"] = runtime
-            app.state.cases = runtime.cases
+            app.state.bridge = runtime.bridge
             app.state.queue = runtime.queue
             app.state.audit = runtime.audit
-            app.state.audit_bridge = runtime.bridge
+            app.state.audit_bridge = runtime.party
             app.state.schedule = open_scheduler(runtime)  # for /metrics: ticks claimed per scheduled job
             app.state.auth = AuthServer(
                 registry=ClientRegistry.load(clients_file(settings), missing_ok=True),
@@ -311,7 +315,7 @@ def build_app(settings: Settings, redis_url: str) -> FastAPI:
 
 
 async def run_worker(settings: Settings, redis_url: str, name: str | None = None) -> None:
-    """Take jobs until SIGTERM/SIGINT; the current job finishes first."""
+    """Take jobs until SIGTERM/SIGINT; the current job finishes first (:mod:`fhir_bridge.worker`)."""
     consumer = name or f"{socket.gethostname()}-{os.getpid()}"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -319,36 +323,10 @@ async def run_worker(settings: Settings, redis_url: str, name: str | None = None
         loop.add_signal_handler(sig, stop.set)
     async with open_runtime(settings, redis_url, "worker") as runtime:
         scheduler = open_scheduler(runtime)
-        deliveries = runtime.cases.deliveries
-        handlers = {COLLECT_JOB: runtime.cases.run_collect_job, WEBHOOK_JOB: deliveries.run_webhook_job,
-                    RECORD_JOB: deliveries.run_record_job, **batch_handlers(runtime, scheduler, consumer)}
-
-        async def handle(job: Job) -> None:
-            handler = handlers.get(job.kind)
-            if handler is None:
-                raise InvalidInput(f"unknown job kind {job.kind!r}")
-            structlog.contextvars.bind_contextvars(job=job.id, attempt=job.attempt)
-            try:
-                with audit_context.bound(job_id=job.id):
-                    await handler(job)
-            finally:
-                structlog.contextvars.clear_contextvars()
-
-        log.info("worker.started", consumer=consumer, scheduled=[job.name for job in scheduler.jobs])
-        clock = asyncio.create_task(scheduler.run(consumer, stop))
-        try:
-            await runtime.queue.run(consumer, handle, stop)
-        finally:
-            stop.set()
-            await clock
-        log.info("worker.stopped", consumer=consumer)
-
-
-# -- issue 8: scheduled batch jobs ---------------------------------------------------------------------------
-
-#: more job handlers for the workers: each factory gets the runtime and returns {job kind: handler}
-#: (deliveries of issue 5 plug in here; their kinds are re-driven by ``sync deliver`` per [sync] delivery_kinds)
-WORKER_HANDLERS: list[Callable[[Runtime], dict[str, Callable[[Job], Awaitable[None]]]]] = []
+        handlers = worker.job_handlers(runtime.bridge, scheduler, consumer,
+                                       redrive=QueueAdmin(runtime.queue).redrive,
+                                       delivery_kinds=settings.sync.delivery_kinds)
+        await worker.work(runtime.queue, scheduler, handlers, consumer, stop)
 
 
 def open_scheduler(runtime: Runtime) -> RedisScheduler:
@@ -356,34 +334,3 @@ def open_scheduler(runtime: Runtime) -> RedisScheduler:
     conf = runtime.settings.schedule
     jobs = load_schedule({name: getattr(conf, name) for name in JOB_KINDS}, conf.timezone)
     return RedisScheduler(runtime.redis, runtime.queue, jobs, grace_seconds=conf.grace_seconds)
-
-
-def batch_handlers(runtime: Runtime, scheduler: RedisScheduler, consumer: str
-                   ) -> dict[str, Callable[[Job], Awaitable[None]]]:
-    """The handlers of the scheduled jobs (the same work as ``fhir-bridge sync refresh|overdue|deliver``) and
-    of every :data:`WORKER_HANDLERS` factory. A scheduled run is recorded before it starts."""
-    from fhir_bridge.adapters.queue_admin import QueueAdmin
-
-    async def refresh() -> None:
-        assert runtime.sync is not None
-        await runtime.sync.refresh_open_cases()
-
-    async def overdue() -> None:
-        await runtime.cases.scan_overdue()
-
-    async def deliver() -> None:
-        await QueueAdmin(runtime.queue).redrive(runtime.settings.sync.delivery_kinds)
-
-    def scheduled(work: Callable[[], Awaitable[None]]) -> Callable[[Job], Awaitable[None]]:
-        async def handle(job: Job) -> None:
-            if "tick" in job.payload:
-                await scheduler.record_run(str(job.payload.get("job")), int(job.payload["tick"]), consumer)
-            await work()
-
-        return handle
-
-    work = {"refresh": refresh, "overdue": overdue, "deliver": deliver}
-    handlers = {JOB_KINDS[name]: scheduled(run) for name, run in work.items()}
-    for factory in WORKER_HANDLERS:
-        handlers.update(factory(runtime))
-    return handlers

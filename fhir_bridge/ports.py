@@ -7,14 +7,22 @@ the core use in-memory fakes (``tests/fakes.py``). Nothing here imports a framew
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from fhir_bridge.fhir.identity import PatientIdentifier
+from fhir_bridge.fhir.resources import Resource
 
-Resource = dict[str, Any]
+#: What every use case asks for the time: an aware UTC ``datetime`` (tests give a fixed or stepping clock).
+Clock = Callable[[], datetime]
+
+
+def system_clock() -> datetime:
+    """The machine's clock, in UTC: the :data:`Clock` of a running bridge."""
+    return datetime.now(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +74,10 @@ class SourcePort(Protocol):
         ...
 
 
+#: Opens the source for one piece of work (the runtime's pooled client; a test's fake).
+SourceFactory = Callable[[], AbstractAsyncContextManager[SourcePort]]
+
+
 class AuditPort(Protocol):
     """The audit trail (``fhir_bridge.adapters.audit_log.RedisAuditLog``): stores one AuditEvent for good.
 
@@ -95,10 +107,6 @@ class WebhookPort(Protocol):
     async def send(self, url: str, body: bytes, headers: Mapping[str, str]) -> int:
         """POST ``body``; the HTTP status, or DeliveryFailed when no answer came (connection, timeout)."""
         ...
-
-
-class Clock(Protocol):
-    def now(self) -> datetime: ...
 
 
 @dataclass(slots=True)

@@ -28,7 +28,7 @@ from fhir_bridge.audit.chain import (
     Signer,
     chain_link,
 )
-from fhir_bridge.audit.events import instant
+from fhir_bridge.fhir.elements import instant
 from fhir_bridge.fhir.resources import loads
 
 if TYPE_CHECKING:

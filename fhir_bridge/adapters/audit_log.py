@@ -51,8 +51,9 @@ from fhir_bridge.audit.chain import (
     seal,
     sign_checkpoint,
 )
-from fhir_bridge.audit.events import AuditUnavailable, index_terms, instant
+from fhir_bridge.audit.events import AuditUnavailable, index_terms
 from fhir_bridge.errors import Conflict, InvalidInput
+from fhir_bridge.fhir.elements import instant
 from fhir_bridge.fhir.resources import dumps, loads
 
 Resource = dict[str, Any]

@@ -33,6 +33,7 @@ from urllib.parse import quote
 
 from fhir_bridge.errors import AuditUnavailable as AuditUnavailable  # kept importable from here
 from fhir_bridge.errors import InvalidInput
+from fhir_bridge.fhir.elements import instant
 from fhir_bridge.fhir.identity import PatientIdentifier
 
 Resource = dict[str, Any]
@@ -293,12 +294,6 @@ def index_terms(event: Resource) -> dict[str, list[str]]:
     terms["action"] = [str(event["action"])] if event.get("action") else []
     terms["outcome"] = [str(event["outcome"])] if event.get("outcome") else []
     return {name: list(dict.fromkeys(values)) for name, values in terms.items() if values}
-
-
-def instant(when: datetime) -> str:
-    """A FHIR ``instant`` in UTC with milliseconds (R4 datatypes: instant)."""
-    when = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
-    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
 
 
 def _event(

@@ -23,10 +23,9 @@ from typing import Any
 
 from fhir_bridge.errors import BusinessRuleViolation, InvalidIdentifier
 from fhir_bridge.fhir.identity import NIR_SYSTEMS, PatientIdentifier, validate_nir
-from fhir_bridge.fhir.resources import check_resource_type, validate
+from fhir_bridge.fhir.resources import Resource, check_resource_type, validate
 from fhir_bridge.fhir.terminology import CANONICAL_BASE, CASE_CODES, Terminology
 
-Resource = dict[str, Any]
 SPECIALTY = f"{CANONICAL_BASE}/CodeSystem/specialty"
 REQUEST_CODES = frozenset({"second-opinion", "tumor-board-opinion"})
 WRITE_BACK = f"{CANONICAL_BASE}/StructureDefinition/write-back"
@@ -34,7 +33,8 @@ WRITE_BACK = f"{CANONICAL_BASE}/StructureDefinition/write-back"
 
 @dataclass(frozen=True, slots=True)
 class OpinionRequest:
-    """What the workflow needs from a checked ServiceRequest."""
+    """What the workflow needs from a checked ServiceRequest: decided once, at intake (:func:`check_request`),
+    and read back from the stored request by every later job (:func:`request_facts`)."""
 
     patient: PatientIdentifier
     specialty: str
@@ -51,8 +51,7 @@ def check_request(resource: Any, terminology: Terminology) -> OpinionRequest:
         raise BusinessRuleViolation("a second-opinion request must have status 'active'", expression=["status"])
     if sr.get("intent") not in ("order", "original-order"):
         raise BusinessRuleViolation("a second-opinion request must have intent 'order'", expression=["intent"])
-    kinds = [c.get("code") for c in (sr.get("code") or {}).get("coding", []) if c.get("system") == CASE_CODES]
-    kind = next((k for k in kinds if k in REQUEST_CODES), None)
+    kind = _kind(sr)
     if kind is None:
         raise BusinessRuleViolation(
             f"ServiceRequest.code must be {CASE_CODES}#second-opinion or #tumor-board-opinion", expression=["code"]
@@ -68,10 +67,8 @@ def check_request(resource: Any, terminology: Terminology) -> OpinionRequest:
         value = validate_nir(value)
     except InvalidIdentifier as exc:
         raise BusinessRuleViolation(f"subject.identifier: {exc.message}", expression=["subject.identifier"]) from None
-    known = {c["code"] for c in terminology.resources.get("specialty", {}).get("concept", [])}
-    specialties = [c.get("code") for cat in sr.get("category", []) or [] for c in cat.get("coding", []) or []
-                   if c.get("system") == SPECIALTY]
-    specialty = next((s for s in specialties if s in known), None)
+    known = _specialties(terminology)
+    specialty = _specialty(sr, known)
     if specialty is None:
         raise BusinessRuleViolation(
             f"ServiceRequest.category must give the specialty from {SPECIALTY} ({', '.join(sorted(known))})",
@@ -80,13 +77,44 @@ def check_request(resource: Any, terminology: Terminology) -> OpinionRequest:
     if not sr.get("reasonCode") and not sr.get("note"):
         raise BusinessRuleViolation("the clinical question is missing (reasonCode or note)",
                                     expression=["reasonCode", "note"])
-    deadline = sr.get("occurrenceDateTime") or (sr.get("occurrencePeriod") or {}).get("end")
     flags = [e for e in sr.get("extension", []) or [] if e.get("url") == WRITE_BACK]
     if len(flags) > 1 or (flags and not isinstance(flags[0].get("valueBoolean"), bool)):
         raise BusinessRuleViolation(f"at most one {WRITE_BACK} extension, with a valueBoolean",
                                     expression=["extension"])
     return OpinionRequest(patient=PatientIdentifier(system, value), specialty=specialty, kind=kind,
-                          deadline=deadline, write_back=asks_write_back(sr))
+                          deadline=_deadline(sr), write_back=asks_write_back(sr))
+
+
+def request_facts(stored: Resource, terminology: Terminology) -> OpinionRequest:
+    """The facts of a request the bridge stored: it passed :func:`check_request` at intake and its INS was
+    stored in normal form, so they are read back as they were decided, without validating the resource again
+    (fhir.resources validation costs milliseconds, and every collect, refresh and decline needs the facts)."""
+    patient = PatientIdentifier.from_element((stored.get("subject") or {}).get("identifier"))
+    kind, specialty = _kind(stored), _specialty(stored, _specialties(terminology))
+    if patient is None or kind is None or specialty is None:
+        raise BusinessRuleViolation("the stored request lacks what intake checked (subject, code, category)")
+    return OpinionRequest(patient=patient, specialty=specialty, kind=kind, deadline=_deadline(stored),
+                          write_back=asks_write_back(stored))
+
+
+def _kind(sr: Resource) -> str | None:
+    kinds = [c.get("code") for c in (sr.get("code") or {}).get("coding", []) if c.get("system") == CASE_CODES]
+    return next((k for k in kinds if k in REQUEST_CODES), None)
+
+
+def _specialties(terminology: Terminology) -> set[str]:
+    return {c["code"] for c in terminology.resources.get("specialty", {}).get("concept", [])}
+
+
+def _specialty(sr: Resource, known: set[str]) -> str | None:
+    specialties = [c.get("code") for cat in sr.get("category", []) or [] for c in cat.get("coding", []) or []
+                   if c.get("system") == SPECIALTY]
+    return next((s for s in specialties if s in known), None)
+
+
+def _deadline(sr: Resource) -> str | None:
+    deadline = sr.get("occurrenceDateTime") or (sr.get("occurrencePeriod") or {}).get("end")
+    return str(deadline) if deadline else None
 
 
 def asks_write_back(request: Resource) -> bool:

@@ -35,6 +35,7 @@ from typing import Any
 
 from fhir_bridge.case.packaging import FileBase64
 from fhir_bridge.errors import BlobUnreadable
+from fhir_bridge.fhir.elements import instant
 from fhir_bridge.fhir.resources import FHIR_JSON, dumps, iterencode, loads
 from fhir_bridge.ports import PayloadSigner, SignerPort
 
@@ -192,11 +193,6 @@ def layout_document(layout: BundleLayout) -> Resource:
     return bundle
 
 
-def instant(now: datetime) -> str:
-    """An R4 ``instant`` to the second, UTC (also the RFC 3339 ``sigT`` of the JWS header)."""
-    return now.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def signature_element(jws: str, when: str, who: str) -> Resource:
     return {"type": [dict(SIGNATURE_TYPE)], "when": when, "who": {"reference": who}, "targetFormat": FHIR_JSON,
             "sigFormat": JOSE, "data": base64.b64encode(jws.encode("ascii")).decode("ascii")}
@@ -227,7 +223,7 @@ async def served_chunks(
     """The served bundle: ``head`` (``id``, ``meta``) first, then the layout with each blob's base64 streamed
     into its place and the signature spliced in. With ``signer`` the signature is computed over what is
     emitted (hashing as it goes); otherwise the layout's own signature is used (None: no signature)."""
-    when = when or instant(datetime.now(UTC))
+    when = when or instant(datetime.now(UTC), timespec="seconds")
     payload: PayloadSigner | None = signer.payload_signer(when) if signer else None
     opening = dumps(head, canonical=True)[:-1] + b"," if head else b"{"
     for index, part in enumerate(layout.parts):

@@ -8,13 +8,13 @@ in-review → opinion-final → delivered; also rejected, cancelled, failed. A c
 
 from __future__ import annotations
 
-from typing import Any
-
 from fhir_bridge.errors import Conflict
-from fhir_bridge.fhir.terminology import CASE_CODES, Terminology
+from fhir_bridge.fhir.identity import PatientIdentifier
+from fhir_bridge.fhir.resources import Resource
+from fhir_bridge.fhir.terminology import CANONICAL_BASE, CASE_CODES, Terminology
 
-Resource = dict[str, Any]
 TASK_CODES = "http://hl7.org/fhir/CodeSystem/task-code"
+OUTPUT_TYPES = f"{CANONICAL_BASE}/CodeSystem/task-output"
 
 #: Task.status transitions we make (a subset of the R4 state machine)
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -73,3 +73,13 @@ def transition(task: Resource, status: str, state: str, now: str, terminology: T
     if reason:
         moved["statusReason"] = {"text": reason}
     return moved
+
+
+def output_type(code: str, display: str) -> Resource:
+    """A ``Task.output.type`` from our task-output CodeSystem (case-bundle, left-out, triage, opinion…)."""
+    return {"coding": [{"system": OUTPUT_TYPES, "code": code, "display": display}], "text": display}
+
+
+def task_patient(task: Resource) -> PatientIdentifier | None:
+    """The patient of a case: ``Task.for.identifier`` (the INS copied from the request)."""
+    return PatientIdentifier.from_element((task.get("for") or {}).get("identifier"))

@@ -336,7 +336,7 @@ def sync_overdue() -> None:
 
     async def scan(redis_url: str) -> int:
         async with open_runtime(settings, redis_url) as runtime:
-            return len(await runtime.cases.scan_overdue())
+            return len(await runtime.bridge.assignments.scan_overdue())
 
     with redis_url_for(settings, may_start=False) as redis_url:
         flagged = asyncio.run(scan(redis_url))
@@ -455,7 +455,7 @@ def audit_purge() -> None:
     a signed anchor. Export first: a purged event is gone. Prints how many were removed."""
     from datetime import timedelta
 
-    from fhir_bridge.audit.events import instant
+    from fhir_bridge.fhir.elements import instant
 
     settings = _settings()
     days = settings.audit.retention_days

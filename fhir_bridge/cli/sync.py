@@ -112,9 +112,9 @@ def sync_refresh() -> None:
 
     async def refresh(redis_url: str) -> Any:
         async with open_runtime(settings, redis_url, "cli") as runtime:
-            assert runtime.sync is not None
+            assert runtime.bridge.sync is not None
             with _progress() as progress:
-                return await runtime.sync.refresh_open_cases(progress)
+                return await runtime.bridge.sync.refresh_open_cases(progress)
 
     with redis_url_for(settings, may_start=False) as redis_url:
         report = asyncio.run(refresh(redis_url))

@@ -61,6 +61,22 @@ class PatientIdentifier:
     system: str
     value: str
 
+    @classmethod
+    def from_element(cls, identifier: object) -> PatientIdentifier | None:
+        """The identifier of a FHIR ``Identifier`` element (as JSON) with a string system and value, else None.
+
+        For elements the bridge wrote or already checked (``Task.for.identifier``, a stored request's
+        ``subject.identifier``): no NIR check here, that is :func:`parse_patient_identifier`'s and intake's."""
+        if not isinstance(identifier, dict):
+            return None
+        system, value = identifier.get("system"), identifier.get("value")
+        return cls(system, value) if isinstance(system, str) and isinstance(value, str) else None
+
+    @property
+    def element(self) -> dict[str, str]:
+        """This identifier as a FHIR ``Identifier`` element."""
+        return {"system": self.system, "value": self.value}
+
     @property
     def token(self) -> str:
         return f"{self.system}|{self.value}"

@@ -16,18 +16,18 @@ The reviewer's identity comes from the caller; binding it to an authenticated cl
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import Any
 
 from fhir_bridge.case.deadlines import DONE_STATUSES, DeadlinePolicy, overdue_tasks, parse_fhir_datetime
+from fhir_bridge.case.intake import request_facts
 from fhir_bridge.case.tasks import state_of
 from fhir_bridge.errors import BusinessRuleViolation, Forbidden
+from fhir_bridge.fhir.elements import extension_value, instant, set_extension
+from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.fhir.terminology import CANONICAL_BASE
-from fhir_bridge.ports import ResourceStorePort
+from fhir_bridge.ports import Clock, ResourceStorePort, system_clock
 from fhir_bridge.review.routing import Assignment, ReviewerRegistry, RoutingRequest, load_from_tasks, route
-from fhir_bridge.workflow.taskbook import TaskBook, extension_value, now_instant, set_extension
+from fhir_bridge.workflow.taskbook import TaskBook
 
-Resource = dict[str, Any]
 DECLINED = f"{CANONICAL_BASE}/StructureDefinition/declined-by"
 OVERDUE = f"{CANONICAL_BASE}/StructureDefinition/overdue"
 REVIEW_LANGUAGE = f"{CANONICAL_BASE}/StructureDefinition/review-language"
@@ -50,16 +50,15 @@ def owner_id(task: Resource) -> str | None:
 
 
 class Assignments:
+    """Routing, the reviewer's decline and request for documents, the overdue scan."""
+
     def __init__(self, book: TaskBook, store: ResourceStorePort, registry: ReviewerRegistry,
-                 deadlines: DeadlinePolicy, clock: Callable[[], datetime] | None = None) -> None:
+                 deadlines: DeadlinePolicy, clock: Clock = system_clock) -> None:
         self.book = book
         self.store = store
         self.registry = registry
         self.deadlines = deadlines
         self.clock = clock
-
-    def now(self) -> datetime:
-        return self.clock() if self.clock else datetime.now(UTC)
 
     async def open_tasks(self) -> list[Resource]:
         tasks: list[Resource] = []
@@ -82,7 +81,7 @@ class Assignments:
                                   end=True)
         assignment = route(RoutingRequest(specialty=specialty, kind=kind, language=request_language(request),
                                           deadline=due, excluded=frozenset(declined_by(task))),
-                           self.registry, load, now=self.now())
+                           self.registry, load, now=self.clock())
         return lambda t: self._assign(t, assignment)
 
     async def route(self, task: Resource, request: Resource, specialty: str, kind: str) -> Resource:
@@ -97,7 +96,7 @@ class Assignments:
         task["owner"] = {"reference": assignment.owner_reference, "display": assignment.display}
 
     def _note(self, task: Resource, author: str, text: str) -> None:
-        task["note"] = [*(task.get("note") or []), {"authorString": author, "time": now_instant(self.clock),
+        task["note"] = [*(task.get("note") or []), {"authorString": author, "time": instant(self.clock()),
                                                     "text": text}]
 
     def _check_owner(self, task: Resource, reviewer: str) -> None:
@@ -106,10 +105,11 @@ class Assignments:
         if reviewer != owner and reviewer not in members:
             raise Forbidden("this case is not assigned to that reviewer")
 
-    async def decline(self, task_id: str, reviewer: str, reason: str, request: Resource, specialty: str,
-                      kind: str) -> Resource:
+    async def decline(self, task_id: str, reviewer: str, reason: str) -> Resource:
         """The assigned reviewer (or a panel member, for the panel) declines: re-route to someone else."""
         task = await self.book.read(task_id)
+        request = await self.store.read("ServiceRequest", task["focus"]["reference"].split("/")[-1])
+        facts = request_facts(request, self.book.terminology)
         if task["status"] != "ready":
             raise BusinessRuleViolation("only a case waiting for its review can be declined")
         self._check_owner(task, reviewer)
@@ -121,7 +121,7 @@ class Assignments:
             self._note(t, reviewer, f"Cas décliné / case declined: {reason}" if reason else "Cas décliné / declined")
 
         task = await self.book.edit(task, record)
-        return await self.route(task, request, specialty, kind)
+        return await self.route(task, request, facts.specialty, facts.kind)
 
     async def request_documents(self, task_id: str, reviewer: str, text: str) -> Resource:
         """The reviewer needs more: the case waits for documents, the request readable by the requester."""
@@ -137,7 +137,7 @@ class Assignments:
     async def scan_overdue(self) -> list[Resource]:
         """Flag every open case past its due date (once); returns the Tasks newly flagged."""
         flagged = []
-        for task in overdue_tasks(await self.open_tasks(), self.now()):
+        for task in overdue_tasks(await self.open_tasks(), self.clock()):
             if task.get("status") in DONE_STATUSES or extension_value(task, OVERDUE, "valueBoolean"):
                 continue
 

@@ -1,5 +1,5 @@
 """Case bundles at rest and in the hands of readers: packaged as a signed skeleton, served whole, or
-pseudonymised for reviewers abroad. Used by :class:`~fhir_bridge.workflow.cases.CaseService`.
+pseudonymised for reviewers abroad. Built by :func:`~fhir_bridge.workflow.bridge.build_bridge`.
 
 * Packaging (the collect job's tail): each document goes to the blob store, the bundle's layout names the
   blobs (:func:`~fhir_bridge.case.packaging.layout_of`), and the bundle is signed over the files still on disk;
@@ -15,8 +15,7 @@ pseudonymised for reviewers abroad. Used by :class:`~fhir_bridge.workflow.cases.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fhir_bridge.access.pseudonym import (
@@ -33,56 +32,65 @@ from fhir_bridge.case.packaging import PackagedDocument
 from fhir_bridge.case.signature import (
     SKELETON_PREFIX,
     BundleLayout,
-    instant,
     layout_document,
     layout_of,
     parse_skeleton,
     served_chunks,
     sign_from_files,
+    skeleton_bytes,
 )
 from fhir_bridge.errors import BusinessRuleViolation, Forbidden, NotFound
+from fhir_bridge.fhir.elements import extension_value, instant
+from fhir_bridge.fhir.identity import PatientIdentifier
 from fhir_bridge.fhir.resources import Resource, check_resource_type, dumps
 from fhir_bridge.fhir.search_index import OUTPUT_TERM
 from fhir_bridge.fhir.terminology import CANONICAL_BASE
 from fhir_bridge.opinion.report import based_on_request
-from fhir_bridge.ports import BlobStorePort, ResourceStorePort, SignerPort
+from fhir_bridge.ports import BlobStorePort, Clock, ResourceStorePort, SignerPort, system_clock
 from fhir_bridge.review.routing import ReviewerRegistry
-from fhir_bridge.workflow.taskbook import extension_value
+from fhir_bridge.workflow.renderings import OpinionRenderings
+from fhir_bridge.workflow.taskbook import TaskBook
 
 BLOB_EXTENSION = f"{CANONICAL_BASE}/StructureDefinition/blob-digest"
 #: on the stub only: the case's Task (the pseudonym of a bundle is the pseudonym of its case)
 CASE_TASK = f"{CANONICAL_BASE}/StructureDefinition/case-task"
+#: on the stored case Bundle stub only (never served): whose case it is, for the audit of a Bundle read
+BUNDLE_PATIENT = f"{CANONICAL_BASE}/StructureDefinition/case-patient"
+
+
+def bundle_patient(stub: Resource) -> PatientIdentifier | None:
+    """The patient of a stored case Bundle stub (None for stubs stored before the audit recorded it)."""
+    return PatientIdentifier.from_element(extension_value(stub, BUNDLE_PATIENT, "valueIdentifier"))
 
 
 class CaseBundles:
     """Packaging and reading case bundles; ``signer`` None leaves bundles unsigned (tests of the workflow
-    without keys), ``pseudonym_key`` None refuses pseudonymised readers (fail closed)."""
+    without keys), ``pseudonym_key`` None refuses pseudonymised readers (fail closed); ``renderings`` makes a
+    pseudonymised report's presentedForm again (its PDF and HTML name the patient by INS)."""
 
     def __init__(
         self,
         *,
         store: ResourceStorePort,
         blobs: BlobStorePort,
+        book: TaskBook,
         registry: ReviewerRegistry,
         networks: ReviewerNetworks,
         signer: SignerPort | None,
         pseudonym_key: bytes | None,
-        clock: Callable[[], datetime] | None = None,
+        renderings: OpinionRenderings,
+        clock: Clock = system_clock,
     ) -> None:
         self.store = store
         self.blobs = blobs
+        self.book = book
         self.registry = registry
         self.networks = networks
         self.signer = signer
         self.pseudonyms = CasePseudonyms(pseudonym_key) if pseudonym_key is not None else None
+        self.renderings = renderings
         self.clock = clock
-        #: re-renders a pseudonymised report's presentedForm (its PDF and HTML name the patient by INS);
-        #: given by CaseService (fhir_bridge.workflow.opinions.Opinions.rerendered)
-        self.rerender: Callable[[Resource, Resource, Resource], Awaitable[Resource]] | None = None
         networks.check(registry)
-
-    def _now(self) -> datetime:
-        return self.clock() if self.clock else datetime.now(UTC)
 
     async def package(self, bundle: Resource, documents: list[PackagedDocument]) -> BundleLayout:
         """Put each document in the blob store and sign the bundle over the files still on disk (a worker
@@ -94,13 +102,31 @@ class CaseBundles:
         if self.signer is None:
             return layout
         files = {digest: path for path, digest in digests.items()}
-        return await asyncio.to_thread(sign_from_files, layout, files, self.signer, instant(self._now()))
+        signed_at = instant(self.clock(), timespec="seconds")
+        return await asyncio.to_thread(sign_from_files, layout, files, self.signer, signed_at)
 
-    def stub_index(self, task_id: str) -> dict[str, list[str]]:
-        """The stored stub's index: the case pseudonym, so :meth:`case_for_pseudonym` finds the case."""
-        return {PSEUDONYM_TERM: [self.pseudonyms.of(task_id)]} if self.pseudonyms else {}
+    async def store_stub(self, bundle: Resource, layout: BundleLayout, *, patient: PatientIdentifier,
+                         task_id: str, generation: int) -> Resource:
+        """Store the case Bundle as served by id: its skeleton in the blob store, a small stub in the store
+        naming it, the patient and the Task; one per generation (a reclaimed job finds the first one's)."""
+        skeleton = await self.blobs.put_bytes(skeleton_bytes(layout))
+        stub: Resource = {
+            "resourceType": "Bundle",
+            "identifier": bundle["identifier"],
+            "type": "document",
+            "timestamp": bundle["timestamp"],
+            "extension": [
+                {"url": BLOB_EXTENSION, "valueString": skeleton.digest},
+                {"url": BUNDLE_PATIENT, "valueIdentifier": patient.element},
+                {"url": CASE_TASK, "valueReference": {"reference": f"Task/{task_id}"}},
+            ],
+        }
+        # the case pseudonym is indexed so that case_for_pseudonym finds the case
+        index = {PSEUDONYM_TERM: [self.pseudonyms.of(task_id)]} if self.pseudonyms else {}
+        stored, _ = await self.store.create(stub, index=index, unique_key=f"case-bundle:Task/{task_id}:{generation}")
+        return stored
 
-    async def chunks(self, bundle_id: str, reader: AccessContext | None) -> AsyncIterator[bytes]:
+    async def chunks(self, bundle_id: str, reader: AccessContext | None = None) -> AsyncIterator[bytes]:
         """The served bundle; see the module docstring."""
         stub = await self.store.read("Bundle", bundle_id)
         digest = next(e["valueString"] for e in stub.get("extension", []) if e.get("url") == BLOB_EXTENSION)
@@ -125,7 +151,7 @@ class CaseBundles:
         variant = layout_of(pseudonymise_bundle(layout_document(layout), pseudonym))
         head["meta"] = {**head["meta"], "security": [*head["meta"].get("security", []), PSEUDONYMISED_LABEL]}
         async for chunk in served_chunks(variant, head, self.blobs.open_chunks, signer=self.signer,
-                                         when=instant(self._now())):
+                                         when=instant(self.clock(), timespec="seconds")):
             yield chunk
 
     def needs_pseudonym(self, reader: AccessContext | None) -> bool:
@@ -166,10 +192,9 @@ class CaseBundles:
             # the renderings are bytes the scrubber can not read: made again from the pseudonymised report and
             # request, never passed on as they are (they carry the INS)
             view = {k: v for k, v in view.items() if k != "presentedForm"}
-            if self.rerender is not None:
-                request = await self.store.read("ServiceRequest", based_on_request(resource))
-                task = await self.store.read("Task", task_id)
-                view = await self.rerender(view, pseudonymise_view(request, pseudonym), task)
+            request = await self.store.read("ServiceRequest", based_on_request(resource))
+            task = await self.store.read("Task", task_id)
+            view = await self.renderings.rerendered(view, pseudonymise_view(request, pseudonym), task)
         return view
 
     async def reidentified_opinion(self, body: Any, reader: AccessContext | None) -> Any:
@@ -185,10 +210,7 @@ class CaseBundles:
         return reidentify_opinion(report, pseudonym, request["subject"]["identifier"])
 
     async def _task_for(self, request_id: str) -> str:
-        page = await self.store.search("Task", {"focus": [f"ServiceRequest/{request_id}"]}, count=1)
-        if not page.resources:
-            raise NotFound("no case for that ServiceRequest")
-        return str(page.resources[0]["id"])
+        return str((await self.book.for_request(request_id))["id"])
 
     async def _task_id(self, stub: Resource) -> str:
         reference = (extension_value(stub, CASE_TASK, "valueReference") or {}).get("reference")

@@ -29,7 +29,7 @@ from fhir_bridge.case.watermarks import newest_update
 from fhir_bridge.errors import AttachmentError
 from fhir_bridge.fhir.identity import PatientIdentifier
 from fhir_bridge.fhir.terminology import Terminology
-from fhir_bridge.ports import SourcePort
+from fhir_bridge.ports import SourcePort, SyncStatePort
 
 Progress = Callable[[str, int, int], None]
 
@@ -116,3 +116,11 @@ async def collect_case(
 
 def guess_extension(content_type: str) -> str:
     return _EXTENSIONS.get(content_type) or mimetypes.guess_extension(content_type) or ".bin"
+
+
+async def record_pull(marks: SyncStatePort, patient: PatientIdentifier, collected: CollectedCase) -> None:
+    """After a pull, its sync mark (:mod:`fhir_bridge.workflow.sync`): the Patient id, and the newest
+    lastUpdated of everything the pull's searches answered (kept or left out: a masked document is still
+    something the pull has seen)."""
+    await marks.advance(patient, patient_id=str(collected.content.patient.get("id") or "") or None,
+                        watermark=collected.newest_update)

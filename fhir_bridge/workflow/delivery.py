@@ -28,26 +28,33 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
-from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 
 from fhir_bridge.audit import context as audit_context
 from fhir_bridge.audit.events import Party, delivery_event
 from fhir_bridge.case.intake import asks_write_back
+from fhir_bridge.case.tasks import output_type, task_patient
 from fhir_bridge.errors import BusinessRuleViolation, Conflict, DeliveryFailed, SourceRejected
+from fhir_bridge.fhir.elements import instant
+from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.fhir.terminology import CANONICAL_BASE
 from fhir_bridge.opinion.report import FINAL_TYPES
 from fhir_bridge.opinion.writeback import WriteBackConfig, document_location, master_identifier, provide_bundle
-from fhir_bridge.ports import AuditPort, Job, JobQueuePort, ResourceStorePort, SourcePort, WebhookPort
+from fhir_bridge.ports import (
+    AuditPort,
+    Clock,
+    Job,
+    JobQueuePort,
+    ResourceStorePort,
+    SourceFactory,
+    SourcePort,
+    WebhookPort,
+    system_clock,
+)
 from fhir_bridge.rendering.forms import form_bytes
-from fhir_bridge.workflow.taskbook import TaskBook, case_task, now_instant, output_type, task_patient
+from fhir_bridge.workflow.taskbook import TaskBook
 
-Resource = dict[str, Any]
-SourceFactory = Callable[[], AbstractAsyncContextManager[SourcePort]]
 log = structlog.get_logger("fhir_bridge.delivery")
 
 WEBHOOK_JOB, RECORD_JOB = "deliver-webhook", "deliver-record"
@@ -76,8 +83,7 @@ class Deliveries:
     def __init__(self, *, store: ResourceStorePort, queue: JobQueuePort, book: TaskBook,
                  webhooks: WebhookPort | None = None, source: SourceFactory | None = None,
                  write_back: WriteBackConfig | None = None, audit: AuditPort | None = None,
-                 agent: Party | None = None, public_base: str = "",
-                 clock: Callable[[], datetime] | None = None) -> None:
+                 agent: Party | None = None, public_base: str = "", clock: Clock = system_clock) -> None:
         self.store, self.queue, self.book = store, queue, book
         self.webhooks, self.source, self.write_back = webhooks, source, write_back
         self.audit, self.agent, self.public_base, self.clock = audit, agent, public_base.rstrip("/"), clock
@@ -103,17 +109,17 @@ class Deliveries:
         report = await self.store.vread("DiagnosticReport", job.payload["report"], str(job.payload["version"]))
         request_id = str(report["basedOn"][0]["reference"]).rpartition("/")[2]
         request = await self.store.read("ServiceRequest", request_id)
-        task = await case_task(self.store, request_id)
+        task = await self.book.for_request(request_id)
         client = str(job.payload["client"])
         target = self.webhooks.target(client) if self.webhooks is not None else None
         if target is None:
             log.warning("delivery.no_webhook", client=client, job=job.id)
             return  # the client's webhook was removed since: nothing to deliver to
         version = f"DiagnosticReport/{report['id']}/_history/{report['meta']['versionId']}"
-        sent_at = int((self.clock() if self.clock else datetime.now(UTC)).timestamp())
+        sent_at = int(self.clock().timestamp())
         body = json.dumps({
             "type": job.payload.get("event", "opinion.final"),
-            "timestamp": now_instant(self.clock),
+            "timestamp": instant(self.clock()),
             "data": {"serviceRequest": f"ServiceRequest/{request_id}", "task": f"Task/{task['id']}",
                      "diagnosticReport": version, "status": report["status"],
                      **({"fhirBase": f"{self.public_base}/fhir"} if self.public_base else {})},
@@ -153,7 +159,7 @@ class Deliveries:
         report = await self.store.vread("DiagnosticReport", job.payload["report"], str(job.payload["version"]))
         request_id = str(report["basedOn"][0]["reference"]).rpartition("/")[2]
         request = await self.store.read("ServiceRequest", request_id)
-        task = await case_task(self.store, request_id)
+        task = await self.book.for_request(request_id)
         version = f"DiagnosticReport/{report['id']}/_history/{report['meta']['versionId']}"
         if any(_delivery_of(o) == version for o in _outputs(task, "record-document")):
             return  # written by an earlier run of this job
@@ -172,7 +178,7 @@ class Deliveries:
                 location = await self._already_written(source, found["id"], version)
                 if location is None:
                     bundle = provide_bundle(report=report, pdf=pdf, patient=patient_ref, config=self.write_back,
-                                            now=now_instant(self.clock), replaces=replaces)
+                                            now=instant(self.clock()), replaces=replaces)
                     try:
                         response = await source.provide_document_bundle(bundle, patient=patient)
                         location = document_location(response)

@@ -28,17 +28,17 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from dataclasses import dataclass
 from typing import Any
 
-from fhir_bridge.case.tasks import state_of
+from fhir_bridge.case.tasks import output_type, state_of
 from fhir_bridge.errors import BusinessRuleViolation, Conflict, Forbidden, NotFound
+from fhir_bridge.fhir.elements import instant
+from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.fhir.search_index import index_terms, tenant_of, with_tenant
 from fhir_bridge.fhir.terminology import Terminology
 from fhir_bridge.opinion.consensus import MemberOpinion, attribute, automatic_consensus, merged_report, panel_final
 from fhir_bridge.opinion.content import (
-    DISSENT,
-    OPINION,
     ConclusionSystems,
     OpinionContent,
     consensus_method,
@@ -52,15 +52,23 @@ from fhir_bridge.opinion.report import (
     check_amendment,
     check_new_opinion,
 )
-from fhir_bridge.ports import ResourceStorePort
-from fhir_bridge.rendering.forms import LANGUAGES, Renderer, presented_forms, report_view
+from fhir_bridge.ports import Clock, ResourceStorePort, system_clock
 from fhir_bridge.review.routing import Panel, ReviewerRegistry
+from fhir_bridge.workflow.conditional import conditional_match
 from fhir_bridge.workflow.delivery import Deliveries
-from fhir_bridge.workflow.taskbook import TaskBook, case_task, now_instant, output_type
+from fhir_bridge.workflow.renderings import OpinionRenderings, case_panel, compact, without_dissents
+from fhir_bridge.workflow.taskbook import TaskBook
 
-Resource = dict[str, Any]
+#: given a ServiceRequest id, raises if the caller may not act on that case (the API's tenancy check)
 Guard = Callable[[str], Awaitable[None]]
-Match = Callable[[str, str | None, dict[str, list[str]]], Awaitable[tuple[Resource | None, str | None]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    """What a create answered: the resource, and whether it is new (201) or an If-None-Exist match (200)."""
+
+    resource: Resource
+    created: bool
 
 
 def final_key(request_id: str) -> str:
@@ -68,27 +76,31 @@ def final_key(request_id: str) -> str:
 
 
 class Opinions:
-    """The opinion use cases; built by :class:`~fhir_bridge.workflow.cases.CaseService`."""
+    """The opinion use cases; built by :func:`~fhir_bridge.workflow.bridge.build_bridge`."""
 
     def __init__(self, *, store: ResourceStorePort, book: TaskBook, registry: ReviewerRegistry,
-                 terminology: Terminology, match: Match, deliveries: Deliveries,
-                 renderers: tuple[Renderer, Renderer] | None = None,
-                 clock: Callable[[], datetime] | None = None) -> None:
+                 terminology: Terminology, deliveries: Deliveries, renderings: OpinionRenderings,
+                 clock: Clock = system_clock) -> None:
         self.store = store
         self.book = book
         self.registry = registry
         self.terminology = terminology
-        self.match = match
         self.deliveries = deliveries
-        self.renderers = renderers
+        self.renderings = renderings
         self.clock = clock
         self.systems = ConclusionSystems.from_terminology(terminology)
 
     # -- create -----------------------------------------------------------------------------------------
 
-    async def submit(self, body: Any, *, if_none_exist: str | None, guard: Guard | None, author: str | None
-                     ) -> tuple[Resource, bool]:
-        """POST DiagnosticReport; ``author`` is the caller's PractitionerRole id (None: an in-process caller)."""
+    async def submit(self, body: Any, *, if_none_exist: str | None = None, guard: Guard | None = None,
+                     author: str | None = None) -> Created:
+        """POST DiagnosticReport: a reviewer's (or panel member's) opinion on a ready case; ``guard`` (the
+        caller's right to this case) runs as soon as the case is known; ``author`` is the caller's
+        PractitionerRole id (the bridge signs the opinion with it; None: an in-process caller)."""
+        return Created(*await self._submit(body, if_none_exist=if_none_exist, guard=guard, author=author))
+
+    async def _submit(self, body: Any, *, if_none_exist: str | None, guard: Guard | None, author: str | None
+                      ) -> tuple[Resource, bool]:
         report = check_new_opinion(body)
         request_id = based_on_request(report)
         if guard is not None:
@@ -97,19 +109,19 @@ class Opinions:
             request = await self.store.read("ServiceRequest", request_id)
         except NotFound:
             raise BusinessRuleViolation("basedOn names an unknown ServiceRequest", expression=["basedOn"]) from None
-        task = await case_task(self.store, request_id)
+        task = await self.book.for_request(request_id)
         check_against_case(report, request, task)
         content = read_content(report, self.terminology, systems=self.systems)
-        existing, unique_key = await self.match("DiagnosticReport", if_none_exist,
-                                                {"based-on": [f"ServiceRequest/{request_id}"]})
+        existing, unique_key = await conditional_match(self.store, "DiagnosticReport", if_none_exist,
+                                                       {"based-on": [f"ServiceRequest/{request_id}"]})
         if existing is not None:
             return existing, False
         report = {k: v for k, v in report.items() if k not in ("id", "meta", "presentedForm")}
         report = with_tenant(report, tenant_of(request))
         report["basedOn"] = [{"reference": f"ServiceRequest/{request_id}"}]
-        report.setdefault("issued", now_instant(self.clock))
+        report.setdefault("issued", instant(self.clock()))
         final = await self._final_of(request_id)
-        panel = self._panel(task)
+        panel = case_panel(task, self.registry)
         if panel is not None:
             if author is None or author not in panel.members:
                 raise Forbidden("only a member of the panel gives an opinion on a panel's case")
@@ -165,7 +177,7 @@ class Opinions:
         if automatic is None or await self._final_of(request["id"]) is not None:
             return
         body = with_tenant(merged_report(automatic), tenant_of(request))
-        body["issued"] = now_instant(self.clock)
+        body["issued"] = instant(self.clock())
         content = automatic.author.content
         final = panel_final(body, panel=panel, registry=self.registry, opinions=opinions, position=content,
                             method=automatic.method, terminology=self.terminology)
@@ -176,7 +188,7 @@ class Opinions:
                             panel: Panel | None) -> Resource:
         """Store the case's one final opinion (unique key, see the module docstring), rendered."""
         report = {**report, "id": uuid.uuid4().hex, "meta": {**(report.get("meta") or {}), "versionId": "1"}}
-        report = self._rendered(report, content, request, panel)
+        report = self.renderings.rendered(report, content, request, panel)
         stored, created = await self.store.create(report, index=index_terms(report),
                                                   unique_key=final_key(request["id"]))
         if not created:
@@ -186,8 +198,8 @@ class Opinions:
 
     # -- amend, delete ------------------------------------------------------------------------------------
 
-    async def amend(self, report_id: str, body: Any, *, if_match: str | None, guard: Guard | None,
-                    author: str | None) -> Resource:
+    async def amend(self, report_id: str, body: Any, *, if_match: str | None, guard: Guard | None = None,
+                    author: str | None = None) -> Resource:
         """PUT DiagnosticReport/{id}: a new version; see the module docstring for who may amend what."""
         current = await self.store.read("DiagnosticReport", report_id)
         request_id = based_on_request(current)
@@ -201,13 +213,13 @@ class Opinions:
             raise BusinessRuleViolation("a final opinion changes only to amended, corrected, appended or "
                                         "entered-in-error", expression=["status"])
         request = await self.store.read("ServiceRequest", request_id)
-        task = await case_task(self.store, request_id)
-        panel = self._panel(task)
+        task = await self.book.for_request(request_id)
+        panel = case_panel(task, self.registry)
         self._check_amender(current, panel, author)
         stripped = {k: v for k, v in report.items() if k not in ("presentedForm",)}
         if panel is not None and current["status"] in FINAL_TYPES:
-            stripped = _without_dissents(stripped)
-        stripped = _compact(stripped)
+            stripped = without_dissents(stripped)
+        stripped = compact(stripped)
         content = read_content(stripped, self.terminology, systems=self.systems)
         report = {**stripped, "id": report_id, "basedOn": current["basedOn"],
                   "meta": {**current["meta"], "versionId": str(int(current["meta"]["versionId"]) + 1)}}
@@ -228,7 +240,7 @@ class Opinions:
                 report = panel_final(report, panel=panel, registry=self.registry,
                                      opinions=await self._member_opinions(request_id), position=content,
                                      method=consensus_method(current) or "coordinator", terminology=self.terminology)
-            report = self._rendered(report, content, request, panel,
+            report = self.renderings.rendered(report, content, request, panel,
                                     replaces=current if current["status"] in FINAL_TYPES else None)
         elif panel is not None and current["status"] == "preliminary":
             require_position(content, "a panel member's opinion")
@@ -239,7 +251,7 @@ class Opinions:
             await self._maybe_automatic(request, task, panel)
         return stored
 
-    async def delete(self, report_id: str, *, guard: Guard | None, author: str | None) -> None:
+    async def delete(self, report_id: str, *, guard: Guard | None = None, author: str | None = None) -> None:
         """DELETE DiagnosticReport/{id}: a draft (``preliminary``) retracted by its author; never a final one."""
         current = await self.store.read("DiagnosticReport", report_id)
         if guard is not None:
@@ -251,13 +263,6 @@ class Opinions:
             raise Forbidden("only the author of a preliminary opinion can delete it")
         await self.store.delete("DiagnosticReport", report_id)
 
-    async def rerendered(self, report: Resource, request: Resource, task: Resource) -> Resource:
-        """``report`` rendered again from what it says now (a pseudonymised view and its request's view); a
-        panel's consensus names its panel, the case's owner."""
-        content = read_content(_without_dissents(report), self.terminology, systems=self.systems)
-        panel = self._panel(task) if consensus_method(report) else None
-        return self._rendered(report, content, request, panel)
-
     # -- shared ---------------------------------------------------------------------------------------------
 
     def _check_amender(self, current: Resource, panel: Panel | None, author: str | None) -> None:
@@ -268,19 +273,6 @@ class Opinions:
                 raise Forbidden("only the panel's coordinator amends its final opinion")
         elif _interpreter(current) not in (None, author):
             raise Forbidden("only the author of an opinion amends it")
-
-    def _rendered(self, report: Resource, content: OpinionContent, request: Resource, panel: Panel | None, *,
-                  replaces: Resource | None = None) -> Resource:
-        """``report`` with the bridge's renderings in ``presentedForm`` (none for a draft)."""
-        report = _compact(report)
-        if self.renderers is None or report.get("status") not in FINAL_TYPES:
-            return {k: v for k, v in report.items() if k != "presentedForm"}
-        panel_name = panel.display if panel is not None else None
-        views = [report_view(report, request, content=content, language=lang, registry=self.registry,
-                             terminology=self.terminology, panel=panel_name, replaces=replaces)
-                 for lang in LANGUAGES]
-        forms = presented_forms(views, *self.renderers, created=now_instant(self.clock))
-        return {**report, "presentedForm": forms}
 
     async def _after(self, task: Resource, report: Resource, request: Resource, *,
                      amended_from: Resource | None = None) -> None:
@@ -309,11 +301,6 @@ class Opinions:
         await self.deliveries.enqueue(report, task, request,
                                       event="opinion.amended" if amended_from else "opinion.final")
 
-    def _panel(self, task: Resource) -> Panel | None:
-        owner = str((task.get("owner") or {}).get("reference") or "")
-        kind, _, ident = owner.rpartition("/")
-        return self.registry.panels.get(ident) if kind.endswith("CareTeam") else None
-
     async def _reports(self, request_id: str) -> list[Resource]:
         page = await self.store.search("DiagnosticReport", {"based-on": [f"ServiceRequest/{request_id}"]}, count=200)
         return page.resources
@@ -335,18 +322,3 @@ class Opinions:
 def _interpreter(report: Resource) -> str | None:
     refs = [str(r.get("reference", "")) for r in report.get("resultsInterpreter", []) or []]
     return refs[0].rpartition("/")[2] if len(refs) == 1 and refs[0].startswith("PractitionerRole/") else None
-
-
-def _compact(report: Resource) -> Resource:
-    """No empty lists: R4 forbids empty arrays (json.html), and stripping dissents can leave some."""
-    return {k: v for k, v in report.items() if v != [] and v is not None}
-
-
-def _without_dissents(report: Resource) -> Resource:
-    def dissent(r: Resource) -> bool:
-        return any(c.get("system") == OPINION and c.get("code") == DISSENT
-                   for c in (r.get("code") or {}).get("coding", []) or [])
-
-    gone = {f"#{r.get('id')}" for r in report.get("contained", []) or [] if dissent(r)}
-    return {**report, "contained": [r for r in report.get("contained", []) or [] if not dissent(r)],
-            "result": [r for r in report.get("result", []) or [] if str(r.get("reference")) not in gone]}

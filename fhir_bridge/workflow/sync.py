@@ -16,10 +16,10 @@ new: nothing else happens. Something new: each of the patient's refreshable case
 generation (a full pull, then triage again), and the watermark moves to the newest change seen.
 
 Where the first watermark comes from: the collect job records the Patient id and the newest lastUpdated it
-pulled (:meth:`CaseSync.record_pull`, hooked into :class:`CaseService`). For a case collected before that
-existed, the Patient is resolved once (one Patient search) and the watermark is the moment the case's last
-pull began, by the bridge's clock (the one place our clock meets the source's; the next change seen replaces
-it with the source's own).
+pulled (:func:`fhir_bridge.workflow.collect.record_pull`, with the marks the composition root gives the case
+service). For a case collected before that existed, the Patient is resolved once (one Patient search) and the
+watermark is the moment the case's last pull began, by the bridge's clock (the one place our clock meets the
+source's; the next change seen replaces it with the source's own).
 """
 
 from __future__ import annotations
@@ -28,19 +28,18 @@ import asyncio
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import structlog
 
 from fhir_bridge.audit import context as audit_context
-from fhir_bridge.case.tasks import state_of
+from fhir_bridge.case.tasks import state_of, task_patient
 from fhir_bridge.case.watermarks import instant_micros, newest_update
 from fhir_bridge.errors import BridgeError, BusinessRuleViolation, Conflict
+from fhir_bridge.fhir.elements import instant
 from fhir_bridge.fhir.identity import PatientIdentifier
-from fhir_bridge.ports import Resource, SyncStatePort
+from fhir_bridge.fhir.resources import Resource
+from fhir_bridge.ports import Clock, ResourceStorePort, SourceFactory, SyncStatePort, system_clock
 from fhir_bridge.workflow.cases import CaseService
-from fhir_bridge.workflow.collect import CollectedCase
-from fhir_bridge.workflow.taskbook import now_instant
 
 log = structlog.get_logger("fhir_bridge.sync")
 __all__ = ["REFRESHABLE", "CaseSync", "RefreshReport"]
@@ -70,28 +69,27 @@ class RefreshReport:
 
 
 class CaseSync:
-    """The refresh use case, on the ports (store and source through :class:`CaseService`, marks in Redis)."""
+    """The refresh use case, on the ports (store, source, marks); a changed case is refreshed by
+    :meth:`CaseService.refresh`."""
 
-    def __init__(self, cases: CaseService, marks: SyncStatePort, *, concurrency: int = 4,
-                 imaging: bool = False) -> None:
+    def __init__(self, *, store: ResourceStorePort, source: SourceFactory, cases: CaseService,
+                 marks: SyncStatePort, concurrency: int = 4, imaging: bool = False,
+                 clock: Clock = system_clock) -> None:
+        self.store = store
+        self.source = source
         self.cases = cases
         self.marks = marks
         self.concurrency = concurrency
         self.imaging = imaging
-
-    async def record_pull(self, patient: PatientIdentifier, collected: CollectedCase) -> None:
-        """The collect job's hook: the Patient id, and the newest lastUpdated of everything the pull's searches
-        answered (kept or left out: a masked document is still something the pull has seen)."""
-        await self.marks.advance(patient, patient_id=str(collected.content.patient.get("id") or "") or None,
-                                 watermark=collected.newest_update)
+        self.clock = clock
 
     async def refresh_open_cases(self, progress: Progress | None = None) -> RefreshReport:
         """One incremental search per patient with refreshable cases; refresh the cases of those that changed."""
         by_patient: dict[PatientIdentifier, list[Resource]] = {}
         for task in await self._refreshable_tasks():
-            ident = (task.get("for") or {}).get("identifier") or {}
-            if isinstance(ident.get("system"), str) and isinstance(ident.get("value"), str):
-                by_patient.setdefault(PatientIdentifier(ident["system"], ident["value"]), []).append(task)
+            patient = task_patient(task)
+            if patient is not None:
+                by_patient.setdefault(patient, []).append(task)
         report = RefreshReport(patients=len(by_patient))
         limit, done = asyncio.Semaphore(self.concurrency), 0
 
@@ -116,7 +114,7 @@ class CaseSync:
         """The incremental search for one patient; True when something changed (its cases were refreshed)."""
         mark = await self.marks.get(patient)
         with audit_context.bound(patient=patient):
-            async with self.cases.source() as source:
+            async with self.source() as source:
                 patient_id = mark.patient_id
                 if not patient_id:
                     report.searches += 1
@@ -148,7 +146,7 @@ class CaseSync:
         tasks: list[Resource] = []
         offset = 0
         while True:
-            page = await self.cases.store.search("Task", {"status": list(REFRESHABLE)}, count=_PAGE, offset=offset)
+            page = await self.store.search("Task", {"status": list(REFRESHABLE)}, count=_PAGE, offset=offset)
             tasks.extend(page.resources)
             offset += _PAGE
             if offset >= page.total:
@@ -158,8 +156,8 @@ class CaseSync:
         """When the earliest of these cases' last pull began (the Task version that entered ``collecting``)."""
         starts = []
         for task in tasks:
-            for version in await self.cases.store.history("Task", task["id"]):  # newest first
+            for version in await self.store.history("Task", task["id"]):  # newest first
                 if state_of(version) == "collecting":
                     starts.append(str(version["meta"]["lastUpdated"]))
                     break
-        return min(starts, key=instant_micros) if starts else now_instant(lambda: datetime.now(UTC))
+        return min(starts, key=instant_micros) if starts else instant(self.clock())

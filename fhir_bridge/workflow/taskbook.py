@@ -18,71 +18,31 @@ that has just taken the write.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 
 from fhir_bridge.audit import context as audit_context
 from fhir_bridge.audit.events import Party, job_event
-from fhir_bridge.case.tasks import state_of, transition
+from fhir_bridge.case.tasks import state_of, task_patient, transition
 from fhir_bridge.errors import NotFound, PreconditionFailed
-from fhir_bridge.fhir.identity import PatientIdentifier
+from fhir_bridge.fhir.elements import instant
+from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.fhir.search_index import index_terms
-from fhir_bridge.fhir.terminology import CANONICAL_BASE, Terminology
-from fhir_bridge.ports import AuditPort, ResourceStorePort
+from fhir_bridge.fhir.terminology import Terminology
+from fhir_bridge.ports import AuditPort, Clock, ResourceStorePort, system_clock
 
-Resource = dict[str, Any]
 log = structlog.get_logger("fhir_bridge.cases")
-OUTPUT_TYPES = f"{CANONICAL_BASE}/CodeSystem/task-output"
 _ATTEMPTS = 8
 EDIT_STEP = "case-edit"
 #: who changes cases when no other agent is given (the job event's only agent, DICOM 110150 Application)
 DEFAULT_AGENT = Party("fhir-bridge", name="fhir-bridge")
 
 
-def now_instant(clock: Callable[[], datetime] | None = None) -> str:
-    moment = clock() if clock else datetime.now(UTC)
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def output_type(code: str, display: str) -> Resource:
-    return {"coding": [{"system": OUTPUT_TYPES, "code": code, "display": display}], "text": display}
-
-
-def extension_value(resource: Resource, url: str, kind: str = "valueString") -> Any:
-    for extension in resource.get("extension", []) or []:
-        if extension.get("url") == url:
-            return extension.get(kind)
-    return None
-
-
-def set_extension(resource: Resource, url: str, value: Any, kind: str = "valueString") -> None:
-    others = [e for e in resource.get("extension", []) or [] if e.get("url") != url]
-    resource["extension"] = [*others, {"url": url, kind: value}]
-
-
-def task_patient(task: Resource) -> PatientIdentifier | None:
-    """The patient of a case: ``Task.for.identifier`` (the INS copied from the request)."""
-    identifier = ((task.get("for") or {}).get("identifier")) or {}
-    system, value = identifier.get("system"), identifier.get("value")
-    return PatientIdentifier(system, value) if isinstance(system, str) and isinstance(value, str) else None
-
-
-async def case_task(store: ResourceStorePort, request_id: str) -> Resource:
-    """The Task of the case whose ServiceRequest is ``request_id``; NotFound when there is none."""
-    page = await store.search("Task", {"focus": [f"ServiceRequest/{request_id}"]}, count=1)
-    if not page.resources:
-        raise NotFound("no case for that ServiceRequest")
-    return page.resources[0]
-
-
 class TaskBook:
     """Reads and writes Tasks with optimistic concurrency."""
 
-    def __init__(self, store: ResourceStorePort, terminology: Terminology,
-                 clock: Callable[[], datetime] | None = None, *, audit: AuditPort | None = None,
-                 agent: Party | None = None) -> None:
+    def __init__(self, store: ResourceStorePort, terminology: Terminology, clock: Clock = system_clock, *,
+                 audit: AuditPort | None = None, agent: Party | None = None) -> None:
         self.store = store
         self.terminology = terminology
         self.clock = clock
@@ -91,6 +51,13 @@ class TaskBook:
 
     async def read(self, task_id: str) -> Resource:
         return await self.store.read("Task", task_id)
+
+    async def for_request(self, request_id: str) -> Resource:
+        """The Task of the case whose ServiceRequest is ``request_id``; NotFound when there is none."""
+        page = await self.store.search("Task", {"focus": [f"ServiceRequest/{request_id}"]}, count=1)
+        if not page.resources:
+            raise NotFound("no case for that ServiceRequest")
+        return page.resources[0]
 
     async def move(
         self,
@@ -108,7 +75,7 @@ class TaskBook:
         for _ in range(_ATTEMPTS):
             if task["status"] == status and state_of(task) == state:
                 return task
-            moved = transition(task, status, state, now_instant(self.clock), self.terminology, reason=reason)
+            moved = transition(task, status, state, instant(self.clock()), self.terminology, reason=reason)
             if output is not None:
                 moved["output"] = output if replace_output else [*(task.get("output") or []), *output]
             if contained is not None:
@@ -132,7 +99,7 @@ class TaskBook:
             if edited == task:
                 return task
             changed = sorted(k for k in {*task, *edited} if k != "meta" and task.get(k) != edited.get(k))
-            edited["lastModified"] = now_instant(self.clock)
+            edited["lastModified"] = instant(self.clock())
             try:
                 stored = await self.store.update(edited, index=index_terms(edited), if_match=task["meta"]["versionId"])
             except PreconditionFailed:

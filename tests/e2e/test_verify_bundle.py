@@ -49,18 +49,18 @@ async def _collect_and_serve(data_dir: Path, redis_url: str, sandbox: Sandbox) -
     settings = load_settings(env={}, data_dir=str(data_dir), source__url=sandbox.url, source__backoff_initial=0.05)
     patient = sandbox.world()["patients"][0]
     async with open_runtime(settings, redis_url, "test") as runtime:
-        request = (await runtime.cases.submit_request(second_opinion_request(patient, "SIGNED-1"),
+        request = (await runtime.bridge.cases.submit_request(second_opinion_request(patient, "SIGNED-1"),
                                                       tenant="platform")).resource
-        task = await runtime.cases.task_for(request["id"])
-        await runtime.cases.run_collect_job(Job(f"collect:{task['id']}", COLLECT_JOB, {"task": task["id"]}))
-        task = await runtime.cases.task_for(request["id"])
+        task = await runtime.bridge.book.for_request(request["id"])
+        await runtime.bridge.cases.run_collect_job(Job(f"collect:{task['id']}", COLLECT_JOB, {"task": task["id"]}))
+        task = await runtime.bridge.book.for_request(request["id"])
         assert task["status"] in ("ready", "on-hold"), task.get("statusReason")
         bundle_id = next(o["valueReference"]["reference"] for o in task["output"]
                          if o["type"]["coding"][0]["code"] == "case-bundle").split("/")[1]
         files = {}
         for name, reader in (("plain", None), ("pseudonymised", ABROAD)):
             files[name] = data_dir / f"{name}.json"
-            files[name].write_bytes(b"".join([c async for c in runtime.cases.bundle_chunks(bundle_id, reader)]))
+            files[name].write_bytes(b"".join([c async for c in runtime.bridge.bundles.chunks(bundle_id, reader)]))
     return Served(data_dir, files["plain"], files["pseudonymised"], patient["identifier"]["value"])
 
 

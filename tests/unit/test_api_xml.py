@@ -24,9 +24,9 @@ from fhir_bridge.audit.events import Party
 from fhir_bridge.dev.demo import reviewer_opinion, second_opinion_request
 from fhir_bridge.fhir.resources import Resource, dumps, validate
 from fhir_bridge.fhir.xml import FHIR_NS, from_xml, to_xml
-from fhir_bridge.workflow.cases import CaseService
+from fhir_bridge.workflow.bridge import Bridge as UseCases
 from tests.callers import Callers, assigned_reviewer, caller
-from tests.fakes import FakeSource, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory
+from tests.fakes import FakeSource, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory, make_bridge
 from tests.unit.test_audit_wiring import FakeAudit, patient_of
 from tests.unit.test_cases import LAB_ONLY_RULES, PATIENT, REQUESTS, TERMS, output_reference, world
 from tests.unit.test_xml_safety import billion_laughs
@@ -41,7 +41,7 @@ SECRET = "TOP-SECRET-FILE-CONTENT"
 
 
 class Api:
-    def __init__(self, client: httpx.AsyncClient, audit: FakeAudit, service: CaseService, store: InMemoryStore,
+    def __init__(self, client: httpx.AsyncClient, audit: FakeAudit, service: UseCases, store: InMemoryStore,
                  queue: InMemoryQueue, callers: Callers) -> None:
         self.client, self.audit, self.service, self.store, self.queue = client, audit, service, store, queue
         self.callers = callers
@@ -61,7 +61,7 @@ class Api:
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
     audit = FakeAudit()
     store, queue, blobs = InMemoryStore(), InMemoryQueue(max_attempts=3), InMemoryBlobs()
-    service = CaseService(store=store, queue=queue, blobs=blobs, source=fake_source_factory(FakeSource(world())),
+    service = make_bridge(store=store, queue=queue, blobs=blobs, source=fake_source_factory(FakeSource(world())),
                           terminology=TERMS, work_dir=tmp_path / "work", triage_rules=LAB_ONLY_RULES, audit=audit)
     app = create_app(Settings(), service, audit=audit, audit_bridge=Party("fhir-bridge", name="fhir-bridge api"))
     callers = Callers(app, caller("platform"))
@@ -149,13 +149,13 @@ async def test_an_xml_body_gives_the_same_resource_as_the_json_body(api: Api) ->
 
 async def test_the_whole_case_speaks_xml_task_search_history_operations_and_the_opinion(api: Api) -> None:
     sr = xml_answer(await api.create_request_in_xml("X-2", Accept=XML))
-    await api.queue.drain(api.service.run_collect_job)
+    await api.queue.drain(api.service.cases.run_collect_job)
     page = await api.client.get("/fhir/Task", params={"focus": f"ServiceRequest/{sr['id']}", "_format": "xml"})
     bundle = xml_answer(page)
     assert bundle["type"] == "searchset" and bundle["total"] == 1
     task = bundle["entry"][0]["resource"]
     assert task["status"] == "ready" and {c["resourceType"] for c in task["contained"]} == {"OperationOutcome"}
-    assert task == await api.service.task_for(sr["id"])
+    assert task == await api.service.book.for_request(sr["id"])
     history = xml_answer(await api.client.get(f"/fhir/Task/{task['id']}/_history", headers=ASK_XML))
     assert history["type"] == "history" and history["total"] == 3
     reviewer = assigned_reviewer(task, api.service.assignments.registry)
@@ -201,8 +201,8 @@ async def test_an_xml_answer_is_audited_with_its_patient_and_an_xml_error_with_i
 
 async def test_the_streamed_case_bundle_is_json_only_and_xml_for_it_is_406(api: Api) -> None:
     sr = json_answer(await api.create_request_in_xml("X-4", Accept="application/fhir+json"))
-    await api.queue.drain(api.service.run_collect_job)
-    task = await api.service.task_for(sr["id"])
+    await api.queue.drain(api.service.cases.run_collect_job)
+    task = await api.service.book.for_request(sr["id"])
     bundle_ref = output_reference(task, "case-bundle")
     api.callers.current = caller("reviewer", reviewer=assigned_reviewer(task, api.service.assignments.registry))
     for asked in ({"headers": ASK_XML}, {"params": {"_format": "xml"}}):

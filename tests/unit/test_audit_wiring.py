@@ -27,10 +27,10 @@ from fhir_bridge.dev.demo import second_opinion_request
 from fhir_bridge.errors import AttachmentError, AuditUnavailable, InvalidInput, SourceUnavailable
 from fhir_bridge.fhir.identity import INS_NIR_TEST, PatientIdentifier
 from fhir_bridge.fhir.resources import validate
-from fhir_bridge.workflow.cases import CaseService
+from fhir_bridge.workflow.bridge import Bridge as UseCases
 from fhir_bridge.workflow.taskbook import TaskBook
 from tests.callers import Callers, assigned_reviewer, caller
-from tests.fakes import FakeSource, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory
+from tests.fakes import FakeSource, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory, make_bridge
 from tests.unit.test_cases import LAB_ONLY_RULES, PATIENT, REQUESTS, TERMS, output_reference, world
 
 FHIR = {"Content-Type": "application/fhir+json"}
@@ -83,7 +83,7 @@ def client_agent(event: Event) -> Event:
 
 
 class Api:
-    def __init__(self, client: httpx.AsyncClient, audit: FakeAudit, service: CaseService, queue: InMemoryQueue,
+    def __init__(self, client: httpx.AsyncClient, audit: FakeAudit, service: UseCases, queue: InMemoryQueue,
                  callers: Callers):
         self.client, self.audit, self.service, self.queue, self.callers = client, audit, service, queue, callers
 
@@ -106,7 +106,7 @@ class Api:
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
     audit = FakeAudit()
     store, queue, blobs = InMemoryStore(), InMemoryQueue(max_attempts=3), InMemoryBlobs()
-    service = CaseService(store=store, queue=queue, blobs=blobs, source=fake_source_factory(FakeSource(world())),
+    service = make_bridge(store=store, queue=queue, blobs=blobs, source=fake_source_factory(FakeSource(world())),
                           terminology=TERMS, work_dir=tmp_path / "work", triage_rules=LAB_ONLY_RULES, audit=audit)
     app = create_app(Settings(), service, audit=audit, audit_bridge=Party("fhir-bridge", name="fhir-bridge api"))
     callers = Callers(app, caller("platform"))  # a platform client unless a test says otherwise
@@ -199,8 +199,8 @@ async def test_no_audit_no_exchange_a_refused_create_stands_and_its_retry_is_saf
 
 async def test_a_streamed_bundle_is_recorded_before_any_byte_and_refused_whole(api: Api) -> None:
     sr = (await api.create_request("W-3")).json()
-    await api.queue.drain(api.service.run_collect_job)
-    task = await api.service.task_for(sr["id"])
+    await api.queue.drain(api.service.cases.run_collect_job)
+    task = await api.service.book.for_request(sr["id"])
     bundle_ref = output_reference(task, "case-bundle")
     api.caller = caller("reviewer", reviewer=assigned_reviewer(task, api.service.assignments.registry))
     answer = await api.client.get(f"/fhir/{bundle_ref}", headers={"X-Request-Id": "bundle-1"})
@@ -216,8 +216,8 @@ async def test_a_streamed_bundle_is_recorded_before_any_byte_and_refused_whole(a
 
 async def test_case_changes_are_job_events_with_the_task_version_and_patient(api: Api) -> None:
     sr = (await api.create_request("W-4")).json()
-    await api.queue.drain(api.service.run_collect_job)
-    task = await api.service.task_for(sr["id"])
+    await api.queue.drain(api.service.cases.run_collect_job)
+    task = await api.service.book.for_request(sr["id"])
     jobs = [e for e in api.audit.events if e["type"]["code"] == "110110"]
     assert [subtypes(e) for e in jobs] == [["collecting"], ["triaged-ready"]]
     assert [object_reference(e) for e in jobs] == [f"Task/{task['id']}/_history/2", f"Task/{task['id']}/_history/3"]

@@ -20,8 +20,17 @@ from fhir_bridge.fhir.search_index import tenant_of
 from fhir_bridge.fhir.terminology import load_terminology
 from fhir_bridge.ports import Job
 from fhir_bridge.review.triage_rules import load_triage_rules
-from fhir_bridge.workflow.cases import COLLECT_JOB, CaseService
-from tests.fakes import FakeSource, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory
+from fhir_bridge.workflow.bridge import Bridge as UseCases
+from fhir_bridge.workflow.cases import COLLECT_JOB
+from tests.fakes import (
+    FakeSource,
+    InMemoryBlobs,
+    InMemoryQueue,
+    InMemoryStore,
+    InMemorySyncState,
+    fake_source_factory,
+    make_bridge,
+)
 
 TERMS = load_terminology()
 LAB_ONLY_RULES = load_triage_rules(extra=[Path(__file__).parent.parent / "data" / "triage-rules-lab-only.json"])
@@ -71,7 +80,7 @@ def world() -> dict[str, Any]:
 
 @dataclass
 class Bridge:
-    service: CaseService
+    service: UseCases
     store: InMemoryStore
     queue: InMemoryQueue
     blobs: InMemoryBlobs
@@ -81,12 +90,12 @@ class Bridge:
                      **changes: Any) -> Any:
         body = {**second_opinion_request(PATIENT, request_id), **changes}
         ine = f"identifier={REQUESTS}|{request_id}" if if_none_exist == "default" else if_none_exist
-        return await self.service.submit_request(body, if_none_exist=ine, tenant=tenant)
+        return await self.service.cases.submit_request(body, if_none_exist=ine, tenant=tenant)
 
     async def ready_case(self) -> tuple[dict[str, Any], dict[str, Any]]:
         request = (await self.submit()).resource
-        await self.queue.drain(self.service.run_collect_job)
-        task = await self.service.task_for(request["id"])
+        await self.queue.drain(self.service.cases.run_collect_job)
+        task = await self.service.book.for_request(request["id"])
         assert task["status"] == "ready", task.get("statusReason")
         return request, task
 
@@ -95,16 +104,16 @@ class Bridge:
 
     async def bundle_bytes(self, task: dict[str, Any]) -> bytes:
         reference = output_reference(task, "case-bundle")
-        return b"".join([chunk async for chunk in self.service.bundle_chunks(reference.split("/")[1])])
+        return b"".join([chunk async for chunk in self.service.bundles.chunks(reference.split("/")[1])])
 
 
 @pytest.fixture
 def bridge(tmp_path: Path) -> Bridge:
     store, queue, blobs = InMemoryStore(), InMemoryQueue(max_attempts=MAX_ATTEMPTS), InMemoryBlobs()
     source = FakeSource(world())
-    service = CaseService(store=store, queue=queue, blobs=blobs, source=fake_source_factory(source),
+    service = make_bridge(store=store, queue=queue, blobs=blobs, source=fake_source_factory(source),
                           terminology=TERMS, work_dir=tmp_path / "work", max_attempts=MAX_ATTEMPTS,
-                          triage_rules=LAB_ONLY_RULES)
+                          triage_rules=LAB_ONLY_RULES, sync_marks=InMemorySyncState())
     return Bridge(service, store, queue, blobs, source)
 
 
@@ -132,7 +141,7 @@ async def test_a_valid_request_creates_the_request_one_task_and_one_collect_job(
     created = await bridge.submit()
     request = created.resource
     assert created.created and request["meta"]["versionId"] == "1" and request["authoredOn"]
-    task = await bridge.service.task_for(request["id"])
+    task = await bridge.service.book.for_request(request["id"])
     assert state(task) == ("requested", "requested")
     assert task["code"]["coding"] == [{"system": "http://hl7.org/fhir/CodeSystem/task-code", "code": "fulfill"}]
     assert task["focus"] == {"reference": f"ServiceRequest/{request['id']}"}
@@ -186,10 +195,10 @@ async def test_if_none_exist_with_underscore_parameters_is_refused_not_matched_t
 async def test_a_request_whose_nir_has_spaces_is_found_and_answered_by_its_normalised_ins(bridge: Bridge) -> None:
     spaced = {"identifier": {"system": INS_NIR_TEST, "value": "2 95 10 99 126 111 93"}}
     request = (await bridge.submit(subject=spaced)).resource
-    await bridge.queue.drain(bridge.service.run_collect_job)
+    await bridge.queue.drain(bridge.service.cases.run_collect_job)
     ins = f"{INS_NIR_TEST}|{NIR}"
-    assert (await bridge.service.search("ServiceRequest", [("subject:identifier", ins)], 10, 0))[1] == 1
-    await bridge.service.submit_opinion(opinion(request))
+    assert (await bridge.service.records.search("ServiceRequest", [("subject:identifier", ins)], 10, 0))[1] == 1
+    await bridge.service.opinions.submit(opinion(request))
 
 
 async def test_a_patient_unknown_at_the_source_is_refused_and_nothing_is_stored(bridge: Bridge) -> None:
@@ -204,7 +213,7 @@ async def test_a_request_is_accepted_while_the_source_is_unavailable(bridge: Bri
     bridge.source.unavailable = True
     created = await bridge.submit()
     assert created.created
-    assert state(await bridge.service.task_for(created.resource["id"])) == ("requested", "requested")
+    assert state(await bridge.service.book.for_request(created.resource["id"])) == ("requested", "requested")
     assert len(bridge.queue.enqueued) == 1
 
 
@@ -270,8 +279,8 @@ async def test_an_attachment_failing_retrieval_is_left_out_with_its_reason(
 ) -> None:
     bridge.source.attachments = {bridge.source.absolute(k): v for k, v in attachments.items()}
     request = (await bridge.submit()).resource
-    await bridge.queue.drain(bridge.service.run_collect_job)
-    task = await bridge.service.task_for(request["id"])
+    await bridge.queue.drain(bridge.service.cases.run_collect_job)
+    task = await bridge.service.book.for_request(request["id"])
     codes = [i["details"]["coding"][0]["code"] for i in task["contained"][0]["issue"]]
     assert sorted(codes) == sorted(["masked", reason])
     bundle = json.loads(await bridge.bundle_bytes(task))
@@ -286,17 +295,17 @@ async def test_an_attachment_failing_retrieval_is_left_out_with_its_reason(
 async def test_running_the_collect_job_twice_makes_one_bundle_and_no_extra_task_versions(bridge: Bridge) -> None:
     _, task = await bridge.ready_case()
     versions = len(await bridge.store.history("Task", task["id"]))
-    await bridge.service.run_collect_job(collect_job(task))
+    await bridge.service.cases.run_collect_job(collect_job(task))
     assert await bridge.total("Bundle") == 1
     assert len(await bridge.store.history("Task", task["id"])) == versions
-    assert await bridge.service.task_for(task["focus"]["reference"].split("/")[1]) == task
+    assert await bridge.service.book.for_request(task["focus"]["reference"].split("/")[1]) == task
 
 
 async def test_a_reclaimed_job_reuses_the_bundle_a_crashed_worker_already_stored(
     bridge: Bridge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     request = (await bridge.submit()).resource
-    task = await bridge.service.task_for(request["id"])
+    task = await bridge.service.book.for_request(request["id"])
 
     real_move = bridge.service.book.move
 
@@ -308,10 +317,10 @@ async def test_a_reclaimed_job_reuses_the_bundle_a_crashed_worker_already_stored
     with monkeypatch.context() as patched:
         patched.setattr(bridge.service.book, "move", crash)
         with pytest.raises(RuntimeError):
-            await bridge.service.run_collect_job(collect_job(task))
+            await bridge.service.cases.run_collect_job(collect_job(task))
     first_bundle = (await bridge.store.search("Bundle", {}, count=10)).resources
-    await bridge.service.run_collect_job(collect_job(task, attempt=2))
-    task = await bridge.service.task_for(request["id"])
+    await bridge.service.cases.run_collect_job(collect_job(task, attempt=2))
+    task = await bridge.service.book.for_request(request["id"])
     assert state(task) == ("ready", "triaged-ready")
     assert await bridge.total("Bundle") == 1
     assert output_reference(task, "case-bundle") == f"Bundle/{first_bundle[0]['id']}"
@@ -320,20 +329,20 @@ async def test_a_reclaimed_job_reuses_the_bundle_a_crashed_worker_already_stored
 
 async def test_a_source_outage_before_the_last_attempt_is_left_to_the_queue_to_retry(bridge: Bridge) -> None:
     request = (await bridge.submit()).resource
-    task = await bridge.service.task_for(request["id"])
+    task = await bridge.service.book.for_request(request["id"])
     bridge.source.unavailable = True
     with pytest.raises(SourceUnavailable):
-        await bridge.service.run_collect_job(collect_job(task, attempt=MAX_ATTEMPTS - 1))
-    assert state(await bridge.service.task_for(request["id"])) == ("in-progress", "collecting")
-    assert not list(bridge.service.work_dir.iterdir())  # the work directory is cleaned up anyway
+        await bridge.service.cases.run_collect_job(collect_job(task, attempt=MAX_ATTEMPTS - 1))
+    assert state(await bridge.service.book.for_request(request["id"])) == ("in-progress", "collecting")
+    assert not list(bridge.service.cases.work_dir.iterdir())  # the work directory is cleaned up anyway
 
 
 async def test_a_source_outage_on_the_last_attempt_fails_the_task_with_a_reason(bridge: Bridge) -> None:
     request = (await bridge.submit()).resource
-    task = await bridge.service.task_for(request["id"])
+    task = await bridge.service.book.for_request(request["id"])
     bridge.source.unavailable = True
-    await bridge.service.run_collect_job(collect_job(task, attempt=MAX_ATTEMPTS))
-    task = await bridge.service.task_for(request["id"])
+    await bridge.service.cases.run_collect_job(collect_job(task, attempt=MAX_ATTEMPTS))
+    task = await bridge.service.book.for_request(request["id"])
     assert state(task) == ("failed", "failed")
     assert "SourceUnavailable" in task["statusReason"]["text"]
     assert await bridge.total("Bundle") == 0
@@ -345,28 +354,28 @@ async def test_the_queue_retries_an_outage_and_the_case_is_ready_once_the_source
 
     async def outage_then_recovery(job: Job) -> None:
         bridge.source.unavailable = job.attempt < 2
-        await bridge.service.run_collect_job(job)
+        await bridge.service.cases.run_collect_job(job)
 
     assert await bridge.queue.drain(outage_then_recovery) == 2
-    assert state(await bridge.service.task_for(request["id"])) == ("ready", "triaged-ready")
+    assert state(await bridge.service.book.for_request(request["id"])) == ("ready", "triaged-ready")
     assert bridge.queue.dead == []
 
 
 async def test_a_patient_gone_from_the_source_fails_the_task(bridge: Bridge) -> None:
     request = (await bridge.submit()).resource
     bridge.source.patients = []
-    await bridge.queue.drain(bridge.service.run_collect_job)
-    task = await bridge.service.task_for(request["id"])
+    await bridge.queue.drain(bridge.service.cases.run_collect_job)
+    task = await bridge.service.book.for_request(request["id"])
     assert state(task) == ("failed", "failed") and task["statusReason"]["text"]
     assert bridge.queue.dead == []  # a permanent failure is recorded on the Task, not retried
 
 
 async def test_a_redelivered_collect_job_does_not_reopen_a_case_under_review(bridge: Bridge) -> None:
     request, task = await bridge.ready_case()
-    await bridge.service.submit_opinion(opinion(request, "preliminary"))
-    in_review = await bridge.service.task_for(request["id"])
-    await bridge.service.run_collect_job(collect_job(task, attempt=2))
-    assert await bridge.service.task_for(request["id"]) == in_review
+    await bridge.service.opinions.submit(opinion(request, "preliminary"))
+    in_review = await bridge.service.book.for_request(request["id"])
+    await bridge.service.cases.run_collect_job(collect_job(task, attempt=2))
+    assert await bridge.service.book.for_request(request["id"]) == in_review
 
 
 # -- the opinion ----------------------------------------------------------------------------------------
@@ -374,11 +383,11 @@ async def test_a_redelivered_collect_job_does_not_reopen_a_case_under_review(bri
 
 async def test_a_final_opinion_completes_the_task_and_is_in_its_output(bridge: Bridge) -> None:
     request, _ = await bridge.ready_case()
-    created = await bridge.service.submit_opinion(opinion(request))
+    created = await bridge.service.opinions.submit(opinion(request))
     report = created.resource
     assert created.created and report["issued"]
     assert report["basedOn"] == [{"reference": f"ServiceRequest/{request['id']}"}]
-    task = await bridge.service.task_for(request["id"])
+    task = await bridge.service.book.for_request(request["id"])
     assert state(task) == ("completed", "opinion-final")
     assert output_reference(task, "opinion") == f"DiagnosticReport/{report['id']}"
     assert output_reference(task, "case-bundle").startswith("Bundle/")
@@ -388,30 +397,30 @@ async def test_a_final_opinion_completes_the_task_and_is_in_its_output(bridge: B
 
 async def test_a_preliminary_opinion_puts_a_ready_case_in_review(bridge: Bridge) -> None:
     request, _ = await bridge.ready_case()
-    await bridge.service.submit_opinion(opinion(request, "preliminary"))
-    task = await bridge.service.task_for(request["id"])
+    await bridge.service.opinions.submit(opinion(request, "preliminary"))
+    task = await bridge.service.book.for_request(request["id"])
     assert state(task) == ("in-progress", "in-review")
     assert [o for o in task["output"] if o["type"]["coding"][0]["code"] == "opinion"] == []
 
 
 async def test_a_final_opinion_after_a_preliminary_one_completes_the_task(bridge: Bridge) -> None:
     request, _ = await bridge.ready_case()
-    await bridge.service.submit_opinion(opinion(request, "preliminary"))
-    await bridge.service.submit_opinion(opinion(request, "final"))
-    assert state(await bridge.service.task_for(request["id"])) == ("completed", "opinion-final")
+    await bridge.service.opinions.submit(opinion(request, "preliminary"))
+    await bridge.service.opinions.submit(opinion(request, "final"))
+    assert state(await bridge.service.book.for_request(request["id"])) == ("completed", "opinion-final")
 
 
 async def test_an_opinion_about_another_patient_is_refused_and_nothing_is_stored(bridge: Bridge) -> None:
     request, task = await bridge.ready_case()
     with pytest.raises(BusinessRuleViolation):
-        await bridge.service.submit_opinion(opinion(request, patient=OTHER_PATIENT))
+        await bridge.service.opinions.submit(opinion(request, patient=OTHER_PATIENT))
     assert await bridge.total("DiagnosticReport") == 0
-    assert await bridge.service.task_for(request["id"]) == task
+    assert await bridge.service.book.for_request(request["id"]) == task
 
 
 async def test_an_opinion_on_an_unknown_request_is_refused(bridge: Bridge) -> None:
     with pytest.raises(BusinessRuleViolation):
-        await bridge.service.submit_opinion(opinion({"id": "no-such-request"}))
+        await bridge.service.opinions.submit(opinion({"id": "no-such-request"}))
     assert await bridge.total("DiagnosticReport") == 0
 
 
@@ -420,16 +429,16 @@ async def test_an_opinion_on_a_case_not_ready_for_review_is_refused(bridge: Brid
     request = (await bridge.submit()).resource
     if outage:
         bridge.source.unavailable = True
-        await bridge.queue.drain(bridge.service.run_collect_job)
+        await bridge.queue.drain(bridge.service.cases.run_collect_job)
     with pytest.raises(BusinessRuleViolation):
-        await bridge.service.submit_opinion(opinion(request))
+        await bridge.service.opinions.submit(opinion(request))
     assert await bridge.total("DiagnosticReport") == 0
 
 
 async def test_a_new_opinion_must_be_preliminary_or_final(bridge: Bridge) -> None:
     request, _ = await bridge.ready_case()
     with pytest.raises(BusinessRuleViolation):
-        await bridge.service.submit_opinion(opinion(request, "registered"))
+        await bridge.service.opinions.submit(opinion(request, "registered"))
     assert await bridge.total("DiagnosticReport") == 0
 
 
@@ -437,49 +446,50 @@ async def test_a_retried_opinion_with_the_same_if_none_exist_is_stored_once(brid
     request, _ = await bridge.ready_case()
     body = {**opinion(request), "identifier": [{"system": "https://reviewer.test/reports", "value": "O-1"}]}
     ine = f"based-on=ServiceRequest/{request['id']}"
-    first = await bridge.service.submit_opinion(body, if_none_exist=ine)
-    again = await bridge.service.submit_opinion(body, if_none_exist=ine)
+    first = await bridge.service.opinions.submit(body, if_none_exist=ine)
+    again = await bridge.service.opinions.submit(body, if_none_exist=ine)
     assert not again.created and again.resource == first.resource
     assert await bridge.total("DiagnosticReport") == 1
 
 
 async def test_amending_with_a_stale_if_match_is_a_failed_precondition(bridge: Bridge) -> None:
     request, _ = await bridge.ready_case()
-    report = (await bridge.service.submit_opinion(opinion(request))).resource
+    report = (await bridge.service.opinions.submit(opinion(request))).resource
     amended = {**report, "status": "amended", "conclusion": "Diagnostic confirmé après relecture."}
-    await bridge.service.amend_opinion(report["id"], amended, if_match="1")
+    await bridge.service.opinions.amend(report["id"], amended, if_match="1")
     with pytest.raises(PreconditionFailed):
-        await bridge.service.amend_opinion(report["id"], amended, if_match="1")
+        await bridge.service.opinions.amend(report["id"], amended, if_match="1")
     assert len(await bridge.store.history("DiagnosticReport", report["id"])) == 2
 
 
 async def test_a_final_opinion_can_not_be_amended_back_to_preliminary(bridge: Bridge) -> None:
     request, _ = await bridge.ready_case()
-    report = (await bridge.service.submit_opinion(opinion(request))).resource
+    report = (await bridge.service.opinions.submit(opinion(request))).resource
     with pytest.raises(BusinessRuleViolation):
-        await bridge.service.amend_opinion(report["id"], {**report, "status": "preliminary"}, if_match="1")
+        await bridge.service.opinions.amend(report["id"], {**report, "status": "preliminary"}, if_match="1")
     assert (await bridge.store.read("DiagnosticReport", report["id"]))["meta"]["versionId"] == "1"
 
 
 async def test_an_amendment_keeps_the_original_based_on(bridge: Bridge) -> None:
     request, _ = await bridge.ready_case()
-    report = (await bridge.service.submit_opinion(opinion(request))).resource
+    report = (await bridge.service.opinions.submit(opinion(request))).resource
     elsewhere = {**report, "status": "amended", "basedOn": [{"reference": "ServiceRequest/another-one"}]}
     with pytest.raises(BusinessRuleViolation):
-        await bridge.service.amend_opinion(report["id"], elsewhere, if_match="1")
+        await bridge.service.opinions.amend(report["id"], elsewhere, if_match="1")
     absolute = [{"reference": f"https://bridge.test/fhir/ServiceRequest/{request['id']}/_history/1"}]
-    stored = await bridge.service.amend_opinion(report["id"], {**report, "status": "amended", "basedOn": absolute},
+    stored = await bridge.service.opinions.amend(report["id"], {**report, "status": "amended", "basedOn": absolute},
                                                 if_match="1")
     assert stored["basedOn"] == report["basedOn"] and stored["meta"]["versionId"] == "2"
-    found = await bridge.service.search("DiagnosticReport", [("based-on", f"ServiceRequest/{request['id']}")], 10, 0)
+    found = await bridge.service.records.search("DiagnosticReport",
+                                                [("based-on", f"ServiceRequest/{request['id']}")], 10, 0)
     assert found[1] == 1
 
 
 async def test_an_amended_opinion_is_listed_once_in_the_task_output(bridge: Bridge) -> None:
     request, _ = await bridge.ready_case()
-    report = (await bridge.service.submit_opinion(opinion(request))).resource
-    await bridge.service.amend_opinion(report["id"], {**report, "status": "amended"}, if_match="1")
-    task = await bridge.service.task_for(request["id"])
+    report = (await bridge.service.opinions.submit(opinion(request))).resource
+    await bridge.service.opinions.amend(report["id"], {**report, "status": "amended"}, if_match="1")
+    task = await bridge.service.book.for_request(request["id"])
     assert state(task) == ("completed", "opinion-final")
     assert [o["valueReference"] for o in task["output"] if o["type"]["coding"][0]["code"] == "opinion"] == [
         {"reference": f"DiagnosticReport/{report['id']}"}]
@@ -491,18 +501,18 @@ async def test_an_amended_opinion_is_listed_once_in_the_task_output(bridge: Brid
 async def test_the_overdue_scan_flags_a_late_open_case_once_with_an_injected_clock(tmp_path: Path) -> None:
     now = [datetime(2026, 11, 2, 9, 0, tzinfo=UTC)]
     store, queue = InMemoryStore(clock=lambda: now[0]), InMemoryQueue(max_attempts=MAX_ATTEMPTS)
-    service = CaseService(store=store, queue=queue, blobs=InMemoryBlobs(),
+    service = make_bridge(store=store, queue=queue, blobs=InMemoryBlobs(),
                           source=fake_source_factory(FakeSource(world())), terminology=TERMS,
                           work_dir=tmp_path / "work", triage_rules=LAB_ONLY_RULES, clock=lambda: now[0])
     body = second_opinion_request(PATIENT, "LATE-1")
     body["occurrenceDateTime"] = "2027-01-01T00:00:00Z"  # the requester's own deadline is later: 48 h rules
-    request = (await service.submit_request(body, tenant=TENANT)).resource
-    task = await service.task_for(request["id"])
+    request = (await service.cases.submit_request(body, tenant=TENANT)).resource
+    task = await service.book.for_request(request["id"])
     assert task["restriction"]["period"]["end"] == "2026-11-04T09:00:00.000Z"
     now[0] += timedelta(hours=47)
-    assert await service.scan_overdue() == []
+    assert await service.assignments.scan_overdue() == []
     now[0] += timedelta(hours=2)
-    [flagged] = await service.scan_overdue()
+    [flagged] = await service.assignments.scan_overdue()
     assert any(e["url"].endswith("/overdue") and e["valueBoolean"] for e in flagged["extension"])
     assert "deadline" in flagged["note"][-1]["text"]
-    assert await service.scan_overdue() == []  # flagged once
+    assert await service.assignments.scan_overdue() == []  # flagged once

@@ -27,8 +27,8 @@ from fhir_bridge.fhir.xml_safety import _hardened_parser
 from fhir_bridge.sandbox import render
 from fhir_bridge.sandbox.render import Urls
 from fhir_bridge.sandbox.world import build_world
-from fhir_bridge.workflow.cases import CaseService
-from tests.fakes import FakeSource, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory
+from fhir_bridge.workflow.bridge import Bridge as UseCases
+from tests.fakes import FakeSource, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory, make_bridge
 from tests.unit.test_cases import LAB_ONLY_RULES, PATIENT, REQUESTS, TERMS, output_reference, world
 
 LIMIT = 10 * 1024 * 1024
@@ -229,26 +229,26 @@ def test_a_repeating_primitive_with_only_an_extension_keeps_its_null_in_json() -
 # -- what the bridge really builds ---------------------------------------------------------------------------
 
 @pytest.fixture
-def service(tmp_path: Path) -> CaseService:
-    return CaseService(store=InMemoryStore(), queue=InMemoryQueue(max_attempts=3), blobs=InMemoryBlobs(),
+def service(tmp_path: Path) -> UseCases:
+    return make_bridge(store=InMemoryStore(), queue=InMemoryQueue(max_attempts=3), blobs=InMemoryBlobs(),
                        source=fake_source_factory(FakeSource(world())), terminology=TERMS,
                        work_dir=tmp_path / "work", triage_rules=LAB_ONLY_RULES)
 
 
-async def test_a_real_case_its_task_bundle_opinion_and_history_survive_the_round_trip(service: CaseService) -> None:
+async def test_a_real_case_its_task_bundle_opinion_and_history_survive_the_round_trip(service: UseCases) -> None:
     body = second_opinion_request(PATIENT, "X-1")
-    request = (await service.submit_request(body, if_none_exist=f"identifier={REQUESTS}|X-1",
+    request = (await service.cases.submit_request(body, if_none_exist=f"identifier={REQUESTS}|X-1",
                                             tenant="platform-a")).resource
-    queue = service.queue
+    queue = service.ports.queue
     assert isinstance(queue, InMemoryQueue)
-    await queue.drain(service.run_collect_job)
-    task = await service.task_for(request["id"])
+    await queue.drain(service.cases.run_collect_job)
+    task = await service.book.for_request(request["id"])
     assert task["status"] == "ready" and len(task["contained"]) == 2
-    opinion = (await service.submit_opinion({**reviewer_opinion(request["id"], PATIENT), "status": "preliminary"},
+    opinion = (await service.opinions.submit({**reviewer_opinion(request["id"], PATIENT), "status": "preliminary"},
                                             if_none_exist=None)).resource
     bundle_id = output_reference(task, "case-bundle").split("/")[1]
-    bundle = loads(b"".join([chunk async for chunk in service.bundle_chunks(bundle_id)]))
-    for resource in (request, task, opinion, bundle, *await service.store.history("Task", task["id"])):
+    bundle = loads(b"".join([chunk async for chunk in service.bundles.chunks(bundle_id)]))
+    for resource in (request, task, opinion, bundle, *await service.ports.store.history("Task", task["id"])):
         round_trip(resource)
 
 

@@ -27,9 +27,17 @@ from fhir_bridge.opinion.content import OpinionContent, read_content
 from fhir_bridge.opinion.writeback import master_identifier
 from fhir_bridge.ports import Job, WebhookTarget
 from fhir_bridge.review.routing import load_registry
-from fhir_bridge.workflow.cases import CaseService
+from fhir_bridge.workflow.bridge import Bridge as UseCases
 from fhir_bridge.workflow.delivery import RECORD_JOB, WEBHOOK_JOB, sign_webhook
-from tests.fakes import FakeSource, FakeWebhooks, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory
+from tests.fakes import (
+    FakeSource,
+    FakeWebhooks,
+    InMemoryBlobs,
+    InMemoryQueue,
+    InMemoryStore,
+    fake_source_factory,
+    make_bridge,
+)
 from tests.unit.test_cases import LAB_ONLY_RULES, PATIENT, REQUESTS, TENANT, TERMS, world
 
 REGISTRY = load_registry()
@@ -41,7 +49,7 @@ SNOMED, CIM10 = "http://snomed.info/sct", "https://smt.esante.gouv.fr/terminolog
 
 @dataclass
 class Bench:
-    service: CaseService
+    service: UseCases
     store: InMemoryStore
     queue: InMemoryQueue
     source: FakeSource
@@ -52,10 +60,10 @@ class Bench:
         body = second_opinion_request(PATIENT, request_id)
         if write_back:
             body["extension"] = [{"url": WRITE_BACK, "valueBoolean": True}]
-        request = (await self.service.submit_request(body, if_none_exist=f"identifier={REQUESTS}|{request_id}",
+        request = (await self.service.cases.submit_request(body, if_none_exist=f"identifier={REQUESTS}|{request_id}",
                                                      tenant=TENANT, client="platform-a")).resource
-        await self.queue.drain(self.service.run_collect_job)
-        task = await self.service.task_for(request["id"])
+        await self.queue.drain(self.service.cases.run_collect_job)
+        task = await self.service.book.for_request(request["id"])
         assert task["status"] == "ready", task.get("statusReason")
         task = await self.store.update({**task, "owner": {"reference": owner}}, index={"focus": [
             f"ServiceRequest/{request['id']}"], "status": ["ready"]})
@@ -63,7 +71,7 @@ class Bench:
 
     async def post(self, request: dict[str, Any], author: str | None, **kwargs: Any) -> dict[str, Any]:
         body = opinion_report(request["id"], PATIENT, **kwargs)
-        return (await self.service.submit_opinion(body, author=author)).resource
+        return (await self.service.opinions.submit(body, author=author)).resource
 
     async def reports(self, request: dict[str, Any]) -> list[dict[str, Any]]:
         page = await self.store.search("DiagnosticReport", {"based-on": [f"ServiceRequest/{request['id']}"]},
@@ -85,7 +93,7 @@ def bench(tmp_path: Path) -> Bench:
     store, queue = InMemoryStore(), InMemoryQueue(max_attempts=3)
     source = FakeSource(world())
     webhooks = FakeWebhooks({"platform-a": WebhookTarget("https://platform.test/hooks", SECRET)})
-    service = CaseService(store=store, queue=queue, blobs=InMemoryBlobs(), source=fake_source_factory(source),
+    service = make_bridge(store=store, queue=queue, blobs=InMemoryBlobs(), source=fake_source_factory(source),
                           terminology=TERMS, work_dir=tmp_path / "work", triage_rules=LAB_ONLY_RULES,
                           webhooks=webhooks, pseudonym_key=b"p" * 32)
     return Bench(service, store, queue, source, webhooks)
@@ -126,7 +134,7 @@ async def test_a_final_opinion_is_signed_by_its_reviewer_and_rendered_in_french_
     assert "Medical second opinion" in pdf_text(rendered[("application/pdf", "en")])
     assert "C34.1" in pdf_text(rendered[("application/pdf", "fr")])
     conforms(report)
-    task = await bench.service.task_for(request["id"])
+    task = await bench.service.book.for_request(request["id"])
     assert (task["status"], task["businessStatus"]["coding"][0]["code"]) == ("completed", "opinion-final")
 
 
@@ -134,7 +142,7 @@ async def test_the_bridge_signs_with_the_caller_not_with_what_the_body_claims(be
     request, _ = await bench.case()
     body = opinion_report(request["id"], PATIENT) | {"resultsInterpreter": [{"display": "Pr Usurpateur"}],
                                                       "presentedForm": [{"contentType": "text/plain", "data": "eA=="}]}
-    report = (await bench.service.submit_opinion(body, author="onco-fr-1")).resource
+    report = (await bench.service.opinions.submit(body, author="onco-fr-1")).resource
     assert [r["reference"] for r in report["resultsInterpreter"]] == ["PractitionerRole/onco-fr-1"]
     assert {f["contentType"] for f in report["presentedForm"]} == {"text/html", "application/pdf"}
 
@@ -162,7 +170,7 @@ async def test_an_item_that_is_not_ours_is_refused_not_dropped(bench: Bench) -> 
     body = opinion_report(request["id"], PATIENT)
     body["contained"][0]["code"] = {"coding": [{"system": "http://loinc.org", "code": "8302-2"}]}
     with pytest.raises(BusinessRuleViolation, match=r"Observation\.code must be one of"):
-        await bench.service.submit_opinion(body, author="onco-fr-1")
+        await bench.service.opinions.submit(body, author="onco-fr-1")
 
 
 async def test_one_final_opinion_per_case_the_next_is_409_and_amends_instead(bench: Bench) -> None:
@@ -174,7 +182,7 @@ async def test_one_final_opinion_per_case_the_next_is_409_and_amends_instead(ben
         await bench.post(request, "onco-fr-1", status="preliminary")
     amended = opinion_report(request["id"], PATIENT, status="amended", diagnosis="refined",
                              conclusion="Diagnostic précisé : adénocarcinome lépidique.")
-    stored = await bench.service.amend_opinion(first["id"], amended, if_match="1", author="onco-fr-1")
+    stored = await bench.service.opinions.amend(first["id"], amended, if_match="1", author="onco-fr-1")
     assert (stored["status"], stored["meta"]["versionId"]) == ("amended", "2")
     html = forms(stored)[("text/html", "fr")].decode()
     assert "adénocarcinome lépidique" in html and "version 1" in html
@@ -189,10 +197,10 @@ async def test_a_final_opinion_only_moves_to_amended_corrected_appended_or_enter
     first = await bench.post(request, "onco-fr-1")
     for status in ("final", "preliminary"):
         with pytest.raises(BusinessRuleViolation):
-            await bench.service.amend_opinion(first["id"], opinion_report(request["id"], PATIENT, status=status),
+            await bench.service.opinions.amend(first["id"], opinion_report(request["id"], PATIENT, status=status),
                                               if_match="1", author="onco-fr-1")
     with pytest.raises(Forbidden):
-        await bench.service.amend_opinion(first["id"], opinion_report(request["id"], PATIENT, status="amended"),
+        await bench.service.opinions.amend(first["id"], opinion_report(request["id"], PATIENT, status="amended"),
                                           if_match="1", author="surg-fr-1")
 
 
@@ -200,13 +208,13 @@ async def test_a_draft_is_deleted_by_its_author_only_and_a_final_never(bench: Be
     request, _ = await bench.case()
     draft = await bench.post(request, "onco-fr-1", status="preliminary", diagnosis=None, plan=None)
     with pytest.raises(Forbidden):
-        await bench.service.delete_opinion(draft["id"], author="surg-fr-1")
-    await bench.service.delete_opinion(draft["id"], author="onco-fr-1")
+        await bench.service.opinions.delete(draft["id"], author="surg-fr-1")
+    await bench.service.opinions.delete(draft["id"], author="onco-fr-1")
     with pytest.raises(Gone):
         await bench.store.read("DiagnosticReport", draft["id"])
     final = await bench.post(request, "onco-fr-1")
     with pytest.raises(BusinessRuleViolation):
-        await bench.service.delete_opinion(final["id"], author="onco-fr-1")
+        await bench.service.opinions.delete(final["id"], author="onco-fr-1")
 
 
 # -- panels ----------------------------------------------------------------------------------------------------
@@ -259,8 +267,8 @@ async def test_the_coordinator_amends_the_consensus_and_the_dissents_are_recompu
             item["valueCodeableConcept"] = {"coding": [{"system": "https://fhir-bridge.dev/fhir/CodeSystem/opinion",
                                                         "code": "alternative-proposed"}]}
     with pytest.raises(Forbidden):
-        await bench.service.amend_opinion(final["id"], changed, if_match="1", author="csurg-fr-1")
-    amended = await bench.service.amend_opinion(final["id"], changed, if_match="1", author="cardio-fr-1")
+        await bench.service.opinions.amend(final["id"], changed, if_match="1", author="csurg-fr-1")
+    amended = await bench.service.opinions.amend(final["id"], changed, if_match="1", author="cardio-fr-1")
     dissenters = [o["performer"][0]["reference"] for o in amended["contained"] if o["id"].startswith("dissent-")]
     assert dissenters == ["PractitionerRole/csurg-fr-1"]  # now the surgeon is the one who disagrees
     conforms(amended)
@@ -344,7 +352,7 @@ async def test_the_requesting_client_is_notified_once_with_a_signed_body_without
     signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
     assert headers["webhook-signature"] == "v1," + base64.b64encode(
         hmac.new(key, signed, hashlib.sha256).digest()).decode()
-    done = await bench.service.task_for(request["id"])
+    done = await bench.service.book.for_request(request["id"])
     assert done["businessStatus"]["coding"][0]["code"] == "delivered"
     await bench.deliver()
     assert len(bench.webhooks.sent) == 1  # nothing is sent twice
@@ -375,18 +383,19 @@ async def test_the_opinion_is_written_back_once_and_an_amendment_replaces_it(ben
     assert "Diagnostic confirmé" in pdf_text(pdf)
     for resource in (bundle, document):
         validate(resource)
-    task = await bench.service.task_for(request["id"])
+    task = await bench.service.book.for_request(request["id"])
     locations = [o["valueReference"]["reference"] for o in task["output"]
                  if o["type"]["coding"][0]["code"] == "record-document"]
     assert locations == [f"{bench.source.base_url}/DocumentReference/w1-0"]
     assert task["businessStatus"]["coding"][0]["code"] == "delivered"
     amended = opinion_report(request["id"], PATIENT, status="amended", conclusion="Précision après relecture.")
-    await bench.service.amend_opinion(report["id"], amended, if_match="1", author="onco-fr-1")
-    assert (await bench.service.task_for(request["id"]))["businessStatus"]["coding"][0]["code"] == "opinion-final"
+    await bench.service.opinions.amend(report["id"], amended, if_match="1", author="onco-fr-1")
+    task = await bench.service.book.for_request(request["id"])
+    assert task["businessStatus"]["coding"][0]["code"] == "opinion-final"
     await bench.deliver()
     second = bench.source.provided[1]["entry"][1]["resource"]
     assert second["relatesTo"] == [{"code": "replaces", "target": {"reference": "DocumentReference/w1-0"}}]
-    assert (await bench.service.task_for(request["id"]))["businessStatus"]["coding"][0]["code"] == "delivered"
+    assert (await bench.service.book.for_request(request["id"]))["businessStatus"]["coding"][0]["code"] == "delivered"
 
 
 NIR = PATIENT["identifier"]["value"]
@@ -399,8 +408,8 @@ async def test_a_reviewer_abroad_reads_renderings_made_from_the_pseudonymised_re
     report = await bench.post(request, "onco-de-1")
     assert NIR in forms(report)[("text/html", "fr")].decode()  # what the platform reads names the patient
     abroad = caller("reviewer", reviewer="onco-de-1")
-    assert bench.service.needs_pseudonym(abroad)
-    seen = await bench.service.reader_view(report, abroad)
+    assert bench.service.bundles.needs_pseudonym(abroad)
+    seen = await bench.service.bundles.reader_view(report, abroad)
     rendered = forms(seen)
     assert set(rendered) == set(forms(report))
     pseudonym = seen["subject"]["identifier"]["value"]

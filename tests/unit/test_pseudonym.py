@@ -38,9 +38,9 @@ from fhir_bridge.fhir.resources import dumps, loads, validate
 from fhir_bridge.fhir.terminology import load_terminology
 from fhir_bridge.review.routing import load_registry
 from fhir_bridge.sandbox.app import SandboxConfig, create_app
-from fhir_bridge.workflow.cases import CaseService
+from fhir_bridge.workflow.bridge import Bridge as UseCases
 from fhir_bridge.workflow.collect import collect_case
-from tests.fakes import FakeSource, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory
+from tests.fakes import FakeSource, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory, make_bridge
 from tests.unit.test_cases import LAB_ONLY_RULES, NIR, PATIENT, output_reference, world
 
 TERMS = load_terminology()
@@ -228,19 +228,19 @@ def reader(reviewer: str | None, role: str = "reviewer") -> AccessContext:
 
 @dataclass
 class Bridge:
-    service: CaseService
+    service: UseCases
     queue: InMemoryQueue
     signer: Es384Signer
 
     async def ready(self, request_id: str = "R-1") -> tuple[dict[str, Any], dict[str, Any]]:
-        request = (await self.service.submit_request(second_opinion_request(PATIENT, request_id),
+        request = (await self.service.cases.submit_request(second_opinion_request(PATIENT, request_id),
                                                      tenant="t")).resource
-        await self.queue.drain(self.service.run_collect_job)
-        return request, await self.service.task_for(request["id"])
+        await self.queue.drain(self.service.cases.run_collect_job)
+        return request, await self.service.book.for_request(request["id"])
 
     async def read(self, task: dict[str, Any], who: AccessContext | None) -> bytes:
         bundle_id = output_reference(task, "case-bundle").split("/")[1]
-        return b"".join([c async for c in self.service.bundle_chunks(bundle_id, who)])
+        return b"".join([c async for c in self.service.bundles.chunks(bundle_id, who)])
 
 
 def binary_data(served: bytes) -> list[str]:
@@ -250,23 +250,23 @@ def binary_data(served: bytes) -> list[str]:
 @pytest.fixture
 def bridge(tmp_path: Path) -> Bridge:
     queue, signer = InMemoryQueue(), Es384Signer.generate()
-    service = CaseService(store=InMemoryStore(), queue=queue, blobs=InMemoryBlobs(),
+    service = make_bridge(store=InMemoryStore(), queue=queue, blobs=InMemoryBlobs(),
                           source=fake_source_factory(FakeSource(world())), terminology=TERMS,
                           work_dir=tmp_path / "work", triage_rules=LAB_ONLY_RULES, signer=signer, pseudonym_key=KEY)
     return Bridge(service, queue, signer)
 
 
 def test_who_reads_pseudonymised(bridge: Bridge) -> None:
-    service = bridge.service
-    assert service.needs_pseudonym(reader("onco-de-1")) and service.needs_pseudonym(reader("neuro-ch-1"))
-    assert not service.needs_pseudonym(reader("onco-fr-1"))
-    assert service.needs_pseudonym(reader("nobody-known")) and service.needs_pseudonym(reader(None))  # fail closed
-    assert not service.needs_pseudonym(reader(None, "platform")) and not service.needs_pseudonym(None)
+    bundles = bridge.service.bundles
+    assert bundles.needs_pseudonym(reader("onco-de-1")) and bundles.needs_pseudonym(reader("neuro-ch-1"))
+    assert not bundles.needs_pseudonym(reader("onco-fr-1"))
+    assert bundles.needs_pseudonym(reader("nobody-known")) and bundles.needs_pseudonym(reader(None))  # fail closed
+    assert not bundles.needs_pseudonym(reader(None, "platform")) and not bundles.needs_pseudonym(None)
 
 
 async def test_a_reviewer_abroad_reads_a_signed_pseudonymised_bundle_and_a_french_one_the_ins(bridge: Bridge) -> None:
     _, task = await bridge.ready()
-    pseudonym = bridge.service.case_pseudonym(task["id"])
+    pseudonym = bridge.service.bundles.case_pseudonym(task["id"])
     abroad = await bridge.read(task, reader("onco-de-1"))
     at_home = await bridge.read(task, reader("onco-fr-1"))
     assert NIR.encode() not in abroad and pseudonym.encode() in abroad
@@ -284,25 +284,25 @@ async def test_the_case_is_found_from_its_pseudonym_and_the_opinion_goes_back_un
     request, task = await bridge.ready()
     (_, other) = await bridge.ready("R-2")
     service, abroad = bridge.service, reader("onco-de-1")
-    pseudonym = service.case_pseudonym(task["id"])
-    assert pseudonym != service.case_pseudonym(other["id"])
-    assert (await service.case_for_pseudonym(pseudonym))["id"] == task["id"]
+    pseudonym = service.bundles.case_pseudonym(task["id"])
+    assert pseudonym != service.bundles.case_pseudonym(other["id"])
+    assert (await service.bundles.case_for_pseudonym(pseudonym))["id"] == task["id"]
     with pytest.raises(NotFound):
-        await service.case_for_pseudonym(CasePseudonyms(bytes(32)).of(task["id"]))
-    view = await service.reader_view(request, abroad)
+        await service.bundles.case_for_pseudonym(CasePseudonyms(bytes(32)).of(task["id"]))
+    view = await service.bundles.reader_view(request, abroad)
     assert view["subject"] == {"identifier": {"system": PSEUDONYM_SYSTEM, "value": pseudonym}}
-    assert (await service.reader_view(task, abroad))["for"] == view["subject"]
-    assert await service.reader_view(request, reader("onco-fr-1")) == request
+    assert (await service.bundles.reader_view(task, abroad))["for"] == view["subject"]
+    assert await service.bundles.reader_view(request, reader("onco-fr-1")) == request
     posted = reviewer_opinion(request["id"], {"identifier": view["subject"]["identifier"]})
-    body = await service.reidentified_opinion(posted, abroad)
-    created = await service.submit_opinion(body)
+    body = await service.bundles.reidentified_opinion(posted, abroad)
+    created = await service.opinions.submit(body)
     assert created.resource["subject"]["identifier"] == request["subject"]["identifier"]
-    shown = await service.reader_view(created.resource, abroad)
+    shown = await service.bundles.reader_view(created.resource, abroad)
     assert shown["subject"] == view["subject"] and NIR not in json.dumps(shown)
     wrong_case = reviewer_opinion(request["id"], {"identifier": {"system": PSEUDONYM_SYSTEM,
-                                                                 "value": service.case_pseudonym(other["id"])}})
+                                                                 "value": service.bundles.case_pseudonym(other["id"])}})
     with pytest.raises(BusinessRuleViolation):
-        await service.reidentified_opinion(wrong_case, abroad)
+        await service.bundles.reidentified_opinion(wrong_case, abroad)
 
 
 def test_a_patient_named_like_a_code_leaves_the_codes_alone(sandbox_cases: list[SandboxCase]) -> None:
@@ -325,11 +325,11 @@ async def test_a_bundle_packaged_before_skeletons_is_served_as_stored_and_never_
     _, task = await bridge.ready()
     service = bridge.service
     stub_id = output_reference(task, "case-bundle").split("/")[1]
-    stub = await service.store.read("Bundle", stub_id)
-    old = await service.blobs.put_bytes(b'{"entry":[],"resourceType":"Bundle","type":"document"}')
+    stub = await service.ports.store.read("Bundle", stub_id)
+    old = await service.ports.blobs.put_bytes(b'{"entry":[],"resourceType":"Bundle","type":"document"}')
     extension = next(e for e in stub["extension"] if e["url"].endswith("blob-digest"))
     extension["valueString"] = old.digest
-    await service.store.update(stub, index={})
+    await service.ports.store.update(stub, index={})
     served = loads(await bridge.read(task, reader("onco-fr-1")))
     assert (served["id"], served["type"], "signature" in served) == (stub_id, "document", False)
     with pytest.raises(Forbidden):

@@ -10,7 +10,6 @@ import pytest
 from fhir_bridge.case.watermarks import newest_update
 from fhir_bridge.fhir.identity import PatientIdentifier
 from fhir_bridge.workflow.sync import CaseSync
-from tests.fakes import InMemorySyncState
 from tests.unit.test_cases import PATIENT, PDF, Bridge, bridge, document, state  # noqa: F401 (fixture)
 
 INS = PatientIdentifier(PATIENT["identifier"]["system"], PATIENT["identifier"]["value"])
@@ -23,9 +22,8 @@ def stamped(doc: dict[str, Any], when: str) -> dict[str, Any]:
 @pytest.fixture
 def sync(bridge: Bridge) -> CaseSync:  # noqa: F811
     bridge.source.documents = [stamped(d, "2026-10-01T08:00:00.250Z") for d in bridge.source.documents]
-    marks = CaseSync(bridge.service, InMemorySyncState())
-    bridge.service.on_collected = marks.record_pull
-    return marks
+    assert bridge.service.sync is not None  # the bench's marks: every pull records one
+    return bridge.service.sync
 
 
 async def test_a_pull_records_the_patient_id_and_the_newest_update_it_kept(bridge: Bridge, sync: CaseSync) -> None:  # noqa: F811
@@ -43,7 +41,7 @@ async def test_nothing_new_is_one_search_and_nothing_else(bridge: Bridge, sync: 
     assert bridge.source.searches == [("DocumentReference", {"_lastUpdated": "gt2026-10-01T08:00:00.250Z"})]
     assert report.to_json() == {"patients": 1, "unchanged": 1, "changed": 0, "casesRefreshed": 0,
                                 "casesSkipped": 0, "sourceSearches": 1, "failed": 0, "failures": {}}
-    assert (await bridge.service.task_for(task["focus"]["reference"].split("/")[1]))["meta"]["versionId"] == \
+    assert (await bridge.service.book.for_request(task["focus"]["reference"].split("/")[1]))["meta"]["versionId"] == \
         task["meta"]["versionId"]
 
 
@@ -54,11 +52,11 @@ async def test_a_new_document_refreshes_the_case_once(bridge: Bridge, sync: Case
     bridge.source.attachments[bridge.source.absolute("Binary/d9")] = PDF
     report = await sync.refresh_open_cases()
     assert (report.changed, report.cases_refreshed) == (1, 1)
-    refreshed = await bridge.service.task_for(request["id"])
+    refreshed = await bridge.service.book.for_request(request["id"])
     assert state(refreshed) == ("in-progress", "collecting")
     assert (await sync.marks.get(INS)).watermark == "2026-10-02T09:30:00Z"
-    await bridge.queue.drain(bridge.service.run_collect_job)
-    assert (await bridge.service.task_for(request["id"]))["status"] == "ready"
+    await bridge.queue.drain(bridge.service.cases.run_collect_job)
+    assert (await bridge.service.book.for_request(request["id"]))["status"] == "ready"
     bridge.source.searches.clear()
     again = await sync.refresh_open_cases()
     assert (again.changed, again.unchanged) == (0, 1)
@@ -75,8 +73,8 @@ async def test_cases_in_review_or_closed_are_not_searched(bridge: Bridge, sync: 
 
 async def test_without_a_mark_the_patient_is_resolved_once_and_the_pull_start_is_the_watermark(
         bridge: Bridge, sync: CaseSync) -> None:  # noqa: F811
-    bridge.service.on_collected = None  # a case collected before marks were recorded
     _request, task = await bridge.ready_case()
+    sync.marks.marks.clear()  # type: ignore[attr-defined]  # a case collected before marks were recorded
     history = await bridge.store.history("Task", task["id"])
     started = next(v["meta"]["lastUpdated"] for v in history if state(v)[1] == "collecting")
     bridge.source.calls.clear()
