@@ -14,13 +14,13 @@ from typing import Any, TypeVar
 
 import click
 
-from fhir_bridge.cli.commands import _settings, cli, one_line_errors
+from fhir_bridge.cli.common import cli_settings, one_line_errors
 from fhir_bridge.errors import InvalidInput, NotFound
 
 T = TypeVar("T")
 
 
-@cli.group()
+@click.group()
 def jobs() -> None:
     """The job queue: list, show, retry dead jobs, purge dead letters."""
 
@@ -31,7 +31,7 @@ def _with_admin(work: Callable[[Any], Awaitable[T]]) -> T:
     from fhir_bridge.adapters.queue_admin import QueueAdmin
     from fhir_bridge.main import open_queue, redis_url_for
 
-    settings = _settings()
+    settings = cli_settings()
 
     async def run(url: str) -> T:
         queue = open_queue(settings, url)

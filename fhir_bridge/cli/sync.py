@@ -1,9 +1,9 @@
-"""``fhir-bridge sync worklist | refresh | deliver``: batch work for hospital IT (issue 8).
+"""``fhir-bridge sync overdue | worklist | refresh | deliver``: batch work for hospital IT (issue 8).
 
-Same conventions as :mod:`fhir_bridge.cli.commands`: a JSON summary on stdout, a progress bar on stderr when it is a
-terminal, one-line errors, and exit codes 0 (every line or case fine), 3 (done, but some lines or cases
-failed: the summary names them by line number or count, never by patient), 2 (bad input: no such file, not a
-worklist, bad options), 1 (anything else: the API or Redis unreachable, a refused client).
+Same conventions as every command (:mod:`fhir_bridge.cli.common`): a JSON summary on stdout, a progress bar on
+stderr when it is a terminal, one-line errors, and exit codes 0 (every line or case fine), 3 (done, but some
+lines or cases failed: the summary names them by line number or count, never by patient), 2 (bad input: no such
+file, not a worklist, bad options), 1 (anything else: the API or Redis unreachable, a refused client).
 """
 
 from __future__ import annotations
@@ -17,8 +17,30 @@ from typing import Any
 
 import click
 
-from fhir_bridge.cli.commands import EXIT_OK, EXIT_PARTIAL, _progress, _settings, one_line_errors, sync
+from fhir_bridge.cli.common import EXIT_OK, EXIT_PARTIAL, ProgressBar, cli_settings, one_line_errors
 from fhir_bridge.errors import InvalidInput
+
+
+@click.group()
+def sync() -> None:
+    """Batch work for hospital IT."""
+
+
+@sync.command("overdue")
+@one_line_errors
+def sync_overdue() -> None:
+    """Flag every open case past its due date (Task extension ``overdue`` and a note); print how many."""
+    from fhir_bridge.main import open_runtime, redis_url_for
+
+    settings = cli_settings()
+
+    async def scan(redis_url: str) -> int:
+        async with open_runtime(settings, redis_url) as runtime:
+            return len(await runtime.bridge.assignments.scan_overdue())
+
+    with redis_url_for(settings, may_start=False) as redis_url:
+        flagged = asyncio.run(scan(redis_url))
+    click.echo(json.dumps({"flagged": flagged}))
 
 
 @sync.command("worklist")
@@ -43,7 +65,7 @@ def sync_worklist(worklist_file: Path, dry_run: bool, api_url: str | None, clien
     from fhir_bridge.case.worklist import read_worklist
     from fhir_bridge.fhir.terminology import load_terminology
 
-    settings = _settings(sync__api_url=api_url, sync__client_id=client_id,
+    settings = cli_settings(sync__api_url=api_url, sync__client_id=client_id,
                          sync__private_key_jwk=str(key_file) if key_file else None,
                          sync__worklist_concurrency=concurrency)
     try:
@@ -82,7 +104,7 @@ async def _submit(settings: Any, lines: list[Any]) -> list[Any]:
     api = api_base(settings)
     token_url = api.removesuffix("/fhir") + "/auth/token"
     auth = BackendServicesAuth(token_url, conf.client_id, load_private_jwk(Path(conf.private_key_jwk)), SCOPE)
-    with _progress() as progress:
+    with ProgressBar() as progress:
         done = 0
 
         def tick(_: Any) -> None:
@@ -108,12 +130,12 @@ def sync_refresh() -> None:
     Prints counts (never a patient); exit 3 when some patients could not be checked."""
     from fhir_bridge.main import open_runtime, redis_url_for
 
-    settings = _settings()
+    settings = cli_settings()
 
     async def refresh(redis_url: str) -> Any:
         async with open_runtime(settings, redis_url, "cli") as runtime:
             assert runtime.bridge.sync is not None
-            with _progress() as progress:
+            with ProgressBar() as progress:
                 return await runtime.bridge.sync.refresh_open_cases(progress)
 
     with redis_url_for(settings, may_start=False) as redis_url:
@@ -130,7 +152,7 @@ def sync_deliver() -> None:
     from fhir_bridge.adapters.queue_admin import QueueAdmin
     from fhir_bridge.main import open_queue, redis_url_for
 
-    settings = _settings()
+    settings = cli_settings()
 
     async def redrive(redis_url: str) -> Any:
         queue = open_queue(settings, redis_url)
