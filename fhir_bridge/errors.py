@@ -2,30 +2,39 @@
 
 Drawn the way httpx draws its own (``_exceptions.py``)::
 
-    BridgeError
-    ├── InvalidInput                 issue type "invalid"        (our caller sent something wrong)
-    │   ├── InvalidIdentifier        "value"     a malformed INS/NIR or SYSTEM|VALUE
-    │   ├── MalformedResource        "structure" JSON/XML that is not the FHIR resource it claims to be
-    │   └── TooLarge                 "too-long"  a body or attachment over its limit
+    BridgeError                      issue type "exception"
+    ├── InvalidInput                 "invalid"    our caller sent something wrong
+    │   ├── InvalidIdentifier        "value"      a malformed INS/NIR or SYSTEM|VALUE
+    │   ├── MalformedResource        "structure"  JSON/XML that is not the FHIR resource it claims to be
+    │   └── TooLarge                 "too-long"   a body or attachment over its limit
     ├── NotFound                     "not-found"
-    │   └── UnknownPatient           no Patient at the source for that identifier
+    │   ├── Gone                     "deleted"    a deleted resource (R4 http.html#delete: 410)
+    │   └── UnknownPatient           "not-found"  no Patient at the source for that identifier
     ├── AmbiguousPatient             "multiple-matches"
     ├── Conflict                     "conflict"
-    │   └── PreconditionFailed       "conflict"  If-Match / If-None-Exist mismatch
+    │   └── PreconditionFailed       "conflict"   If-Match / If-None-Exist mismatch
     ├── BusinessRuleViolation        "business-rule"
     ├── Unsupported                  "not-supported"
+    │   ├── UnsupportedMediaType     "not-supported" a body in a format we do not read (415)
+    │   └── NotAcceptable            "not-supported" an answer asked in a format we do not write (406)
     ├── Forbidden                    "forbidden"
-    ├── Unauthenticated              "login"
-    ├── BlobUnreadable               "exception" our stored bytes fail decryption/authentication (500)
-    ├── AuditUnavailable             "transient" the audit log can not store an event: the exchange is refused
-    ├── AuditIntegrityError          "exception" the stored audit chain does not verify (export, purge refused)
-    ├── DeliveryFailed               "transient" a recipient did not take an opinion's notification (retried)
-    └── SourceError                  "exception" (the national-record source misbehaved)
-        ├── NotAFhirSource           "invalid"   the URL does not answer FHIR at all
-        ├── SourceProtocolError      "invalid"   a FHIR answer that breaks the protocol (page not a Bundle…)
-        ├── PagingError              "too-costly" a next-link loop or more pages than allowed
-        ├── SourceRejected           "exception" a 4xx the source will not change its mind about
-        └── SourceUnavailable        "transient" connection errors/timeouts/5xx after every retry
+    │   └── InsufficientScope        "forbidden"  the token lacks the scope (403 insufficient_scope)
+    ├── Unauthenticated              "login"      (the edges add their own: token refusals, OAuth errors)
+    ├── SourceError                  "exception"  the national-record source misbehaved
+    │   ├── NotAFhirSource           "invalid"    the URL does not answer FHIR at all
+    │   ├── SourceProtocolError      "invalid"    a FHIR answer that breaks the protocol (page not a Bundle…)
+    │   ├── PagingError              "too-costly" a next-link loop or more pages than allowed
+    │   ├── SourceRejected           "exception"  a 4xx the source will not change its mind about
+    │   ├── SourceUnavailable        "transient"  connection errors/timeouts/5xx after every retry
+    │   └── AttachmentError          "exception"  one attachment unusable (size, hash, type): left out of the case
+    ├── BlobUnreadable               "exception"  our stored bytes fail decryption/authentication (500)
+    ├── AuditUnavailable             "transient"  the audit log can not store an event: the exchange is refused
+    ├── AuditIntegrityError          "exception"  the stored audit chain does not verify (export, purge refused)
+    └── DeliveryFailed               "transient"  a recipient did not take an opinion's notification (retried)
+
+The adapters add a few leaves of their own where only they can tell (``SigningKeyError``,
+``EmbeddedRedisError`` under BridgeError; ``OAuthError``, ``InvalidToken``, ``TokenRequestFailed``,
+``MissingToken`` under Unauthenticated); ``tests/unit/test_errors.py`` keeps this drawing equal to the classes.
 
 Each error knows its FHIR issue type (R4 ValueSet issue-type) but never an HTTP status or an exit code:
 the API edge and the CLI map classes to those in one place each. Messages must never contain patient
