@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine:
 #   bash dev.sh demo   set everything up, then run the demo
-#   bash dev.sh test   set everything up, then run the whole test suite (ruff, mypy, pytest)
+#   bash dev.sh test   set everything up, then run the whole test suite (ruff, mypy, import contracts, pytest)
 #   bash dev.sh setup  only set up
 #   bash dev.sh bench  set everything up (plus wrk and the bench extra), then run the benchmarks (BENCHMARKS.md);
 #                      options go to `python -m bench`: parts (pull memory api audit sync), --quick
@@ -68,6 +68,7 @@ case "${1:-}" in
     shift
     .venv/bin/ruff check .
     .venv/bin/mypy
+    .venv/bin/lint-imports
     set +e
     .venv/bin/pytest -q "$@"
     rc=$?
