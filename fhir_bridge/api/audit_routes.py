@@ -24,7 +24,7 @@ import contextlib
 import re
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from redis.exceptions import RedisError
@@ -32,15 +32,14 @@ from starlette.responses import Response
 
 from fhir_bridge.access.scopes import AccessContext, Interaction
 from fhir_bridge.access.tenancy import require_scope
+from fhir_bridge.adapters.audit_log import RedisAuditLog
 from fhir_bridge.api.capability import OPERATIONS
+from fhir_bridge.api.deps import Caller, base_url, search_form
 from fhir_bridge.api.fhir_io import fhir_response, paging, searchset
-from fhir_bridge.api.routes import Caller, base_url, router, search_form
+from fhir_bridge.api.routes import router
 from fhir_bridge.audit.events import OUTCOMES
 from fhir_bridge.errors import AuditUnavailable, Forbidden, Gone, InvalidInput, NotFound
 from fhir_bridge.fhir.resources import loads
-
-if TYPE_CHECKING:
-    from fhir_bridge.adapters.audit_log import RedisAuditLog
 
 __all__ = ["AUDIT_OPERATIONS", "date_bounds", "parse_audit_search", "router", "stored_event"]
 

@@ -19,8 +19,9 @@ from starlette.responses import Response
 from fhir_bridge.access.scopes import AccessContext
 from fhir_bridge.access.tenancy import require_scope
 from fhir_bridge.api.capability import OPERATIONS
+from fhir_bridge.api.deps import Caller, Cases, Tenants, max_body, seen_by
 from fhir_bridge.api.fhir_io import fhir_response, read_body, version_headers
-from fhir_bridge.api.routes import Caller, Cases, Tenants, max_body, router, seen_by
+from fhir_bridge.api.routes import router
 from fhir_bridge.errors import Forbidden, InvalidInput
 from fhir_bridge.fhir.resources import check_resource_type
 from fhir_bridge.workflow.cases import CaseService
