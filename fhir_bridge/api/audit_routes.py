@@ -34,9 +34,8 @@ from fhir_bridge.access.scopes import AccessContext, Interaction
 from fhir_bridge.access.tenancy import require_scope
 from fhir_bridge.adapters.audit_log import RedisAuditLog
 from fhir_bridge.api.capability import OPERATIONS
-from fhir_bridge.api.deps import Caller, base_url, search_form
+from fhir_bridge.api.deps import Caller, base_url, fhir_router, search_form
 from fhir_bridge.api.fhir_io import fhir_response, paging, searchset
-from fhir_bridge.api.routes import router
 from fhir_bridge.audit.events import OUTCOMES
 from fhir_bridge.errors import AuditUnavailable, Forbidden, Gone, InvalidInput, NotFound
 from fhir_bridge.fhir.resources import loads
@@ -50,6 +49,8 @@ _PREFIXES = ("eq", "ge", "gt", "le", "lt")
 _FILTERS = {"patient": "patient", "patient:identifier": "patient", "agent": "agent", "subtype": "subtype",
             "outcome": "outcome", "entity": "entity"}  # fmt: skip
 _MAX_SEQ_DIGITS = 15
+
+router = fhir_router()
 
 
 def audit_log(request: Request) -> RedisAuditLog:

@@ -2,6 +2,8 @@
 :mod:`~fhir_bridge.api.audit_routes`): the FastAPI dependencies a handler declares and the few helpers they
 all call.
 
+* :func:`fhir_router`: a router of the FHIR surface (base ``/fhir``, format negotiated first), one per module,
+  each mounted by :func:`fhir_bridge.api.app.create_app`;
 * :data:`Cases`: the :class:`~fhir_bridge.workflow.cases.CaseService` of the app (``app.state.cases``);
 * :data:`Tenants`: the :class:`~fhir_bridge.access.tenancy.Tenancy` rules over it, made once per app;
 * :data:`Caller`: the verified caller (:func:`current_caller`, the bearer-token gate of
@@ -19,18 +21,26 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import APIRouter, Depends, Request
 
 from fhir_bridge.access.scopes import AccessContext
 from fhir_bridge.access.tenancy import Tenancy
 from fhir_bridge.api.audit_middleware import resource_patient
-from fhir_bridge.api.fhir_io import base_url, max_body, read_form
+from fhir_bridge.api.fhir_io import base_url, max_body, negotiate, read_form
 from fhir_bridge.api.security import caller
 from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.workflow.cases import CaseService
 
-__all__ = ["Caller", "Cases", "Tenants", "base_url", "cases", "current_caller", "max_body", "search_form",
-           "seen_by", "tenancy"]  # fmt: skip
+__all__ = ["FHIR_BASE", "Caller", "Cases", "Tenants", "base_url", "cases", "current_caller", "fhir_router",
+           "max_body", "search_form", "seen_by", "tenancy"]  # fmt: skip
+
+FHIR_BASE = "/fhir"
+
+
+def fhir_router() -> APIRouter:
+    """A router of the FHIR REST surface: its paths under ``/fhir``, the answer's format negotiated before anything
+    else (:func:`fhir_bridge.api.fhir_io.negotiate`: 406 before the handler runs)."""
+    return APIRouter(prefix=FHIR_BASE, dependencies=[Depends(negotiate)])
 
 
 async def cases(request: Request) -> CaseService:

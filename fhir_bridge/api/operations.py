@@ -19,9 +19,8 @@ from starlette.responses import Response
 from fhir_bridge.access.scopes import AccessContext
 from fhir_bridge.access.tenancy import require_scope
 from fhir_bridge.api.capability import OPERATIONS
-from fhir_bridge.api.deps import Caller, Cases, Tenants, max_body, seen_by
+from fhir_bridge.api.deps import Caller, Cases, Tenants, fhir_router, max_body, seen_by
 from fhir_bridge.api.fhir_io import fhir_response, read_body, version_headers
-from fhir_bridge.api.routes import router
 from fhir_bridge.errors import Forbidden, InvalidInput
 from fhir_bridge.fhir.resources import check_resource_type
 from fhir_bridge.workflow.cases import CaseService
@@ -34,6 +33,8 @@ TASK_OPERATIONS = {
     "decline": "The assigned reviewer declines the case; it is routed to someone else",
     "request-documents": "The reviewer asks for more documents; the case waits for them",
 }
+
+router = fhir_router()
 
 
 def parameter(parameters: dict[str, Any], name: str, *, required: bool = True) -> str:

@@ -9,16 +9,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import Header, Request
 from starlette.responses import Response, StreamingResponse
 
 from fhir_bridge.access.scopes import AccessContext
 from fhir_bridge.access.tenancy import Tenancy, require_scope
 from fhir_bridge.api.capability import capability_statement
-from fhir_bridge.api.deps import Caller, Cases, Tenants, base_url, max_body, search_form, seen_by
+from fhir_bridge.api.deps import Caller, Cases, Tenants, base_url, fhir_router, max_body, search_form, seen_by
 from fhir_bridge.api.fhir_io import (
     fhir_response,
-    negotiate,
     paging,
     parse_if_match,
     read_body,
@@ -31,7 +30,7 @@ from fhir_bridge.fhir.resources import FHIR_JSON, Resource, check_resource_type
 from fhir_bridge.opinion.report import based_on_request
 from fhir_bridge.workflow.cases import CaseService, bundle_patient, now_instant
 
-router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)])
+router = fhir_router()
 READABLE = ("ServiceRequest", "Task", "DiagnosticReport")
 
 
