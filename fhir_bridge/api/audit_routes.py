@@ -33,7 +33,7 @@ from starlette.responses import Response
 from fhir_bridge.access.scopes import AccessContext, Interaction
 from fhir_bridge.access.tenancy import require_scope
 from fhir_bridge.adapters.audit_log import RedisAuditLog
-from fhir_bridge.api.capability import OPERATIONS
+from fhir_bridge.api.capability import AUDIT_OPERATIONS
 from fhir_bridge.api.deps import Caller, base_url, fhir_router, search_form
 from fhir_bridge.api.fhir_io import fhir_response, paging, searchset
 from fhir_bridge.audit.events import OUTCOMES
@@ -42,7 +42,6 @@ from fhir_bridge.fhir.resources import loads
 
 __all__ = ["AUDIT_OPERATIONS", "date_bounds", "parse_audit_search", "router", "stored_event"]
 
-AUDIT_OPERATIONS = {"verify": "Verify the audit chain (hashes, order, signed checkpoints); report the first broken seq"}
 _DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(\.\d{1,6})?)?"
                    r"(Z|[+-]\d{2}:\d{2})?)?)?)?")  # fmt: skip
 _PREFIXES = ("eq", "ge", "gt", "le", "lt")
@@ -225,4 +224,3 @@ def register(target: APIRouter) -> None:
 
 
 register(router)
-OPERATIONS["AuditEvent"] = AUDIT_OPERATIONS
