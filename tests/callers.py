@@ -2,7 +2,7 @@
 
 The real gate (:func:`fhir_bridge.api.security.caller`: bearer token, signature, audience, role ceiling) runs
 over real HTTP with real tokens in ``tests/e2e``. In process, :class:`Callers` replaces it through FastAPI's
-dependency override of :func:`fhir_bridge.api.routes.current_caller`, so the routes' own rules (scopes,
+dependency override of :func:`fhir_bridge.api.deps.current_caller`, so the routes' own rules (scopes,
 tenants, reviewer assignment) still decide. Like the real gate it writes the client id and the token's jti on
 ``request.state`` (the audit trail's seam, :func:`fhir_bridge.api.audit_middleware.client_party`), and with no
 caller set it refuses as a missing token does (401).
@@ -15,7 +15,7 @@ import uuid
 from fastapi import FastAPI, Request
 
 from fhir_bridge.access.scopes import AccessContext, Role, load_role_ceilings
-from fhir_bridge.api.routes import current_caller
+from fhir_bridge.api.deps import current_caller
 from fhir_bridge.api.security import MissingToken
 from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.review.routing import ReviewerRegistry

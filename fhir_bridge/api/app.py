@@ -3,6 +3,9 @@
 Built inside the composition root (``fhir_bridge.main``) or a test, never at import. The app gets its
 collaborators as arguments and keeps them on ``app.state``. Every ``/fhir`` call is audited on its way out
 (:mod:`fhir_bridge.api.audit_middleware`) into ``app.state.audit`` when there is one.
+
+Each module of routes has its own router and :func:`create_app` mounts each one here; nothing is registered by
+importing a module. The FHIR surface is :data:`FHIR_ROUTERS`, in the order its routes are matched.
 """
 
 from __future__ import annotations
@@ -11,21 +14,24 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
 from fhir_bridge.adapters.settings import Settings
-from fhir_bridge.api import audit_page, audit_routes, auth_routes  # noqa: F401  (audit_routes mounts the AuditEvent routes)
+from fhir_bridge.api import audit_page, audit_routes, auth_routes, metrics, operations, routes
 from fhir_bridge.api.audit_middleware import REQUEST_ID_HEADER, AuditMiddleware, refusal
 from fhir_bridge.api.errors import install_error_handlers
-from fhir_bridge.api.metrics import router as metrics_router
-from fhir_bridge.api.operations import router  # routes plus the Task operations
 from fhir_bridge.audit.events import Party
 from fhir_bridge.errors import AuditUnavailable
 from fhir_bridge.ports import AuditPort
 from fhir_bridge.workflow.cases import CaseService
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+#: The FHIR REST surface (base ``/fhir``), one router per module, in the order their routes are matched: the
+#: reads, searches and writes; the AuditEvent routes (``$verify`` before the read's ``{resource_id}``); the Task
+#: operations (``Task/{id}/$name``). The CapabilityStatement test and the audit walk take the routes from here.
+FHIR_ROUTERS: tuple[APIRouter, ...] = (routes.router, audit_routes.router, operations.router)
 
 
 def create_app(settings: Settings, cases: CaseService | None, *, lifespan: Lifespan | None = None,
@@ -51,10 +57,11 @@ def create_app(settings: Settings, cases: CaseService | None, *, lifespan: Lifes
         return Response(body, status_code=status, headers=headers)
 
     app.add_middleware(AuditMiddleware)
-    app.include_router(router)
-    app.include_router(metrics_router)
-    app.include_router(audit_page.router)
-    app.include_router(auth_routes.router)
+    for fhir in FHIR_ROUTERS:
+        app.include_router(fhir)
+    app.include_router(metrics.router)  # /metrics
+    app.include_router(audit_page.router)  # /audit, the auditor's page
+    app.include_router(auth_routes.router)  # /auth/token, /auth/jwks, /fhir/.well-known/smart-configuration
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> Response:

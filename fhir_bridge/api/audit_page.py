@@ -57,6 +57,7 @@ from fhir_bridge.api.audit_middleware import REQUEST_ID_HEADER, client_party, re
 from fhir_bridge.api.audit_routes import audit_log, parse_audit_search, stored_event
 from fhir_bridge.api.errors import status_for
 from fhir_bridge.api.fhir_io import read_form
+from fhir_bridge.api.security import bearer_token, context_from
 from fhir_bridge.audit.chain import CHAIN_URL, chain_link
 from fhir_bridge.audit.events import OBJECT_ROLE, Party, rest_event
 from fhir_bridge.errors import AuditUnavailable, BridgeError, Forbidden, InvalidInput, NotFound
@@ -161,8 +162,6 @@ def require_auditor(request: Request) -> None:
     ``POST /audit/session`` sets. Unauthenticated (401) or Forbidden (403) otherwise; the refusal is a page,
     audited like any other view. The caller's client id and ``jti`` are then on the view's AuditEvent.
     """
-    from fhir_bridge.api.security import bearer_token, context_from
-
     who = context_from(request, bearer_token(request) or request.cookies.get(SESSION_COOKIE))
     require_scope(who, "AuditEvent", "r")
     if who.role != "auditor":
@@ -185,8 +184,6 @@ async def audit_session(request: Request) -> Response:
     (``SameSite=Lax``, path ``/audit``, ``Secure`` over https) that lives no longer than the token (≤ 300 s):
     the page is read-only, so Lax suffices and lets the first navigation carry the cookie.
     """
-    from fhir_bridge.api.security import context_from
-
     form = dict(await read_form(request, _MAX_SESSION_FORM, "the session form"))
     token = form.get("access_token", "").strip()
     try:

@@ -24,7 +24,7 @@ import contextlib
 import re
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from redis.exceptions import RedisError
@@ -32,25 +32,24 @@ from starlette.responses import Response
 
 from fhir_bridge.access.scopes import AccessContext, Interaction
 from fhir_bridge.access.tenancy import require_scope
-from fhir_bridge.api.capability import OPERATIONS
+from fhir_bridge.adapters.audit_log import RedisAuditLog
+from fhir_bridge.api.capability import AUDIT_OPERATIONS
+from fhir_bridge.api.deps import Caller, base_url, fhir_router, search_form
 from fhir_bridge.api.fhir_io import fhir_response, paging, searchset
-from fhir_bridge.api.routes import Caller, base_url, router, search_form
 from fhir_bridge.audit.events import OUTCOMES
 from fhir_bridge.errors import AuditUnavailable, Forbidden, Gone, InvalidInput, NotFound
 from fhir_bridge.fhir.resources import loads
 
-if TYPE_CHECKING:
-    from fhir_bridge.adapters.audit_log import RedisAuditLog
-
 __all__ = ["AUDIT_OPERATIONS", "date_bounds", "parse_audit_search", "router", "stored_event"]
 
-AUDIT_OPERATIONS = {"verify": "Verify the audit chain (hashes, order, signed checkpoints); report the first broken seq"}
 _DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(\.\d{1,6})?)?"
                    r"(Z|[+-]\d{2}:\d{2})?)?)?)?")  # fmt: skip
 _PREFIXES = ("eq", "ge", "gt", "le", "lt")
 _FILTERS = {"patient": "patient", "patient:identifier": "patient", "agent": "agent", "subtype": "subtype",
             "outcome": "outcome", "entity": "entity"}  # fmt: skip
 _MAX_SEQ_DIGITS = 15
+
+router = fhir_router()
 
 
 def audit_log(request: Request) -> RedisAuditLog:
@@ -225,4 +224,3 @@ def register(target: APIRouter) -> None:
 
 
 register(router)
-OPERATIONS["AuditEvent"] = AUDIT_OPERATIONS

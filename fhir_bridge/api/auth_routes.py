@@ -32,8 +32,7 @@ from fhir_bridge.adapters.auth import (
     verify_client_assertion,
 )
 from fhir_bridge.adapters.clients import certificate_thumbprint
-from fhir_bridge.api.fhir_io import read_form
-from fhir_bridge.api.routes import base_url
+from fhir_bridge.api.fhir_io import base_url, read_form
 
 router = APIRouter()
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}

@@ -32,8 +32,16 @@ AUDIT_SEARCH_PARAMS: dict[str, tuple[str, str]] = {
     "outcome": ("token", "0 success, 4 minor failure, 8 serious failure, 12 major failure"),
     "entity": ("reference", "A resource the event is about (Task/12)"),
 }
+#: AuditEvent operation → what the statement says of it (served by fhir_bridge.api.audit_routes)
+AUDIT_OPERATIONS = {"verify": "Verify the audit chain (hashes, order, signed checkpoints); report the first broken seq"}
+#: Task operation → what the statement says of it (served by fhir_bridge.api.operations)
+TASK_OPERATIONS = {
+    "refresh": "Pull the case again from the source and triage it again",
+    "decline": "The assigned reviewer declines the case; it is routed to someone else",
+    "request-documents": "The reviewer asks for more documents; the case waits for them",
+}
 #: resource type → operations served (``POST [type]/{id}/$name``, or type-level ``[type]/$name``)
-OPERATIONS: dict[str, dict[str, str]] = {}
+OPERATIONS: dict[str, dict[str, str]] = {"AuditEvent": AUDIT_OPERATIONS, "Task": TASK_OPERATIONS}
 #: resource type → what a client must know beyond the interactions (CapabilityStatement.rest.resource.documentation)
 DOCUMENTATION: dict[str, str] = {
     "Bundle": "The case Bundle is streamed as application/fhir+json only; a read asking for XML gets 406.",

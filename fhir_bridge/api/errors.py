@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from fhir_bridge import errors as e
+from fhir_bridge.adapters.auth import OAuthError, oauth_error_body
 from fhir_bridge.api.fhir_io import fhir_response
 from fhir_bridge.fhir.resources import operation_outcome
 
@@ -53,8 +54,6 @@ def status_for(error: e.BridgeError) -> int:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    from fhir_bridge.adapters.auth import OAuthError, oauth_error_body
-
     @app.exception_handler(OAuthError)
     async def oauth_error(request: Request, exc: OAuthError) -> Response:
         # the token endpoint speaks OAuth 2.0, not FHIR: RFC 6749 §5.2 JSON, 401 only for invalid_client

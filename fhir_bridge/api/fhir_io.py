@@ -8,7 +8,10 @@
   ``_format`` overriding ``Accept`` (http.html#mime-type; ``Accept: application/json`` gets FHIR JSON), error
   OperationOutcomes included; ``ETag: W/"<versionId>"`` and ``Last-Modified`` for a resource
   (http.html#versioning);
-* ``Prefer: return=minimal | representation | OperationOutcome`` on create/update (http.html#ops).
+* ``Prefer: return=minimal | representation | OperationOutcome`` on create/update (http.html#ops);
+* where this server is and how much it reads, from its settings: :func:`base_url` (the FHIR base, also the
+  access tokens' audience) and :func:`max_body` (the body limit). They live here, below every route module and
+  the security layer that needs the base too; the routes take them from :mod:`fhir_bridge.api.deps`.
 
 The streamed case Bundle (``GET /fhir/Bundle/{id}``, possibly gigabytes of base64) is written as JSON while it
 streams and has no XML form: asking it in XML is a 406 (:data:`JSON_ONLY_ROUTES`, and the CapabilityStatement
@@ -181,6 +184,17 @@ def written(request: Request, resource: Resource, *, status: int, location: str 
         outcome = operation_outcome("information", "informational", "created" if status == 201 else "done")
         return fhir_response(request, outcome, status=status, headers=headers)
     return fhir_response(request, resource, status=status, headers=headers)
+
+
+def base_url(request: Request) -> str:
+    """The FHIR base of this server as its clients name it (``api.public_base_url``, else the request's) + ``/fhir``."""
+    configured: str = request.app.state.settings.api.public_base_url
+    return (configured.rstrip("/") if configured else str(request.base_url).rstrip("/")) + "/fhir"
+
+
+def max_body(request: Request) -> int:
+    """The largest request body read (``api.max_body_bytes``); a larger one is 413."""
+    return int(request.app.state.settings.api.max_body_bytes)
 
 
 def int_param(params: list[tuple[str, str]], name: str, default: int, high: int) -> int:

@@ -18,21 +18,16 @@ from starlette.responses import Response
 
 from fhir_bridge.access.scopes import AccessContext
 from fhir_bridge.access.tenancy import require_scope
-from fhir_bridge.api.capability import OPERATIONS
+from fhir_bridge.api.capability import TASK_OPERATIONS
+from fhir_bridge.api.deps import Caller, Cases, Tenants, fhir_router, max_body, seen_by
 from fhir_bridge.api.fhir_io import fhir_response, read_body, version_headers
-from fhir_bridge.api.routes import Caller, Cases, Tenants, max_body, router, seen_by
 from fhir_bridge.errors import Forbidden, InvalidInput
 from fhir_bridge.fhir.resources import check_resource_type
 from fhir_bridge.workflow.cases import CaseService
 
 __all__ = ["TASK_OPERATIONS", "parameter", "router"]
 
-#: operation name → what the CapabilityStatement says of it
-TASK_OPERATIONS = {
-    "refresh": "Pull the case again from the source and triage it again",
-    "decline": "The assigned reviewer declines the case; it is routed to someone else",
-    "request-documents": "The reviewer asks for more documents; the case waits for them",
-}
+router = fhir_router()
 
 
 def parameter(parameters: dict[str, Any], name: str, *, required: bool = True) -> str:
@@ -92,4 +87,3 @@ def register(target: APIRouter) -> None:
 
 
 register(router)
-OPERATIONS["Task"] = TASK_OPERATIONS

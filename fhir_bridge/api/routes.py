@@ -9,20 +9,18 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import Header, Request
 from starlette.responses import Response, StreamingResponse
 
 from fhir_bridge.access.scopes import AccessContext
 from fhir_bridge.access.tenancy import Tenancy, require_scope
-from fhir_bridge.api.audit_middleware import resource_patient
 from fhir_bridge.api.capability import capability_statement
+from fhir_bridge.api.deps import Caller, Cases, Tenants, base_url, fhir_router, max_body, search_form, seen_by
 from fhir_bridge.api.fhir_io import (
     fhir_response,
-    negotiate,
     paging,
     parse_if_match,
     read_body,
-    read_form,
     searchset,
     version_headers,
     written,
@@ -32,45 +30,8 @@ from fhir_bridge.fhir.resources import FHIR_JSON, Resource, check_resource_type
 from fhir_bridge.opinion.report import based_on_request
 from fhir_bridge.workflow.cases import CaseService, bundle_patient, now_instant
 
-router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)])
+router = fhir_router()
 READABLE = ("ServiceRequest", "Task", "DiagnosticReport")
-
-
-async def cases(request: Request) -> CaseService:
-    service: CaseService = request.app.state.cases
-    return service
-
-
-Cases = Annotated[CaseService, Depends(cases)]
-
-
-async def tenancy(request: Request) -> Tenancy:
-    rules: Tenancy | None = getattr(request.app.state, "tenancy", None)
-    if rules is None:  # the runtime's CaseService arrives with the lifespan, after create_app
-        service: CaseService = request.app.state.cases
-        rules = request.app.state.tenancy = Tenancy(service.store, service.assignments.registry)
-    return rules
-
-
-Tenants = Annotated[Tenancy, Depends(tenancy)]
-
-
-async def current_caller(request: Request) -> AccessContext:
-    from fhir_bridge.api.security import caller  # security imports base_url from here
-
-    return await caller(request)
-
-
-Caller = Annotated[AccessContext, Depends(current_caller)]
-
-
-def base_url(request: Request) -> str:
-    configured: str = request.app.state.settings.api.public_base_url
-    return (configured.rstrip("/") if configured else str(request.base_url).rstrip("/")) + "/fhir"
-
-
-def max_body(request: Request) -> int:
-    return int(request.app.state.settings.api.max_body_bytes)
 
 
 @router.get("/metadata")
@@ -153,16 +114,6 @@ async def _reidentified(service: CaseService, who: AccessContext, rules: Tenancy
     if request_id:
         await rules.check_opinion_allowed(who, request_id)
     return await service.reidentified_opinion(body, who)
-
-
-async def seen_by(request: Request, service: CaseService, who: AccessContext, resource: Resource) -> Resource:
-    """``resource`` as ``who`` may see it: pseudonymised for a reviewer whose network asks for it
-    (:mod:`fhir_bridge.access.pseudonym`), the audit still naming the real patient (``request.state.audit_patient``)."""
-    if not service.needs_pseudonym(who):
-        return resource
-    if getattr(request.state, "audit_patient", None) is None:
-        request.state.audit_patient = resource_patient(resource)
-    return await service.reader_view(resource, who)
 
 
 def _location(request: Request, rtype: str, resource: Resource) -> str:
@@ -269,11 +220,6 @@ def _register_reads(rtype: str) -> None:
     router.add_api_route(
         f"/{rtype}/{{resource_id}}/_history/{{version_id}}", vread, methods=["GET"], name=f"vread-{rtype}"
     )
-
-
-async def search_form(request: Request) -> list[tuple[str, str]]:
-    """The parameters of ``POST [type]/_search``: the URL's and the form body's (R4 http.html#search)."""
-    return [*request.query_params.multi_items(), *await read_form(request, max_body(request), "POST _search")]
 
 
 def _search_scope(who: AccessContext, rules: Tenancy, rtype: str) -> dict[str, list[str]]:

@@ -27,7 +27,7 @@ from fastapi import Depends, Request
 from fhir_bridge.access.scopes import AccessContext, within_ceiling
 from fhir_bridge.adapters.auth import verify_access_token
 from fhir_bridge.api.auth_routes import AuthServer, client_certificate_thumbprint
-from fhir_bridge.api.routes import base_url
+from fhir_bridge.api.fhir_io import base_url
 from fhir_bridge.errors import Unauthenticated
 
 __all__ = ["Caller", "MissingToken", "bearer_token", "caller", "client_certificate_thumbprint", "context_from"]

@@ -257,10 +257,12 @@ def walked(audited: Bridge, sandbox: Sandbox, walk: Walk, auditor: httpx.Client)
 
 
 def test_the_walk_calls_every_fhir_route(walked: dict[str, Any]) -> None:
+    from fastapi import APIRouter
     from fastapi.routing import APIRoute
 
-    from fhir_bridge.api.app import create_app  # noqa: F401  (the app mounts the router below, AuditEvent included)
-    from fhir_bridge.api.routes import router
+    from fhir_bridge.api.app import FHIR_ROUTERS  # the routers the app mounts under /fhir, AuditEvent included
+
+    router = APIRouter(routes=[route for fhir in FHIR_ROUTERS for route in fhir.routes])
 
     routes = [r for r in router.routes if isinstance(r, APIRoute) and r.path.startswith("/fhir")]
     served = {(method, route.path) for route in routes for method in route.methods}

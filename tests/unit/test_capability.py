@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import httpx
+from fastapi import APIRouter
 from fastapi.routing import APIRoute
 
 from fhir_bridge.adapters.settings import Settings
-from fhir_bridge.api.app import create_app
+from fhir_bridge.api.app import FHIR_ROUTERS, create_app
 from fhir_bridge.api.capability import AUDIT_SEARCH_PARAMS, capability_statement
-from fhir_bridge.api.operations import router
 from fhir_bridge.fhir.resources import validate
 from fhir_bridge.fhir.search_index import SEARCH_PARAMS
+
+router = APIRouter(routes=[route for fhir in FHIR_ROUTERS for route in fhir.routes])  # the /fhir routes mounted
 
 SHAPES = {
     ("GET", "/fhir/{T}/{resource_id}"): "read",
