@@ -22,8 +22,8 @@ from fhir_bridge.adapters.blobstore import _check_digest
 from fhir_bridge.adapters.queue import PermanentJobError
 from fhir_bridge.adapters.redis_store import _check_id, _check_type, _instant, _last_updated_bounds
 from fhir_bridge.fhir.identity import PatientIdentifier
-from fhir_bridge.fhir.resources import dumps, loads
-from fhir_bridge.ports import Job, Resource, RetrievedAttachment, SearchPage, SourcePort, StoredBlob, SyncMark
+from fhir_bridge.fhir.resources import Resource, dumps, loads
+from fhir_bridge.ports import Job, RetrievedAttachment, SearchPage, SourcePort, StoredBlob, SyncMark
 
 
 def _load(body: bytes) -> Resource:

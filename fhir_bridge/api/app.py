@@ -24,7 +24,7 @@ from fhir_bridge.api.errors import install_error_handlers
 from fhir_bridge.audit.events import Party
 from fhir_bridge.errors import AuditUnavailable
 from fhir_bridge.ports import AuditPort
-from fhir_bridge.workflow.cases import CaseService
+from fhir_bridge.workflow.bridge import Bridge
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
@@ -34,7 +34,7 @@ Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 FHIR_ROUTERS: tuple[APIRouter, ...] = (routes.router, audit_routes.router, operations.router)
 
 
-def create_app(settings: Settings, cases: CaseService | None, *, lifespan: Lifespan | None = None,
+def create_app(settings: Settings, bridge: Bridge | None, *, lifespan: Lifespan | None = None,
                ready: Callable[[], Any] | None = None, audit: AuditPort | None = None,
                audit_bridge: Party | None = None) -> FastAPI:
     @asynccontextmanager
@@ -44,7 +44,7 @@ def create_app(settings: Settings, cases: CaseService | None, *, lifespan: Lifes
     app = FastAPI(title="fhir-bridge", version="0.1.0", lifespan=lifespan or no_lifespan,
                   docs_url=None, redoc_url=None)
     app.state.settings = settings
-    app.state.cases = cases
+    app.state.bridge = bridge  # the use cases; the lifespan of fhir_bridge.main sets the runtime's
     app.state.audit = audit  # the lifespan of fhir_bridge.main sets the runtime's
     app.state.audit_bridge = audit_bridge
     install_error_handlers(app)

@@ -4,8 +4,9 @@ all call.
 
 * :func:`fhir_router`: a router of the FHIR surface (base ``/fhir``, format negotiated first), one per module,
   each mounted by :func:`fhir_bridge.api.app.create_app`;
-* :data:`Cases`: the :class:`~fhir_bridge.workflow.cases.CaseService` of the app (``app.state.cases``);
-* :data:`Tenants`: the :class:`~fhir_bridge.access.tenancy.Tenancy` rules over it, made once per app;
+* :data:`UseCases`: the use cases of the app (:class:`~fhir_bridge.workflow.bridge.Bridge`, ``app.state.bridge``,
+  set by the lifespan of :func:`fhir_bridge.main.build_app` or by a test): the case service, opinions, reads,
+  tenancy… — routes call them, never the store behind them;
 * :data:`Caller`: the verified caller (:func:`current_caller`, the bearer-token gate of
   :mod:`fhir_bridge.api.security`); in-process tests replace it with a dependency override of
   :func:`current_caller` (``tests/callers.py``);
@@ -24,15 +25,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 
 from fhir_bridge.access.scopes import AccessContext
-from fhir_bridge.access.tenancy import Tenancy
 from fhir_bridge.api.audit_middleware import resource_patient
 from fhir_bridge.api.fhir_io import base_url, max_body, negotiate, read_form
 from fhir_bridge.api.security import caller
 from fhir_bridge.fhir.resources import Resource
-from fhir_bridge.workflow.cases import CaseService
+from fhir_bridge.workflow.bridge import Bridge
 
-__all__ = ["FHIR_BASE", "Caller", "Cases", "Tenants", "base_url", "cases", "current_caller", "fhir_router",
-           "max_body", "search_form", "seen_by", "tenancy"]  # fmt: skip
+__all__ = ["FHIR_BASE", "Caller", "UseCases", "base_url", "current_caller", "fhir_router", "max_body",
+           "search_form", "seen_by", "use_cases"]  # fmt: skip
 
 FHIR_BASE = "/fhir"
 
@@ -43,23 +43,12 @@ def fhir_router() -> APIRouter:
     return APIRouter(prefix=FHIR_BASE, dependencies=[Depends(negotiate)])
 
 
-async def cases(request: Request) -> CaseService:
-    service: CaseService = request.app.state.cases
-    return service
+async def use_cases(request: Request) -> Bridge:
+    bridge: Bridge = request.app.state.bridge
+    return bridge
 
 
-Cases = Annotated[CaseService, Depends(cases)]
-
-
-async def tenancy(request: Request) -> Tenancy:
-    rules: Tenancy | None = getattr(request.app.state, "tenancy", None)
-    if rules is None:  # the runtime's CaseService arrives with the lifespan, after create_app
-        service: CaseService = request.app.state.cases
-        rules = request.app.state.tenancy = Tenancy(service.store, service.assignments.registry)
-    return rules
-
-
-Tenants = Annotated[Tenancy, Depends(tenancy)]
+UseCases = Annotated[Bridge, Depends(use_cases)]
 
 
 async def current_caller(request: Request) -> AccessContext:
@@ -75,11 +64,11 @@ async def search_form(request: Request) -> list[tuple[str, str]]:
     return [*request.query_params.multi_items(), *await read_form(request, max_body(request), "POST _search")]
 
 
-async def seen_by(request: Request, service: CaseService, who: AccessContext, resource: Resource) -> Resource:
+async def seen_by(request: Request, bridge: Bridge, who: AccessContext, resource: Resource) -> Resource:
     """``resource`` as ``who`` may see it: pseudonymised for a reviewer whose network asks for it
     (:mod:`fhir_bridge.access.pseudonym`), the audit still naming the real patient (``request.state.audit_patient``)."""
-    if not service.needs_pseudonym(who):
+    if not bridge.bundles.needs_pseudonym(who):
         return resource
     if getattr(request.state, "audit_patient", None) is None:
         request.state.audit_patient = resource_patient(resource)
-    return await service.reader_view(resource, who)
+    return await bridge.bundles.reader_view(resource, who)

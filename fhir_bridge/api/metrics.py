@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from fhir_bridge.api.job_metrics import add_job_metrics
 from fhir_bridge.case.deadlines import overdue_tasks
-from fhir_bridge.workflow.cases import CaseService
+from fhir_bridge.workflow.bridge import Bridge
 
 router = APIRouter()
 
@@ -24,13 +24,13 @@ router = APIRouter()
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     registry = CollectorRegistry()
-    cases: CaseService = request.app.state.cases
-    open_tasks = await cases.assignments.open_tasks()
+    bridge: Bridge = request.app.state.bridge
+    open_tasks = await bridge.assignments.open_tasks()
     by_status = Gauge("fhir_bridge_cases_open", "Open cases by Task status", ["status"], registry=registry)
     for status in ("requested", "in-progress", "ready", "on-hold"):
         by_status.labels(status).set(sum(1 for t in open_tasks if t.get("status") == status))
     Gauge("fhir_bridge_cases_overdue", "Open cases past their due date", registry=registry).set(
-        len(overdue_tasks(open_tasks, cases.assignments.now())))
+        len(overdue_tasks(open_tasks, bridge.ports.clock())))
     queue: Any = getattr(request.app.state, "queue", None)
     if queue is not None:
         Gauge("fhir_bridge_jobs_waiting", "Jobs waiting in the queue (ready and delayed retries)",

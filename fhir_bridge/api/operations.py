@@ -19,11 +19,11 @@ from starlette.responses import Response
 from fhir_bridge.access.scopes import AccessContext
 from fhir_bridge.access.tenancy import require_scope
 from fhir_bridge.api.capability import TASK_OPERATIONS
-from fhir_bridge.api.deps import Caller, Cases, Tenants, fhir_router, max_body, seen_by
+from fhir_bridge.api.deps import Caller, UseCases, fhir_router, max_body, seen_by
 from fhir_bridge.api.fhir_io import fhir_response, read_body, version_headers
 from fhir_bridge.errors import Forbidden, InvalidInput
 from fhir_bridge.fhir.resources import check_resource_type
-from fhir_bridge.workflow.cases import CaseService
+from fhir_bridge.workflow.bridge import Bridge
 
 __all__ = ["TASK_OPERATIONS", "parameter", "router"]
 
@@ -48,8 +48,8 @@ async def _parameters(request: Request) -> dict[str, Any]:
     return check_resource_type(await read_body(request, max_body(request)), "Parameters")
 
 
-async def _answer(request: Request, service: CaseService, who: AccessContext, task: dict[str, Any]) -> Response:
-    return fhir_response(request, await seen_by(request, service, who, task), headers=version_headers(task))
+async def _answer(request: Request, bridge: Bridge, who: AccessContext, task: dict[str, Any]) -> Response:
+    return fhir_response(request, await seen_by(request, bridge, who, task), headers=version_headers(task))
 
 
 def _reviewer(who: AccessContext, body: dict[str, Any]) -> str:
@@ -60,27 +60,27 @@ def _reviewer(who: AccessContext, body: dict[str, Any]) -> str:
 
 
 def register(target: APIRouter) -> None:
-    async def allowed(service: Cases, who: AccessContext, rules: Tenants, operation: str, task_id: str) -> None:
+    async def allowed(bridge: Bridge, who: AccessContext, operation: str, task_id: str) -> None:
         require_scope(who, "Task", "u")
-        await rules.check_task_operation(who, operation, await service.store.read("Task", task_id))
+        await bridge.tenancy.check_task_operation(who, operation, await bridge.book.read(task_id))
 
-    async def refresh(request: Request, resource_id: str, service: Cases, who: Caller, rules: Tenants) -> Response:
-        await allowed(service, who, rules, "refresh", resource_id)
+    async def refresh(request: Request, resource_id: str, bridge: UseCases, who: Caller) -> Response:
+        await allowed(bridge, who, "refresh", resource_id)
         await _parameters(request)
-        return await _answer(request, service, who, await service.refresh(resource_id))
+        return await _answer(request, bridge, who, await bridge.cases.refresh(resource_id))
 
-    async def decline(request: Request, resource_id: str, service: Cases, who: Caller, rules: Tenants) -> Response:
-        await allowed(service, who, rules, "decline", resource_id)
+    async def decline(request: Request, resource_id: str, bridge: UseCases, who: Caller) -> Response:
+        await allowed(bridge, who, "decline", resource_id)
         body = await _parameters(request)
         reason = parameter(body, "reason", required=False)
-        return await _answer(request, service, who, await service.decline(resource_id, _reviewer(who, body), reason))
+        task = await bridge.assignments.decline(resource_id, _reviewer(who, body), reason)
+        return await _answer(request, bridge, who, task)
 
-    async def request_documents(request: Request, resource_id: str, service: Cases, who: Caller,
-                                rules: Tenants) -> Response:
-        await allowed(service, who, rules, "request-documents", resource_id)
+    async def request_documents(request: Request, resource_id: str, bridge: UseCases, who: Caller) -> Response:
+        await allowed(bridge, who, "request-documents", resource_id)
         body = await _parameters(request)
-        task = await service.request_documents(resource_id, _reviewer(who, body), parameter(body, "text"))
-        return await _answer(request, service, who, task)
+        task = await bridge.assignments.request_documents(resource_id, _reviewer(who, body), parameter(body, "text"))
+        return await _answer(request, bridge, who, task)
 
     for name, handler in (("refresh", refresh), ("decline", decline), ("request-documents", request_documents)):
         target.add_api_route(f"/Task/{{resource_id}}/${name}", handler, methods=["POST"], name=f"task-{name}")

@@ -1,7 +1,8 @@
 """The FHIR REST surface, registered in a few readable lines (base ``/fhir``).
 
-Routes are thin: read the body, call the :class:`~fhir_bridge.workflow.cases.CaseService`, write the answer.
-Every error is raised and turned into an OperationOutcome in :mod:`fhir_bridge.api.errors`.
+Routes are thin: read the body, call a use case of the :class:`~fhir_bridge.workflow.bridge.Bridge` (the case
+service, opinions, reads), write the answer. Every error is raised and turned into an OperationOutcome in
+:mod:`fhir_bridge.api.errors`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from starlette.responses import Response, StreamingResponse
 from fhir_bridge.access.scopes import AccessContext
 from fhir_bridge.access.tenancy import Tenancy, require_scope
 from fhir_bridge.api.capability import capability_statement
-from fhir_bridge.api.deps import Caller, Cases, Tenants, base_url, fhir_router, max_body, search_form, seen_by
+from fhir_bridge.api.deps import Caller, UseCases, base_url, fhir_router, max_body, search_form, seen_by
 from fhir_bridge.api.fhir_io import (
     fhir_response,
     paging,
@@ -25,10 +26,13 @@ from fhir_bridge.api.fhir_io import (
     version_headers,
     written,
 )
-from fhir_bridge.errors import BridgeError, Forbidden, Gone
+from fhir_bridge.errors import BridgeError, Forbidden
+from fhir_bridge.fhir.elements import instant
 from fhir_bridge.fhir.resources import FHIR_JSON, Resource, check_resource_type
 from fhir_bridge.opinion.report import based_on_request
-from fhir_bridge.workflow.cases import CaseService, bundle_patient, now_instant
+from fhir_bridge.ports import system_clock
+from fhir_bridge.workflow.bridge import Bridge
+from fhir_bridge.workflow.case_bundles import bundle_patient
 
 router = fhir_router()
 READABLE = ("ServiceRequest", "Task", "DiagnosticReport")
@@ -36,60 +40,59 @@ READABLE = ("ServiceRequest", "Task", "DiagnosticReport")
 
 @router.get("/metadata")
 async def metadata(request: Request) -> Response:
-    return fhir_response(request, capability_statement(base_url(request), now_instant()))
+    return fhir_response(request, capability_statement(base_url(request), instant(system_clock())))
 
 
 @router.post("/ServiceRequest")
 async def create_service_request(
-    request: Request, service: Cases, who: Caller, if_none_exist: Annotated[str | None, Header()] = None
+    request: Request, bridge: UseCases, who: Caller, if_none_exist: Annotated[str | None, Header()] = None
 ) -> Response:
     require_scope(who, "ServiceRequest", "c")
     if who.role != "platform":
         raise Forbidden("only platform clients submit requests for an opinion")
     body = await read_body(request, max_body(request))
-    result = await service.submit_request(body, if_none_exist=if_none_exist, tenant=who.tenant, client=who.client_id)
+    result = await bridge.cases.submit_request(body, if_none_exist=if_none_exist, tenant=who.tenant,
+                                               client=who.client_id)
     return _created(request, "ServiceRequest", result.resource, result.created)
 
 
 @router.post("/DiagnosticReport")
 async def create_diagnostic_report(
-    request: Request, service: Cases, who: Caller, rules: Tenants,
-    if_none_exist: Annotated[str | None, Header()] = None,
+    request: Request, bridge: UseCases, who: Caller, if_none_exist: Annotated[str | None, Header()] = None,
 ) -> Response:
     require_scope(who, "DiagnosticReport", "c")
     body = await read_body(request, max_body(request))
 
-    body = await _reidentified(service, who, rules, body)
-    result = await service.submit_opinion(body, if_none_exist=if_none_exist, guard=_opinion_guard(rules, who),
+    body = await _reidentified(bridge, who, body)
+    result = await bridge.opinions.submit(body, if_none_exist=if_none_exist, guard=_opinion_guard(bridge.tenancy, who),
                                           author=who.reviewer)
-    seen = await seen_by(request, service, who, result.resource)
+    seen = await seen_by(request, bridge, who, result.resource)
     return _created(request, "DiagnosticReport", seen, result.created)
 
 
 @router.put("/DiagnosticReport/{resource_id}")
 async def update_diagnostic_report(
-    request: Request, resource_id: str, service: Cases, who: Caller, rules: Tenants,
+    request: Request, resource_id: str, bridge: UseCases, who: Caller,
     if_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     require_scope(who, "DiagnosticReport", "u")
-    await visible_resource(service, who, rules, "DiagnosticReport", resource_id)
+    await bridge.records.read(who, "DiagnosticReport", resource_id)
     body = await read_body(request, max_body(request))
 
-    body = await _reidentified(service, who, rules, body)
-    stored = await service.amend_opinion(resource_id, body, if_match=parse_if_match(if_match),
-                                         guard=_opinion_guard(rules, who), author=who.reviewer)
-    seen = await seen_by(request, service, who, stored)
+    body = await _reidentified(bridge, who, body)
+    stored = await bridge.opinions.amend(resource_id, body, if_match=parse_if_match(if_match),
+                                         guard=_opinion_guard(bridge.tenancy, who), author=who.reviewer)
+    seen = await seen_by(request, bridge, who, stored)
     return written(request, seen, status=200, location=_location(request, "DiagnosticReport", stored))
 
 
 @router.delete("/DiagnosticReport/{resource_id}")
-async def delete_diagnostic_report(request: Request, resource_id: str, service: Cases, who: Caller,
-                                   rules: Tenants) -> Response:
+async def delete_diagnostic_report(request: Request, resource_id: str, bridge: UseCases, who: Caller) -> Response:
     """R4 http.html#delete: a reviewer retracts their own preliminary opinion; reads then answer 410 Gone."""
     require_scope(who, "DiagnosticReport", "d")
-    await visible_resource(service, who, rules, "DiagnosticReport", resource_id)
+    await bridge.records.read(who, "DiagnosticReport", resource_id)
 
-    await service.delete_opinion(resource_id, guard=_opinion_guard(rules, who), author=who.reviewer)
+    await bridge.opinions.delete(resource_id, guard=_opinion_guard(bridge.tenancy, who), author=who.reviewer)
     return Response(status_code=204)
 
 
@@ -102,18 +105,18 @@ def _opinion_guard(rules: Tenancy, who: AccessContext) -> Callable[[str], Awaita
     return guard
 
 
-async def _reidentified(service: CaseService, who: AccessContext, rules: Tenancy, body: Any) -> Any:
+async def _reidentified(bridge: Bridge, who: AccessContext, body: Any) -> Any:
     """A reviewer abroad names the patient by the case pseudonym: put the INS back. The right to the case is
     checked first, so the pseudonym lookup never tells a stranger whether a ServiceRequest exists."""
-    if not service.needs_pseudonym(who):
+    if not bridge.bundles.needs_pseudonym(who):
         return body
     try:
         request_id: str | None = based_on_request(check_resource_type(body, "DiagnosticReport"))
     except BridgeError:
         request_id = None  # the opinion's own checks will say what is wrong with it
     if request_id:
-        await rules.check_opinion_allowed(who, request_id)
-    return await service.reidentified_opinion(body, who)
+        await bridge.tenancy.check_opinion_allowed(who, request_id)
+    return await bridge.bundles.reidentified_opinion(body, who)
 
 
 def _location(request: Request, rtype: str, resource: Resource) -> str:
@@ -130,56 +133,32 @@ def _created(request: Request, rtype: str, resource: Resource, created: bool) ->
 
 
 @router.get("/Bundle/{resource_id}")
-async def read_bundle(request: Request, resource_id: str, service: Cases, who: Caller, rules: Tenants) -> Response:
+async def read_bundle(request: Request, resource_id: str, bridge: UseCases, who: Caller) -> Response:
     require_scope(who, "Bundle", "r")
-    stub = await service.store.read("Bundle", resource_id)
-    await rules.check_visible(who, "Bundle", stub)
+    stub = await bridge.records.read(who, "Bundle", resource_id)
     # the answer is streamed, so the audit can not read the patient from it: the stub knows (audit_middleware)
     request.state.audit_patient = bundle_patient(stub)
-    chunks = service.bundle_chunks(resource_id, who)  # pseudonymised for a reviewer whose network asks for it
+    chunks = bridge.bundles.chunks(resource_id, who)  # pseudonymised for a reviewer whose network asks for it
     return StreamingResponse(chunks, media_type=f"{FHIR_JSON}; charset=utf-8", headers=version_headers(stub))
 
 
-async def visible_resource(service: CaseService, who: AccessContext, rules: Tenancy, rtype: str, resource_id: str,
-                           *, deleted_ok: bool = False) -> Resource:
-    """The current version if ``who`` may see it. A deleted resource (R4 http.html#delete) is judged by its last
-    version: a stranger gets 404 as for any unknown id (no existence leak), the others 410, or with
-    ``deleted_ok`` (``_history``, vread) its last version."""
-    try:
-        resource = await service.store.read(rtype, resource_id)
-    except Gone:
-        last = (await service.store.history(rtype, resource_id))[:1]
-        if not last:
-            raise
-        await rules.check_visible(who, rtype, last[0])
-        if not deleted_ok:
-            raise
-        return last[0]
-    await rules.check_visible(who, rtype, resource)
-    return resource
-
-
 def _register_reads(rtype: str) -> None:
-    async def visible(service: CaseService, who: AccessContext, rules: Tenancy, resource_id: str, *,
-                      deleted_ok: bool = False) -> Resource:
+    async def read(request: Request, resource_id: str, bridge: UseCases, who: Caller) -> Response:
         require_scope(who, rtype, "r")
-        return await visible_resource(service, who, rules, rtype, resource_id, deleted_ok=deleted_ok)
-
-    async def read(request: Request, resource_id: str, service: Cases, who: Caller, rules: Tenants) -> Response:
-        resource = await visible(service, who, rules, resource_id)
-        return fhir_response(request, await seen_by(request, service, who, resource),
+        resource = await bridge.records.read(who, rtype, resource_id)
+        return fhir_response(request, await seen_by(request, bridge, who, resource),
                              headers=version_headers(resource))
 
-    async def vread(request: Request, resource_id: str, version_id: str, service: Cases, who: Caller,
-                    rules: Tenants) -> Response:
-        await visible(service, who, rules, resource_id, deleted_ok=True)
-        resource = await service.store.vread(rtype, resource_id, version_id)
-        return fhir_response(request, await seen_by(request, service, who, resource),
+    async def vread(request: Request, resource_id: str, version_id: str, bridge: UseCases, who: Caller) -> Response:
+        require_scope(who, rtype, "r")
+        resource = await bridge.records.vread(who, rtype, resource_id, version_id)
+        return fhir_response(request, await seen_by(request, bridge, who, resource),
                              headers=version_headers(resource))
 
-    async def history(request: Request, resource_id: str, service: Cases, who: Caller, rules: Tenants) -> Response:
-        await visible(service, who, rules, resource_id, deleted_ok=True)
-        versions = [await seen_by(request, service, who, v) for v in await service.store.history(rtype, resource_id)]
+    async def history(request: Request, resource_id: str, bridge: UseCases, who: Caller) -> Response:
+        require_scope(who, rtype, "r")
+        stored = await bridge.records.history(who, rtype, resource_id)
+        versions = [await seen_by(request, bridge, who, v) for v in stored]
         base = base_url(request)
         bundle = {
             "resourceType": "Bundle",
@@ -205,13 +184,13 @@ def _register_reads(rtype: str) -> None:
         }
         return fhir_response(request, bundle)
 
-    async def search(request: Request, service: Cases, who: Caller, rules: Tenants) -> Response:
-        scope = _search_scope(who, rules, rtype)
-        return await _search(request, service, who, rtype, list(request.query_params.multi_items()), scope)
+    async def search(request: Request, bridge: UseCases, who: Caller) -> Response:
+        scope = _search_scope(who, bridge.tenancy, rtype)
+        return await _search(request, bridge, who, rtype, list(request.query_params.multi_items()), scope)
 
-    async def search_post(request: Request, service: Cases, who: Caller, rules: Tenants) -> Response:
-        scope = _search_scope(who, rules, rtype)
-        return await _search(request, service, who, rtype, await search_form(request), scope)
+    async def search_post(request: Request, bridge: UseCases, who: Caller) -> Response:
+        scope = _search_scope(who, bridge.tenancy, rtype)
+        return await _search(request, bridge, who, rtype, await search_form(request), scope)
 
     router.add_api_route(f"/{rtype}", search, methods=["GET"], name=f"search-{rtype}")
     router.add_api_route(f"/{rtype}/_search", search_post, methods=["POST"], name=f"search-post-{rtype}")
@@ -227,11 +206,12 @@ def _search_scope(who: AccessContext, rules: Tenancy, rtype: str) -> dict[str, l
     return rules.search_scope(who, rtype)
 
 
-async def _search(request: Request, service: CaseService, who: AccessContext, rtype: str,
+async def _search(request: Request, bridge: Bridge, who: AccessContext, rtype: str,
                   params: list[tuple[str, str]], scope: dict[str, list[str]]) -> Response:
     count, offset = paging(request, params)
-    found, total = await service.search(rtype, params, count, offset, scope=scope)
-    resources = [await service.reader_view(r, who) for r in found] if service.needs_pseudonym(who) else found
+    found, total = await bridge.records.search(rtype, params, count, offset, scope=scope)
+    bundles = bridge.bundles
+    resources = [await bundles.reader_view(r, who) for r in found] if bundles.needs_pseudonym(who) else found
     return fhir_response(request, searchset(base_url(request), rtype, resources, total, params, count, offset))
 
 
