@@ -35,8 +35,8 @@ from redis.asyncio import Redis
 
 from fhir_bridge.adapters.lua_search import SELECT_PAGE
 from fhir_bridge.errors import Conflict, Gone, InvalidInput, NotFound, PreconditionFailed
-from fhir_bridge.fhir.resources import dumps, loads
-from fhir_bridge.ports import Resource, SearchPage
+from fhir_bridge.fhir.resources import Resource, dumps, loads
+from fhir_bridge.ports import SearchPage
 
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # FHIR R4 datatypes "id"
 _TYPE = re.compile(r"[A-Z][A-Za-z]{0,63}")
