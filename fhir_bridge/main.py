@@ -37,8 +37,9 @@ from fhir_bridge.adapters.audit_log import RedisAuditLog
 from fhir_bridge.adapters.blobstore import BlobKeyring, FileBlobStore
 from fhir_bridge.adapters.clients import ClientRegistry
 from fhir_bridge.adapters.pseudonym_key import load_or_create_pseudonym_key
-from fhir_bridge.adapters.queue import KindPolicy, RedisJobQueue
+from fhir_bridge.adapters.queue import RedisJobQueue
 from fhir_bridge.adapters.queue_admin import QueueAdmin
+from fhir_bridge.adapters.queue_policy import KindPolicy
 from fhir_bridge.adapters.redis_clients import connect
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.adapters.redis_store import RedisResourceStore

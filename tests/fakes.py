@@ -19,7 +19,7 @@ from urllib.parse import urljoin, urlsplit
 
 from fhir_bridge import errors
 from fhir_bridge.adapters.blobstore import _check_digest
-from fhir_bridge.adapters.queue import PermanentJobError
+from fhir_bridge.adapters.queue_policy import PermanentJobError
 from fhir_bridge.adapters.redis_store import _check_id, _check_type, _instant, _last_updated_bounds
 from fhir_bridge.fhir.identity import PatientIdentifier
 from fhir_bridge.fhir.resources import Resource, dumps, loads

@@ -6,6 +6,9 @@ included), so an auditor re-computes every hash from the file alone; the manifes
 first, the last hash), the file's SHA-256, the signed checkpoints inside the slice, and is itself signed with
 the bridge's key. Check a pair with :func:`fhir_bridge.audit.chain.verify_export` and the public JWK
 (``fhir_bridge.adapters.signing.JwsVerifier``): no Redis, no bridge needed.
+
+An export only reads the chain, so it takes an :class:`~fhir_bridge.adapters.audit_reader.AuditChainReader`
+(the log is one, and calls this from ``RedisAuditLog.export_ndjson`` with its signer, verifier and clock).
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import json
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
+from fhir_bridge.adapters.audit_reader import AuditChainReader
 from fhir_bridge.audit.chain import (
     GENESIS,
     AuditIntegrityError,
@@ -31,14 +35,11 @@ from fhir_bridge.audit.chain import (
 from fhir_bridge.fhir.elements import instant
 from fhir_bridge.fhir.resources import loads
 
-if TYPE_CHECKING:
-    from fhir_bridge.adapters.audit_log import RedisAuditLog
-
 _FLUSH_BYTES = 1 << 20
 
 
 async def export_ndjson(
-    log: RedisAuditLog,
+    log: AuditChainReader,
     path: Path,
     *,
     signer: Signer,

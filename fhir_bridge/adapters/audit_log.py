@@ -1,14 +1,8 @@
 """The audit log in Redis: AuditEvents hash-chained in one sequence, indexed for auditors, checkpointed, exportable.
 
-Keys (``P`` is the configurable prefix, default ``fhir-bridge:``; ``<m>`` is an event's seq on 15 digits, so that
-the lexical order of members is their seq order)::
-
-    P{audit}:head            hash: seq, hash (the chain's end); cps, cpt (last checkpoint's seq and time in ms);
-                             fseq, fhash, fcp (the retention floor: last purged seq, its hash, its signed checkpoint)
-    P{audit}:ev              hash: <m> → the stored AuditEvent (canonical JSON, chain extension included)
-    P{audit}:t               zset: <m> scored by ``recorded`` in ms since the epoch
-    P{audit}:cp              hash: <m> → signed checkpoint JSON of the chain at that event
-    P{audit}:ix:<param>=<v>  set: the <m> answering to a search token (``fhir_bridge.audit.events.index_terms``)
+The keys, and the reads of the chain that the export shares, are in ``fhir_bridge.adapters.audit_reader``
+(:class:`~fhir_bridge.adapters.audit_reader.AuditChainReader`, which this log extends); the export of a slice
+with its signed manifest in ``fhir_bridge.adapters.audit_export``.
 
 Every key shares the ``{audit}`` hash tag: an append writes the event, its indexes and the new chain end in one
 Lua script (``fhir_bridge.adapters.audit_scripts``), so a search or a verification never sees half an event.
@@ -25,18 +19,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from fhir_bridge.adapters import audit_scripts as scripts
+from fhir_bridge.adapters.audit_export import export_ndjson
+from fhir_bridge.adapters.audit_reader import (
+    BATCH,
+    AuditChainReader,
+    ChainHead,
+    as_bytes,
+    as_text,
+    ms,
+    ms_ceil,
+    seq_member,
+)
 from fhir_bridge.audit.chain import (
     GENESIS,
     AuditIntegrityError,
@@ -54,42 +57,17 @@ from fhir_bridge.audit.chain import (
 from fhir_bridge.audit.events import AuditUnavailable, index_terms
 from fhir_bridge.errors import Conflict, InvalidInput
 from fhir_bridge.fhir.elements import instant
-from fhir_bridge.fhir.resources import dumps, loads
+from fhir_bridge.fhir.resources import Resource, dumps, loads
 
-Resource = dict[str, Any]
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _APPEND_ATTEMPTS = 200  # compare-and-set rounds lost to other writers before the append is refused
-_BATCH = 512  # events per round trip when streaming the chain
 _GROUP = 256  # appends sent in one pipeline at most
-_STRAGGLERS = 1000  # how far out of time order an event may sit by seq at a date boundary (see _seq_range)
 
 
-@dataclass(frozen=True, slots=True)
-class ChainState:
-    """The chain's end (``seq`` 0 and the genesis hash when empty), the last checkpointed seq, the retention
-    anchor (the signed link of the last purged event; None before any purge)."""
-
-    seq: int
-    hash: str
-    checkpoint_seq: int
-    floor: Checkpoint | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Head:
-    seq: int
-    hash: str  # GENESIS before the first event
-    stored_hash: str  # what the head key holds ('' when nothing): the compare-and-set expects it
-    cps: int
-    cpt: int
-    floor: Checkpoint | None
-
-
-class RedisAuditLog:
-    """The hash-chained AuditEvent log; see the module docstring for the keys and ``fhir_bridge.audit.chain``
-    for the chain. ``signer`` signs checkpoints (every ``checkpoint_every`` events or ``checkpoint_seconds``,
-    whichever comes first) and export manifests; ``verifier`` checks them (default: the signer, which knows
-    only its own key: pass a verifier holding the old public keys after a rotation)."""
+class RedisAuditLog(AuditChainReader):
+    """The hash-chained AuditEvent log; see ``fhir_bridge.adapters.audit_reader`` for the keys and
+    ``fhir_bridge.audit.chain`` for the chain. ``signer`` signs checkpoints (every ``checkpoint_every`` events or
+    ``checkpoint_seconds``, whichever comes first) and export manifests; ``verifier`` checks them (default: the
+    signer, which knows only its own key: pass a verifier holding the old public keys after a rotation)."""
 
     def __init__(
         self,
@@ -102,25 +80,21 @@ class RedisAuditLog:
         clock: Callable[[], datetime] | None = None,
         verifier: SignatureVerifier | None = None,
     ) -> None:
-        if "{" in prefix or "}" in prefix:
-            raise ValueError("the key prefix must not contain braces: they would change the Cluster hash tag")
+        super().__init__(redis, prefix=prefix)
         if checkpoint_every < 1 or checkpoint_seconds <= 0:
             raise ValueError("checkpoints need a positive interval")
-        self._redis = redis
-        self._prefix = prefix
         self._signer = signer
         self._verifier: SignatureVerifier = verifier or signer
         self._every = checkpoint_every
         self._interval_ms = int(checkpoint_seconds * 1000)
         self._clock = clock or (lambda: datetime.now(UTC))
-        self._head_key, self._events, self._time, self._cps = (self._key(k) for k in ("head", "ev", "t", "cp"))
         self._append = redis.register_script(scripts.APPEND)
         self._write_checkpoint = redis.register_script(scripts.CHECKPOINT)
         self._purge = redis.register_script(scripts.PURGE)
         self._search = redis.register_script(scripts.SEARCH)
         self._waiting: list[_Waiting] = []
         self._writer: asyncio.Task[None] | None = None
-        self._known: _Head | None = None  # the chain end as this process last wrote it
+        self._known: ChainHead | None = None  # the chain end as this process last wrote it
 
     async def append(self, event: Resource) -> Resource:
         """Store ``event`` at the end of the chain and return it as stored (``id`` = its seq, ``recorded`` = now
@@ -179,12 +153,12 @@ class RedisAuditLog:
             for waiting in pending:
                 now = self._clock()
                 stored, link = seal({**waiting.event, "recorded": instant(now)}, seq + 1, hash_)
-                score = _ms(now)
+                score = ms(now)
                 checkpoint = ""
                 if link.seq - cps >= self._every or score - cpt >= self._interval_ms:
                     checkpoint = sign_checkpoint(link, instant(now), self._signer).to_json()
                     cps, cpt = link.seq, score
-                args: list[str | int | bytes] = [str(seq), stored_hash, _member(link.seq),
+                args: list[str | int | bytes] = [str(seq), stored_hash, seq_member(link.seq),
                                                  dumps(stored, canonical=True), score, link.hash, checkpoint, link.seq]
                 pipe.evalsha(self._append.sha, len(waiting.keys), *waiting.keys, *args)
                 sealed.append((stored, link, cps, cpt))
@@ -196,7 +170,7 @@ class RedisAuditLog:
                     break
                 if isinstance(answer, Exception):
                     raise answer
-                status = _text(answer)
+                status = as_text(answer)
                 if status == "stale":  # another process moved the chain end: the rest chained on ours, stale too
                     break
                 if status != "ok":
@@ -206,7 +180,7 @@ class RedisAuditLog:
                     _fail(pending[n:], error)
                     return
                 stored, link, after_cps, after_cpt = sealed[n]
-                self._known = _Head(link.seq, link.hash, link.hash, after_cps, after_cpt, head.floor)
+                self._known = ChainHead(link.seq, link.hash, link.hash, after_cps, after_cpt, head.floor)
                 if not pending[n].future.done():
                     pending[n].future.set_result(stored)
             else:
@@ -225,7 +199,7 @@ class RedisAuditLog:
             return None
         now = self._clock()
         checkpoint = sign_checkpoint(ChainLink(head.seq, head.hash), instant(now), self._signer)
-        args: list[str | int] = [_member(head.seq), checkpoint.to_json(), head.seq, _ms(now)]
+        args: list[str | int] = [seq_member(head.seq), checkpoint.to_json(), head.seq, ms(now)]
         await self._write_checkpoint(keys=[self._head_key, self._cps], args=args)
         return checkpoint
 
@@ -260,8 +234,8 @@ class RedisAuditLog:
                 return [], 0
             keys += [self._index_key(param, value) for value in values]
             sizes.append(len(values))
-        low = _ms_ceil(date_ge) if date_ge else -(2**53)
-        high = _ms_ceil(date_lt) - 1 if date_lt else 2**53
+        low = ms_ceil(date_ge) if date_ge else -(2**53)
+        high = ms_ceil(date_lt) - 1 if date_lt else 2**53
         if low > high:
             return [], 0
         try:
@@ -269,16 +243,6 @@ class RedisAuditLog:
         except (RedisError, OSError) as exc:
             raise AuditUnavailable(f"the audit log cannot be read ({type(exc).__name__})") from exc
         return [loads(body) for body in out[1:] if body], int(out[0])
-
-    async def iter_range(
-        self, since: datetime | None = None, until: datetime | None = None
-    ) -> AsyncIterator[tuple[int, bytes | None]]:
-        """``(seq, stored bytes)`` in seq order for the contiguous slice of the chain recorded in
-        [``since``, ``until``) (None: nothing is stored at that seq, which verification reports)."""
-        span = await self.seq_range(since, until)
-        if span is not None:
-            async for item in self.read_range(*span):
-                yield item
 
     async def verify(self) -> VerifyResult:
         """Verify the whole chain from the retention floor to its end, every checkpoint's signature and hash,
@@ -314,8 +278,6 @@ class RedisAuditLog:
     ) -> Manifest:
         """Write the events recorded in [``since``, ``until``) as NDJSON with a signed manifest; see
         :func:`fhir_bridge.adapters.audit_export.export_ndjson`."""
-        from fhir_bridge.adapters.audit_export import export_ndjson
-
         return await export_ndjson(self, path, signer=self._signer, verifier=self._verifier, created=self._clock(),
                                    since=since, until=until, manifest_path=manifest_path)  # fmt: skip
 
@@ -323,12 +285,12 @@ class RedisAuditLog:
         """Retention: remove the oldest events, those recorded before ``when`` (a prefix of the chain: it stops
         at the first younger event), and return how many. Each batch is verified before it goes, and the last
         removed link is kept as a signed anchor so the rest of the chain still verifies from there."""
-        cutoff = _ms_ceil(when)
+        cutoff = ms_ceil(when)
         head = await self._head()
         floor = head.floor.seq if head.floor else 0
         end = floor
         while end < head.seq:
-            members = [_member(s) for s in range(end + 1, min(end + _BATCH, head.seq) + 1)]
+            members = [seq_member(s) for s in range(end + 1, min(end + BATCH, head.seq) + 1)]
             scores = await self._redis.zmscore(self._time, members)
             old = next((i for i, score in enumerate(scores) if score is None or score >= cutoff), len(members))
             end += old
@@ -341,10 +303,10 @@ class RedisAuditLog:
         start = ChainLink(floor, head.floor.hash if head.floor else GENESIS)
         checker = ChainVerifier(start, {c.seq: c for c in await self.checkpoints() if floor < c.seq <= end},
                                 self._verifier)  # fmt: skip
-        for low in range(floor + 1, end + 1, _BATCH):
-            high = min(low + _BATCH - 1, end)
-            members = [_member(s) for s in range(low, high + 1)]
-            bodies = [_bytes(b) for b in await self._redis.hmget(self._events, members)]
+        for low in range(floor + 1, end + 1, BATCH):
+            high = min(low + BATCH - 1, end)
+            members = [seq_member(s) for s in range(low, high + 1)]
+            bodies = [as_bytes(b) for b in await self._redis.hmget(self._events, members)]
             leaving: dict[str, list[str]] = {}
             for seq, body in zip(range(low, high + 1), bodies, strict=True):
                 if not checker.feed(seq, body):
@@ -353,62 +315,16 @@ class RedisAuditLog:
                                               f"{result.reason}; the purge stopped before it")  # fmt: skip
                 for param, values in index_terms(loads(body or b"")).items():
                     for value in values:
-                        leaving.setdefault(self._index_key(param, value), []).append(_member(seq))
+                        leaving.setdefault(self._index_key(param, value), []).append(seq_member(seq))
             link = chain_link(loads(bodies[-1] or b""))
             assert link is not None  # the checker has just accepted it
             anchor = sign_checkpoint(link, instant(self._clock()), self._signer)
             keys = [self._head_key, self._events, self._time, self._cps, *leaving]
             args: list[str | int] = [str(low - 1), high, link.hash, anchor.to_json(),
                     json.dumps(list(leaving.values())), *members]  # fmt: skip
-            if _text(await self._purge(keys=keys, args=args)) != "ok":
+            if as_text(await self._purge(keys=keys, args=args)) != "ok":
                 raise Conflict("another purge of the audit log is running")
         return end - floor
-
-    async def state(self) -> ChainState:
-        """Where the chain ends, its last checkpoint and its retention floor (for the auditor's status view)."""
-        head = await self._head()
-        return ChainState(head.seq, head.hash, head.cps, head.floor)
-
-    async def checkpoints(self) -> list[Checkpoint]:
-        """Every signed checkpoint above the retention floor, in seq order."""
-        return sorted((Checkpoint.from_json(v) for v in (await self._redis.hgetall(self._cps)).values()),
-                      key=lambda c: c.seq)  # fmt: skip
-
-    async def read_range(self, first: int, last: int) -> AsyncIterator[tuple[int, bytes | None]]:
-        """``(seq, stored bytes or None)`` for every seq from ``first`` to ``last``, in batches."""
-        for low in range(first, last + 1, _BATCH):
-            seqs = range(low, min(low + _BATCH - 1, last) + 1)
-            bodies = await self._redis.hmget(self._events, [_member(s) for s in seqs])
-            for seq, body in zip(seqs, bodies, strict=True):
-                yield seq, _bytes(body)
-
-    async def seq_range(self, since: datetime | None, until: datetime | None) -> tuple[int, int] | None:
-        """The seqs from the first event recorded at or after ``since`` to the last recorded before ``until``.
-
-        An append stamps ``recorded`` just before its compare-and-set, so time order and seq order agree up to
-        clock steps; the bounds take the extreme seq among the ``_STRAGGLERS`` events nearest each date."""
-        head = await self._head()
-        first, last = (head.floor.seq if head.floor else 0) + 1, head.seq
-        if since is not None:
-            found = await self._redis.zrangebyscore(self._time, _ms_ceil(since), "+inf", start=0, num=_STRAGGLERS)
-            first = max(first, min((int(_text(m)) for m in found), default=last + 1))
-        if until is not None:
-            bound = f"({_ms_ceil(until)}"
-            found = await self._redis.zrevrangebyscore(self._time, bound, "-inf", start=0, num=_STRAGGLERS)
-            last = min(last, max((int(_text(m)) for m in found), default=0))
-        return (first, last) if first <= last else None
-
-    async def _head(self) -> _Head:
-        seq, hash_, cps, cpt, fcp = await self._redis.hmget(self._head_key, ["seq", "hash", "cps", "cpt", "fcp"])
-        stored = _text(hash_) if hash_ is not None else ""
-        floor = Checkpoint.from_json(fcp) if fcp else None
-        return _Head(int(seq or 0), stored or GENESIS, stored, int(cps or 0), int(cpt or 0), floor)
-
-    def _index_key(self, param: str, value: str) -> str:
-        return self._key("ix", f"{param}={value}")
-
-    def _key(self, kind: str, rest: str | None = None) -> str:
-        return f"{self._prefix}{{audit}}:{kind}" + ("" if rest is None else f":{rest}")
 
 
 @dataclass(slots=True)
@@ -424,25 +340,3 @@ def _fail(waiting: list[_Waiting], error: BaseException) -> None:
     for item in waiting:
         if not item.future.done():
             item.future.set_exception(error)
-
-
-def _member(seq: int) -> str:
-    return f"{seq:015d}"
-
-
-def _bytes(value: bytes | str | None) -> bytes | None:
-    return value.encode() if isinstance(value, str) else value
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _ms(when: datetime) -> int:
-    when = when if when.tzinfo else when.replace(tzinfo=UTC)
-    return (when - _EPOCH) // timedelta(milliseconds=1)
-
-
-def _ms_ceil(when: datetime) -> int:
-    when = when if when.tzinfo else when.replace(tzinfo=UTC)
-    return math.ceil((when - _EPOCH) / timedelta(microseconds=1) / 1000)

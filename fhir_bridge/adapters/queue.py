@@ -11,12 +11,15 @@ guarantees:
   the deliveries lost to dead workers, so a job that kills its worker every time still ends in dead letters;
 * a failed attempt is retried after an exponential backoff with jitter, waiting in a delayed zset until the
   first worker to see it due moves it back to the stream (one Lua script: it moves exactly once);
-* a kind of job may have its own :class:`KindPolicy` (attempts and backoff): a delivery to a webhook that is
-  down for hours is retried for hours, a collect job gives up sooner;
-* after ``max_attempts``, or at once on :class:`PermanentJobError`, the job goes to the dead-letter stream with
-  the error's class and message (never into logs: messages may quote data) until retried or purged.
+* a kind of job may have its own :class:`~fhir_bridge.adapters.queue_policy.KindPolicy` (attempts, backoff,
+  errors that are permanent; ``fhir_bridge.adapters.queue_policy``): a delivery to a webhook that is down for
+  hours is retried for hours, a collect job gives up sooner;
+* after ``max_attempts``, or at once on :class:`~fhir_bridge.adapters.queue_policy.PermanentJobError`, the job
+  goes to the dead-letter stream with the error's class and message (never into logs: messages may quote data)
+  until retried or purged.
 
-Keys share one hash tag (the queue name) because those scripts move a job between them atomically::
+Keys share one hash tag (the queue name) because the Lua scripts (``fhir_bridge.adapters.queue_scripts``) move
+a job between them atomically::
 
     P{jobs}:stream      ready and running jobs (stream, group "workers"); an entry is deleted once settled
     P{jobs}:delayed     retries waiting for their time (zset: the job as JSON, scored by due time, Redis clock)
@@ -30,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -43,6 +45,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from fhir_bridge.adapters import queue_scripts as scripts
+from fhir_bridge.adapters.queue_policy import KindPolicy, QueueCounters
 from fhir_bridge.errors import InvalidInput
 from fhir_bridge.ports import Job, JobHandler
 
@@ -50,71 +54,6 @@ log = structlog.get_logger("fhir_bridge.queue")
 
 GROUP = "workers"
 _FIELDS = ("id", "kind", "payload", "attempt", "enqueued")
-_NOW_MS = "local t = redis.call('TIME')\nlocal now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
-
-# KEYS: state, stream, dead. ARGV: ttl, id, kind, payload.
-_ENQUEUE = f"""
-local state = redis.call('GET', KEYS[1])
-if state and string.sub(state, 1, 5) ~= 'dead:' then return 0 end
-if state then redis.call('XDEL', KEYS[3], string.sub(state, 6)) end
-{_NOW_MS}
-redis.call('XADD', KEYS[2], '*', 'id', ARGV[2], 'kind', ARGV[3], 'payload', ARGV[4], 'attempt', '1',
-  'enqueued', string.format('%d', now))
-redis.call('SET', KEYS[1], 'pending', 'EX', ARGV[1])
-return 1
-"""
-
-# KEYS: delayed, stream. ARGV: most jobs to move. Returns ms until the next is due, or -1.
-_PROMOTE = f"""
-{_NOW_MS}
-for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[1])) do
-  local job = cjson.decode(member)
-  redis.call('XADD', KEYS[2], '*', 'id', job.id, 'kind', job.kind, 'payload', job.payload,
-    'attempt', job.attempt, 'enqueued', job.enqueued)
-  redis.call('ZREM', KEYS[1], member)
-end
-local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
-return nxt and math.max(0, tonumber(nxt) - now) or -1
-"""
-
-# Settle a delivery (done, retry, dead) or refresh its idle time (beat: XCLAIM JUSTID counts no delivery), only
-# while this consumer still owns it: else another worker took it over and it is theirs. KEYS: stream, delayed,
-# dead, state, stats. ARGV: group, consumer, entry id, outcome, ttl, kind, then delay ms and job JSON, or
-# dead-letter fields.
-_SETTLE = f"""
-if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2]) == 0 then return 0 end
-if ARGV[4] == 'beat' then return #redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID') end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-redis.call('XDEL', KEYS[1], ARGV[3])
-redis.call('HINCRBY', KEYS[5], ARGV[4] .. ':' .. ARGV[6], 1)
-if ARGV[4] == 'done' then
-  redis.call('SET', KEYS[4], 'done', 'EX', ARGV[5])
-elseif ARGV[4] == 'retry' then
-  {_NOW_MS}
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), ARGV[8])
-  redis.call('SET', KEYS[4], 'pending', 'EX', ARGV[5])
-else
-  local dead_id = redis.call('XADD', KEYS[3], '*', unpack(ARGV, 7))
-  redis.call('SET', KEYS[4], 'dead:' .. dead_id, 'EX', ARGV[5])
-end
-return 1
-"""
-
-
-class PermanentJobError(Exception):
-    """Raised by a handler when trying again cannot help (a malformed payload, a case that no longer
-    exists): the job goes straight to the dead letters instead of using up its retries."""
-
-
-@dataclass(frozen=True, slots=True)
-class KindPolicy:
-    """Retry policy of one kind of job (overrides the queue's defaults); ``permanent``: the errors that go to the
-    dead letters at once for this kind, as :class:`PermanentJobError` does for every kind."""
-
-    max_attempts: int
-    backoff_initial: float
-    backoff_max: float
-    permanent: tuple[type[Exception], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,16 +67,6 @@ class DeadLetter:
     error_message: str
     failed_at: datetime
     payload: dict[str, Any] = field(repr=False)
-
-
-@dataclass(slots=True)
-class QueueCounters:
-    """What this process's workers did, for ``/metrics``."""
-
-    processed: int = 0
-    retries: int = 0
-    dead: int = 0
-    reclaimed: int = 0
 
 
 class RedisJobQueue:
@@ -176,7 +105,9 @@ class RedisJobQueue:
         self.stream, self.delayed, self.dead, self.stats, self._state_prefix = (
             f"{base}{k}" for k in ("stream", "delayed", "dead", "stats", "job:")
         )
-        self._enqueue, self._promote, self._settle = (redis.register_script(x) for x in (_ENQUEUE, _PROMOTE, _SETTLE))
+        self._enqueue, self._promote, self._settle = (
+            redis.register_script(x) for x in (scripts.ENQUEUE, scripts.PROMOTE, scripts.SETTLE)
+        )
         self._group_ready = False
 
     @classmethod
@@ -351,7 +282,7 @@ class RedisJobQueue:
         try:
             await handler(job)
         except Exception as exc:
-            if d.attempt >= policy.max_attempts or isinstance(exc, (PermanentJobError, *policy.permanent)):
+            if policy.buries(d.attempt, exc):
                 await self._bury(d, d.attempt, type(exc).__name__, str(exc))
             else:
                 await self._retry_later(d, type(exc).__name__, policy)
@@ -367,8 +298,7 @@ class RedisJobQueue:
         return self.policies.get(kind) or KindPolicy(self.max_attempts, self.backoff_initial, self.backoff_max)
 
     async def _retry_later(self, d: _Delivery, error: str, policy: KindPolicy) -> None:
-        delay = min(policy.backoff_max, policy.backoff_initial * 2 ** (d.attempt - 1))
-        delay *= 0.5 + random.random() / 2  # jitter: the jobs failed by one outage do not all return at once
+        delay = policy.retry_delay(d.attempt)
         job = json.dumps({**{k: d.fields[k] for k in _FIELDS}, "attempt": str(d.attempt + 1)}, ensure_ascii=False)
         if await self._settle_entry(d, "retry", int(delay * 1000), job):
             self.counters.retries += 1

@@ -11,10 +11,10 @@ Refusals from the token endpoint raise :class:`TokenRequestFailed` with the RFC 
 server's description, never the assertion or a token.
 
 :class:`SourceTokenAuth` is the same flow for the source client (``[source] token_url``), shaped as its
-``OutboundAuth`` (``headers()``, ``refused()``) because the source client decides itself, per request, whether
-credentials go out at all (only to the source's own origin, never to an attachment elsewhere). It sends the
-token request through the source client's own HTTP client, so the source's CA bundle and our client
-certificate apply to the token endpoint too.
+:class:`~fhir_bridge.adapters.source_auth.OutboundAuth` (``headers()``, ``refused()``) because the source
+client decides itself, per request, whether credentials go out at all (only to the source's own origin, never
+to an attachment elsewhere). It sends the token request through the source client's own HTTP client, so the
+source's CA bundle and our client certificate apply to the token endpoint too.
 """
 
 from __future__ import annotations

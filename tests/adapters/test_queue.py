@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from fhir_bridge.adapters.queue import KindPolicy, PermanentJobError, RedisJobQueue
+from fhir_bridge.adapters.queue import RedisJobQueue
+from fhir_bridge.adapters.queue_policy import KindPolicy, PermanentJobError
 from fhir_bridge.errors import InvalidInput
 from fhir_bridge.ports import Job, JobQueuePort
 

@@ -23,7 +23,8 @@ import pytest
 from fhir_bridge.adapters.auth import ClientRegistry, verify_client_assertion
 from fhir_bridge.adapters.clients import Client, generate_client_keypair
 from fhir_bridge.adapters.settings import SourceSettings
-from fhir_bridge.adapters.source_client import SourceClient, StaticBearer
+from fhir_bridge.adapters.source_auth import StaticBearer
+from fhir_bridge.adapters.source_client import SourceClient
 from fhir_bridge.adapters.token_client import TokenRequestFailed
 from fhir_bridge.errors import InvalidInput, SourceRejected
 
