@@ -1,8 +1,12 @@
-"""The FHIR REST surface, registered in a few readable lines (base ``/fhir``).
+"""The FHIR REST surface, registered in a few readable lines (base ``/fhir``): metadata, the creates, updates and
+deletes, the case Bundle, and the reads, histories and searches of :data:`READABLE`.
 
 Routes are thin: read the body, call a use case of the :class:`~fhir_bridge.workflow.bridge.Bridge` (the case
 service, opinions, reads), write the answer. Every error is raised and turned into an OperationOutcome in
-:mod:`fhir_bridge.api.errors`.
+:mod:`fhir_bridge.api.errors`. What they declare and share (the use cases, the verified caller, the base URL)
+is :mod:`fhir_bridge.api.deps`. This module's :data:`router` is mounted by :func:`fhir_bridge.api.app.create_app`
+before the AuditEvent routes (:mod:`fhir_bridge.api.audit_routes`) and the Task operations
+(:mod:`fhir_bridge.api.operations`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The bearer-token gate of the FHIR API (SMART Backend Services, RFC 6750) and the caller it yields.
 
 :func:`caller` is the FastAPI dependency every ``/fhir`` route but ``metadata`` and the SMART discovery
-document depends on: it reads ``Authorization: Bearer <token>`` (RFC 6750 §2.1; no query or form tokens),
-verifies it (:func:`fhir_bridge.adapters.auth.verify_access_token`: ES384 by the bridge key, ``at+jwt``, not
-expired, ``aud`` = this server, bound certificate if any) and gives the
+document depends on (as :data:`fhir_bridge.api.deps.Caller`, through :func:`~fhir_bridge.api.deps.current_caller`,
+the seam in-process tests override): it reads ``Authorization: Bearer <token>`` (RFC 6750 §2.1; no query or
+form tokens), verifies it (:func:`fhir_bridge.adapters.auth.verify_access_token`: ES384 by the bridge key,
+``at+jwt``, not expired, ``aud`` = this server, bound certificate if any) and gives the
 :class:`~fhir_bridge.access.scopes.AccessContext`.
 Its scopes are cut again to the role's ceiling (``config/roles.json``), so a registry edit can not widen a token
 already issued. The client id and the token's ``jti`` go to ``request.state`` for the audit trail.
