@@ -39,6 +39,7 @@ from fhir_bridge.adapters.queue import KindPolicy, RedisJobQueue
 from fhir_bridge.adapters.redis_clients import connect
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.adapters.redis_store import RedisResourceStore
+from fhir_bridge.adapters.reference_data import ReferenceData, load_reference_data
 from fhir_bridge.adapters.scheduler import RedisScheduler
 from fhir_bridge.adapters.settings import Settings, clients_file
 from fhir_bridge.adapters.signing import Es384Signer, JwsVerifier, SigningKeyError, load_or_create_signer
@@ -48,7 +49,6 @@ from fhir_bridge.adapters.webhooks import HttpWebhooks
 from fhir_bridge.audit import context as audit_context
 from fhir_bridge.audit.events import Party, rest_event, source_event
 from fhir_bridge.errors import AuditUnavailable, BusinessRuleViolation, InvalidInput, NotFound, SourceRejected
-from fhir_bridge.fhir.terminology import load_terminology
 from fhir_bridge.ports import AuditPort, Job, SourcePort
 from fhir_bridge.schedule import JOB_KINDS, load_schedule
 from fhir_bridge.workflow.cases import COLLECT_JOB, CaseService
@@ -66,6 +66,7 @@ class Runtime:
     cases: CaseService
     audit: RedisAuditLog
     bridge: Party  # the bridge as an AuditEvent agent and observer
+    reference: ReferenceData  # the data files, read once from the settings' paths
     sync: CaseSync | None = None  # incremental refresh of open cases (issue 8)
 
 
@@ -209,8 +210,11 @@ def open_queue(settings: Settings, redis_url: str) -> RedisJobQueue:
 
 
 @contextlib.asynccontextmanager
-async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") -> AsyncIterator[Runtime]:
-    """Open every adapter once for this process, and close them at the end (signing a last audit checkpoint)."""
+async def open_runtime(settings: Settings, redis_url: str, role: str = "cli",
+                       reference: ReferenceData | None = None) -> AsyncIterator[Runtime]:
+    """Open every adapter once for this process, and close them at the end (signing a last audit checkpoint).
+    ``reference``: the data files when already read (the API needs its profiles first); None: read here."""
+    reference = reference or load_reference_data(settings)
     redis = connect(redis_url, cluster=settings.redis.cluster)
     audit = open_audit_log(settings, redis)
     bridge = bridge_party(settings, role)
@@ -236,9 +240,12 @@ async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") ->
         blobs=FileBlobStore(settings.data_dir / "blobs",
                             BlobKeyring.load_or_create(settings.data_dir / "keys" / "blob-keys.json")),
         source=shared_source,
-        terminology=load_terminology(),
+        terminology=reference.terminology,
         work_dir=settings.data_dir / "work",
         max_attempts=settings.worker.max_attempts,
+        # the data files, read once from the settings' paths (the core reads none)
+        triage_rules=reference.triage_rules, registry=reference.registry, deadlines=reference.deadlines,
+        networks=reference.networks, write_back=reference.write_back, report_labels=reference.report_labels,
         audit=audit,
         audit_agent=bridge,
         # case bundles are signed with the bridge's (audit) key; reviewers abroad read them pseudonymised
@@ -251,7 +258,7 @@ async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") ->
     timer = asyncio.create_task(_checkpoint_timer(audit, settings.audit.checkpoint_seconds))
     try:
         yield Runtime(settings=settings, redis=redis, queue=queue, cases=cases, audit=audit, bridge=bridge,
-                      sync=sync)
+                      reference=reference, sync=sync)
     finally:
         timer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -286,10 +293,11 @@ def build_app(settings: Settings, redis_url: str) -> FastAPI:
     from fhir_bridge.api.auth_routes import AuthServer
 
     holder: dict[str, Runtime] = {}
+    reference = load_reference_data(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_runtime(settings, redis_url, "api") as runtime:
+        async with open_runtime(settings, redis_url, "api", reference) as runtime:
             holder["runtime"] = runtime
             app.state.cases = runtime.cases
             app.state.queue = runtime.queue
@@ -301,13 +309,14 @@ def build_app(settings: Settings, redis_url: str) -> FastAPI:
                 keys=BridgeKeys.load_or_create(settings.data_dir / "keys"),
                 replay_cache=RedisReplayCache(runtime.redis),
                 token_lifetime=settings.auth.token_lifetime,
+                ceilings=reference.role_ceilings,
             )
             yield
 
     async def ready() -> None:
         await holder["runtime"].redis.ping()
 
-    return create_app(settings, None, lifespan=lifespan, ready=ready)
+    return create_app(settings, None, lifespan=lifespan, ready=ready, profiles=reference.profiles)
 
 
 async def run_worker(settings: Settings, redis_url: str, name: str | None = None) -> None:

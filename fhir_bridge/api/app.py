@@ -22,6 +22,7 @@ from fhir_bridge.api.metrics import router as metrics_router
 from fhir_bridge.api.operations import router  # routes plus the Task operations
 from fhir_bridge.audit.events import Party
 from fhir_bridge.errors import AuditUnavailable
+from fhir_bridge.fhir.profiles import Profiles
 from fhir_bridge.ports import AuditPort
 from fhir_bridge.workflow.cases import CaseService
 
@@ -30,7 +31,7 @@ Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 def create_app(settings: Settings, cases: CaseService | None, *, lifespan: Lifespan | None = None,
                ready: Callable[[], Any] | None = None, audit: AuditPort | None = None,
-               audit_bridge: Party | None = None) -> FastAPI:
+               audit_bridge: Party | None = None, profiles: Profiles) -> FastAPI:
     @asynccontextmanager
     async def no_lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
@@ -41,6 +42,7 @@ def create_app(settings: Settings, cases: CaseService | None, *, lifespan: Lifes
     app.state.cases = cases
     app.state.audit = audit  # the lifespan of fhir_bridge.main sets the runtime's
     app.state.audit_bridge = audit_bridge
+    app.state.profiles = profiles  # the CapabilityStatement's (profiles_dir, from the settings)
     install_error_handlers(app)
 
     @app.exception_handler(AuditUnavailable)

@@ -75,7 +75,7 @@ def max_body(request: Request) -> int:
 
 @router.get("/metadata")
 async def metadata(request: Request) -> Response:
-    return fhir_response(request, capability_statement(base_url(request), now_instant()))
+    return fhir_response(request, capability_statement(base_url(request), now_instant(), request.app.state.profiles))
 
 
 @router.post("/ServiceRequest")

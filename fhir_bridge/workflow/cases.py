@@ -36,11 +36,11 @@ from typing import Any
 
 import structlog
 
-from fhir_bridge.access.pseudonym import ReviewerNetworks, load_networks
+from fhir_bridge.access.pseudonym import ReviewerNetworks
 from fhir_bridge.access.scopes import AccessContext
 from fhir_bridge.audit import context as audit_context
 from fhir_bridge.audit.events import Party
-from fhir_bridge.case.deadlines import DeadlinePolicy, due_date, load_deadline_policy, parse_fhir_datetime
+from fhir_bridge.case.deadlines import DeadlinePolicy, due_date, parse_fhir_datetime
 from fhir_bridge.case.intake import check_request
 from fhir_bridge.case.packaging import build_case_bundle
 from fhir_bridge.case.selection import Problem
@@ -59,7 +59,7 @@ from fhir_bridge.fhir.identity import PatientIdentifier
 from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.fhir.search_index import TENANT_TERM, index_terms, parse_criteria, tenant_of, with_tenant
 from fhir_bridge.fhir.terminology import CANONICAL_BASE, Terminology
-from fhir_bridge.opinion.writeback import WriteBackConfig, load_write_back_config
+from fhir_bridge.opinion.writeback import WriteBackConfig
 from fhir_bridge.ports import (
     AuditPort,
     BlobStorePort,
@@ -73,9 +73,10 @@ from fhir_bridge.ports import (
 from fhir_bridge.rendering.forms import Renderer
 from fhir_bridge.rendering.html import render_html
 from fhir_bridge.rendering.pdf import render_pdf
-from fhir_bridge.review.routing import ReviewerRegistry, load_registry
+from fhir_bridge.rendering.view import ReportLabels
+from fhir_bridge.review.routing import ReviewerRegistry
 from fhir_bridge.review.triage import findings_outcome, missing_summary, triage_case
-from fhir_bridge.review.triage_rules import TriageRules, load_triage_rules
+from fhir_bridge.review.triage_rules import TriageRules
 from fhir_bridge.workflow.assignment import Assignments
 from fhir_bridge.workflow.case_bundles import BLOB_EXTENSION, CASE_TASK, CaseBundles
 from fhir_bridge.workflow.collect import CollectedCase, collect_case
@@ -121,16 +122,17 @@ class CaseService:
         work_dir: Path,
         max_attempts: int = 5,
         clock: Callable[[], datetime] | None = None,
-        triage_rules: TriageRules | None = None,
-        registry: ReviewerRegistry | None = None,
-        deadlines: DeadlinePolicy | None = None,
+        triage_rules: TriageRules,
+        registry: ReviewerRegistry,
+        deadlines: DeadlinePolicy,
         audit: AuditPort | None = None,
         audit_agent: Party | None = None,
         signer: SignerPort | None = None,
         pseudonym_key: bytes | None = None,
-        networks: ReviewerNetworks | None = None,
+        networks: ReviewerNetworks,
         webhooks: WebhookPort | None = None,
-        write_back: WriteBackConfig | None = None,
+        write_back: WriteBackConfig,
+        report_labels: ReportLabels,
         renderers: tuple[Renderer, Renderer] | None = None,
         public_base: str = "",
     ) -> None:
@@ -142,21 +144,21 @@ class CaseService:
         self.work_dir = work_dir
         self.max_attempts = max_attempts
         self.clock = clock
-        self.triage_rules = triage_rules or load_triage_rules()
-        self.deadlines = deadlines or load_deadline_policy()
+        self.triage_rules = triage_rules
+        self.deadlines = deadlines
         self.audit = audit
         self.book = TaskBook(store, terminology, clock, audit=audit, agent=audit_agent)
-        self.registry = registry or load_registry()
+        self.registry = registry
         self.assignments = Assignments(self.book, store, self.registry, self.deadlines, clock)
         # bundles are signed when a signer is given (the composition root always gives the bridge's key)
         self.bundles = CaseBundles(store=store, blobs=blobs, registry=self.registry,
-                                   networks=networks or load_networks(), signer=signer,
+                                   networks=networks, signer=signer,
                                    pseudonym_key=pseudonym_key, clock=clock)
         self.deliveries = Deliveries(store=store, queue=queue, book=self.book, webhooks=webhooks, source=source,
-                                     write_back=write_back or load_write_back_config(), audit=audit,
+                                     write_back=write_back, audit=audit,
                                      agent=audit_agent, public_base=public_base, clock=clock)
         self.opinions = Opinions(store=store, book=self.book, registry=self.registry, terminology=terminology,
-                                 match=self._conditional_match, deliveries=self.deliveries,
+                                 match=self._conditional_match, deliveries=self.deliveries, report_labels=report_labels,
                                  renderers=renderers or (render_html, render_pdf), clock=clock)
         self.bundles.rerender = self.opinions.rerendered
         #: told what each pull found (issue 8: the sync marks of :mod:`fhir_bridge.workflow.sync`)

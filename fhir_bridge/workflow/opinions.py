@@ -54,6 +54,7 @@ from fhir_bridge.opinion.report import (
 )
 from fhir_bridge.ports import ResourceStorePort
 from fhir_bridge.rendering.forms import LANGUAGES, Renderer, presented_forms, report_view
+from fhir_bridge.rendering.view import ReportLabels
 from fhir_bridge.review.routing import Panel, ReviewerRegistry
 from fhir_bridge.workflow.delivery import Deliveries
 from fhir_bridge.workflow.taskbook import TaskBook, case_task, now_instant, output_type
@@ -71,7 +72,7 @@ class Opinions:
     """The opinion use cases; built by :class:`~fhir_bridge.workflow.cases.CaseService`."""
 
     def __init__(self, *, store: ResourceStorePort, book: TaskBook, registry: ReviewerRegistry,
-                 terminology: Terminology, match: Match, deliveries: Deliveries,
+                 terminology: Terminology, match: Match, deliveries: Deliveries, report_labels: ReportLabels,
                  renderers: tuple[Renderer, Renderer] | None = None,
                  clock: Callable[[], datetime] | None = None) -> None:
         self.store = store
@@ -81,6 +82,7 @@ class Opinions:
         self.match = match
         self.deliveries = deliveries
         self.renderers = renderers
+        self.report_labels = report_labels  # config/report-labels.json, carried by each view to the renderers
         self.clock = clock
         self.systems = ConclusionSystems.from_terminology(terminology)
 
@@ -277,7 +279,8 @@ class Opinions:
             return {k: v for k, v in report.items() if k != "presentedForm"}
         panel_name = panel.display if panel is not None else None
         views = [report_view(report, request, content=content, language=lang, registry=self.registry,
-                             terminology=self.terminology, panel=panel_name, replaces=replaces)
+                             terminology=self.terminology, report_labels=self.report_labels, panel=panel_name,
+                             replaces=replaces)
                  for lang in LANGUAGES]
         forms = presented_forms(views, *self.renderers, created=now_instant(self.clock))
         return {**report, "presentedForm": forms}

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from lxml import etree
 
+from fhir_bridge.adapters.reference_data import load_profiles
 from fhir_bridge.adapters.settings import Settings
 from fhir_bridge.api.app import create_app
 from fhir_bridge.audit.events import Party
@@ -27,6 +28,7 @@ from fhir_bridge.fhir.xml import FHIR_NS, from_xml, to_xml
 from fhir_bridge.workflow.cases import CaseService
 from tests.callers import Callers, assigned_reviewer, caller
 from tests.fakes import FakeSource, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory
+from tests.reference import case_data
 from tests.unit.test_audit_wiring import FakeAudit, patient_of
 from tests.unit.test_cases import LAB_ONLY_RULES, PATIENT, REQUESTS, TERMS, output_reference, world
 from tests.unit.test_xml_safety import billion_laughs
@@ -62,8 +64,10 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
     audit = FakeAudit()
     store, queue, blobs = InMemoryStore(), InMemoryQueue(max_attempts=3), InMemoryBlobs()
     service = CaseService(store=store, queue=queue, blobs=blobs, source=fake_source_factory(FakeSource(world())),
-                          terminology=TERMS, work_dir=tmp_path / "work", triage_rules=LAB_ONLY_RULES, audit=audit)
-    app = create_app(Settings(), service, audit=audit, audit_bridge=Party("fhir-bridge", name="fhir-bridge api"))
+                          terminology=TERMS, work_dir=tmp_path / "work", **case_data(triage_rules=LAB_ONLY_RULES),
+                          audit=audit)
+    app = create_app(Settings(), service, audit=audit, audit_bridge=Party("fhir-bridge", name="fhir-bridge api"),
+                     profiles=load_profiles())
     callers = Callers(app, caller("platform"))
     transport = httpx.ASGITransport(app=app, client=("10.1.2.3", 40000))
     async with httpx.AsyncClient(transport=transport, base_url="http://bridge.test") as client:

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from fhir_bridge.access.scopes import AccessContext
+from fhir_bridge.adapters.reference_data import load_profiles
 from fhir_bridge.adapters.settings import Settings, SourceSettings
 from fhir_bridge.adapters.source_client import SourceClient, SourceExchange
 from fhir_bridge.api.app import create_app
@@ -31,6 +32,7 @@ from fhir_bridge.workflow.cases import CaseService
 from fhir_bridge.workflow.taskbook import TaskBook
 from tests.callers import Callers, assigned_reviewer, caller
 from tests.fakes import FakeSource, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory
+from tests.reference import case_data
 from tests.unit.test_cases import LAB_ONLY_RULES, PATIENT, REQUESTS, TERMS, output_reference, world
 
 FHIR = {"Content-Type": "application/fhir+json"}
@@ -107,8 +109,10 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
     audit = FakeAudit()
     store, queue, blobs = InMemoryStore(), InMemoryQueue(max_attempts=3), InMemoryBlobs()
     service = CaseService(store=store, queue=queue, blobs=blobs, source=fake_source_factory(FakeSource(world())),
-                          terminology=TERMS, work_dir=tmp_path / "work", triage_rules=LAB_ONLY_RULES, audit=audit)
-    app = create_app(Settings(), service, audit=audit, audit_bridge=Party("fhir-bridge", name="fhir-bridge api"))
+                          terminology=TERMS, work_dir=tmp_path / "work", **case_data(triage_rules=LAB_ONLY_RULES),
+                          audit=audit)
+    app = create_app(Settings(), service, audit=audit, audit_bridge=Party("fhir-bridge", name="fhir-bridge api"),
+                     profiles=load_profiles())
     callers = Callers(app, caller("platform"))  # a platform client unless a test says otherwise
     transport = httpx.ASGITransport(app=app, client=("10.1.2.3", 40000))
     async with httpx.AsyncClient(transport=transport, base_url="http://bridge.test") as client:

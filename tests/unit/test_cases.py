@@ -12,16 +12,16 @@ from typing import Any
 
 import pytest
 
+from fhir_bridge.adapters.reference_data import load_terminology, load_triage_rules
 from fhir_bridge.dev.demo import reviewer_opinion, second_opinion_request
 from fhir_bridge.errors import BusinessRuleViolation, InvalidInput, PreconditionFailed, SourceUnavailable
 from fhir_bridge.fhir.identity import INS_NIR_TEST, nir_key
 from fhir_bridge.fhir.resources import loads, validate
 from fhir_bridge.fhir.search_index import tenant_of
-from fhir_bridge.fhir.terminology import load_terminology
 from fhir_bridge.ports import Job
-from fhir_bridge.review.triage_rules import load_triage_rules
 from fhir_bridge.workflow.cases import COLLECT_JOB, CaseService
 from tests.fakes import FakeSource, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory
+from tests.reference import case_data
 
 TERMS = load_terminology()
 LAB_ONLY_RULES = load_triage_rules(extra=[Path(__file__).parent.parent / "data" / "triage-rules-lab-only.json"])
@@ -104,7 +104,7 @@ def bridge(tmp_path: Path) -> Bridge:
     source = FakeSource(world())
     service = CaseService(store=store, queue=queue, blobs=blobs, source=fake_source_factory(source),
                           terminology=TERMS, work_dir=tmp_path / "work", max_attempts=MAX_ATTEMPTS,
-                          triage_rules=LAB_ONLY_RULES)
+                          **case_data(triage_rules=LAB_ONLY_RULES))
     return Bridge(service, store, queue, blobs, source)
 
 
@@ -493,7 +493,7 @@ async def test_the_overdue_scan_flags_a_late_open_case_once_with_an_injected_clo
     store, queue = InMemoryStore(clock=lambda: now[0]), InMemoryQueue(max_attempts=MAX_ATTEMPTS)
     service = CaseService(store=store, queue=queue, blobs=InMemoryBlobs(),
                           source=fake_source_factory(FakeSource(world())), terminology=TERMS,
-                          work_dir=tmp_path / "work", triage_rules=LAB_ONLY_RULES, clock=lambda: now[0])
+                          work_dir=tmp_path / "work", **case_data(triage_rules=LAB_ONLY_RULES), clock=lambda: now[0])
     body = second_opinion_request(PATIENT, "LATE-1")
     body["occurrenceDateTime"] = "2027-01-01T00:00:00Z"  # the requester's own deadline is later: 48 h rules
     request = (await service.submit_request(body, tenant=TENANT)).resource

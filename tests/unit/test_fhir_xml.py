@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from lxml import etree
 
+from fhir_bridge.adapters.reference_data import load_profiles
 from fhir_bridge.api.capability import capability_statement
 from fhir_bridge.api.fhir_io import searchset
 from fhir_bridge.audit.events import Party, rest_event
@@ -29,6 +30,7 @@ from fhir_bridge.sandbox.render import Urls
 from fhir_bridge.sandbox.world import build_world
 from fhir_bridge.workflow.cases import CaseService
 from tests.fakes import FakeSource, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory
+from tests.reference import case_data
 from tests.unit.test_cases import LAB_ONLY_RULES, PATIENT, REQUESTS, TERMS, output_reference, world
 
 LIMIT = 10 * 1024 * 1024
@@ -164,7 +166,8 @@ BUILT: dict[str, Any] = {
     "DiagnosticReport with presentedForm and narrative": diagnostic_report,
     "Bundle searchset": searchset_of_tasks,
     "OperationOutcome": lambda: operation_outcome("error", "invalid", "bad", code="x", expression=["Task.status"]),
-    "CapabilityStatement": lambda: capability_statement("http://bridge.test/fhir", "2026-11-21T00:00:00Z"),
+    "CapabilityStatement": lambda: capability_statement("http://bridge.test/fhir", "2026-11-21T00:00:00Z",
+                                                        load_profiles()),
     "AuditEvent": audit_event,
     "Parameters": parameters,
     "Patient with a _birthDate extension": patient_with_birth_date_extension,
@@ -232,7 +235,7 @@ def test_a_repeating_primitive_with_only_an_extension_keeps_its_null_in_json() -
 def service(tmp_path: Path) -> CaseService:
     return CaseService(store=InMemoryStore(), queue=InMemoryQueue(max_attempts=3), blobs=InMemoryBlobs(),
                        source=fake_source_factory(FakeSource(world())), terminology=TERMS,
-                       work_dir=tmp_path / "work", triage_rules=LAB_ONLY_RULES)
+                       work_dir=tmp_path / "work", **case_data(triage_rules=LAB_ONLY_RULES))
 
 
 async def test_a_real_case_its_task_bundle_opinion_and_history_survive_the_round_trip(service: CaseService) -> None:

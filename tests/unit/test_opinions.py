@@ -16,20 +16,21 @@ from typing import Any
 import pytest
 from pypdf import PdfReader
 
+from fhir_bridge.adapters.reference_data import load_profiles as default_profiles
+from fhir_bridge.adapters.reference_data import load_registry
 from fhir_bridge.case.intake import WRITE_BACK
 from fhir_bridge.dev.demo import opinion_report, second_opinion_request
 from fhir_bridge.errors import BusinessRuleViolation, Conflict, DeliveryFailed, Forbidden, Gone
 from fhir_bridge.fhir.profile_check import conform
-from fhir_bridge.fhir.profiles import default_profiles
 from fhir_bridge.fhir.resources import validate
 from fhir_bridge.opinion.consensus import MemberOpinion, automatic_consensus
 from fhir_bridge.opinion.content import OpinionContent, read_content
 from fhir_bridge.opinion.writeback import master_identifier
 from fhir_bridge.ports import Job, WebhookTarget
-from fhir_bridge.review.routing import load_registry
 from fhir_bridge.workflow.cases import CaseService
 from fhir_bridge.workflow.delivery import RECORD_JOB, WEBHOOK_JOB, sign_webhook
 from tests.fakes import FakeSource, FakeWebhooks, InMemoryBlobs, InMemoryQueue, InMemoryStore, fake_source_factory
+from tests.reference import case_data
 from tests.unit.test_cases import LAB_ONLY_RULES, PATIENT, REQUESTS, TENANT, TERMS, world
 
 REGISTRY = load_registry()
@@ -86,7 +87,7 @@ def bench(tmp_path: Path) -> Bench:
     source = FakeSource(world())
     webhooks = FakeWebhooks({"platform-a": WebhookTarget("https://platform.test/hooks", SECRET)})
     service = CaseService(store=store, queue=queue, blobs=InMemoryBlobs(), source=fake_source_factory(source),
-                          terminology=TERMS, work_dir=tmp_path / "work", triage_rules=LAB_ONLY_RULES,
+                          terminology=TERMS, work_dir=tmp_path / "work", **case_data(triage_rules=LAB_ONLY_RULES),
                           webhooks=webhooks, pseudonym_key=b"p" * 32)
     return Bench(service, store, queue, source, webhooks)
 
