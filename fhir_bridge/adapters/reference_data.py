@@ -105,18 +105,15 @@ class ReferenceData:
 
 
 def load_reference_data(settings: Settings | None = None) -> ReferenceData:
-    """Every data file the settings name (None: the shipped copies), parsed and checked; the reviewer networks
-    are checked against the registry here, so a reviewer in an unknown network fails at start-up."""
+    """Every data file the settings name (None: the shipped copies), parsed and checked file by file (the
+    reviewer networks are checked against the registry where both meet, in the case service's CaseBundles)."""
     where = ReferenceFiles.of(settings)
-    registry = load_registry(where.reviewers)
-    networks = load_networks(where.reviewer_networks)
-    networks.check(registry)
     return ReferenceData(
         terminology=load_terminology(where.mappings),
         triage_rules=load_triage_rules(where.mappings),
-        registry=registry,
+        registry=load_registry(where.reviewers),
         deadlines=load_deadline_policy(where.deadlines),
-        networks=networks,
+        networks=load_networks(where.reviewer_networks),
         write_back=load_write_back_config(where.write_back),
         role_ceilings=load_role_ceilings(where.roles),
         report_labels=load_labels(where.report_labels),
