@@ -125,9 +125,9 @@ async def _ready_as_pulled(redis_url: str, patients: list[dict[str, Any]], water
     from redis.asyncio import Redis
 
     from fhir_bridge.adapters.redis_store import RedisResourceStore
+    from fhir_bridge.adapters.reference_data import load_terminology
     from fhir_bridge.adapters.sync_state import RedisSyncState
     from fhir_bridge.fhir.identity import PatientIdentifier
-    from fhir_bridge.fhir.terminology import load_terminology
     from fhir_bridge.workflow.taskbook import TaskBook
 
     redis = Redis.from_url(redis_url)

@@ -32,7 +32,6 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from fhir_bridge import worker
-from fhir_bridge.access.pseudonym import load_networks
 from fhir_bridge.adapters.audit_log import RedisAuditLog
 from fhir_bridge.adapters.blobstore import BlobKeyring, FileBlobStore
 from fhir_bridge.adapters.clients import ClientRegistry
@@ -43,6 +42,7 @@ from fhir_bridge.adapters.queue_policy import KindPolicy
 from fhir_bridge.adapters.redis_clients import connect
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.adapters.redis_store import RedisResourceStore
+from fhir_bridge.adapters.reference_data import ReferenceData, load_reference_data
 from fhir_bridge.adapters.scheduler import RedisScheduler
 from fhir_bridge.adapters.settings import Settings, clients_file
 from fhir_bridge.adapters.signing import Es384Signer, JwsVerifier, SigningKeyError, load_or_create_signer
@@ -51,15 +51,10 @@ from fhir_bridge.adapters.sync_state import RedisSyncState
 from fhir_bridge.adapters.webhooks import HttpWebhooks
 from fhir_bridge.audit import context as audit_context
 from fhir_bridge.audit.events import Party, rest_event, source_event
-from fhir_bridge.case.deadlines import load_deadline_policy
 from fhir_bridge.errors import AuditUnavailable, BusinessRuleViolation, InvalidInput, NotFound, SourceRejected
-from fhir_bridge.fhir.terminology import load_terminology
-from fhir_bridge.opinion.writeback import load_write_back_config
 from fhir_bridge.ports import AuditPort, SourcePort
 from fhir_bridge.rendering.html import render_html
 from fhir_bridge.rendering.pdf import render_pdf
-from fhir_bridge.review.routing import load_registry
-from fhir_bridge.review.triage_rules import load_triage_rules
 from fhir_bridge.schedule import JOB_KINDS, load_schedule
 from fhir_bridge.workflow.bridge import Bridge, build_bridge
 from fhir_bridge.workflow.collaborators import CaseRules, Deployment, Ports
@@ -77,6 +72,7 @@ class Runtime:
     queue: RedisJobQueue
     audit: RedisAuditLog
     party: Party  # the bridge as an AuditEvent agent and observer
+    reference: ReferenceData  # the data files, read once from the settings' paths
     bridge: Bridge
 
 
@@ -212,8 +208,11 @@ def open_queue(settings: Settings, redis_url: str) -> RedisJobQueue:
 
 
 @contextlib.asynccontextmanager
-async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") -> AsyncIterator[Runtime]:
-    """Open every adapter once for this process, and close them at the end (signing a last audit checkpoint)."""
+async def open_runtime(settings: Settings, redis_url: str, role: str = "cli",
+                       reference: ReferenceData | None = None) -> AsyncIterator[Runtime]:
+    """Open every adapter once for this process, and close them at the end (signing a last audit checkpoint).
+    ``reference``: the data files when already read (the API needs its profiles first); None: read here."""
+    reference = reference or load_reference_data(settings)
     redis = connect(redis_url, cluster=settings.redis.cluster)
     audit = open_audit_log(settings, redis)
     party = bridge_party(settings, role)
@@ -246,9 +245,10 @@ async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") ->
         # sync marks per patient, recorded by every pull, for the incremental refresh (``sync refresh``)
         sync_marks=RedisSyncState(redis),
     )
-    rules = CaseRules(terminology=load_terminology(), triage_rules=load_triage_rules(), registry=load_registry(),
-                      deadlines=load_deadline_policy(), networks=load_networks(),
-                      write_back=load_write_back_config())
+    # the data files, read once from the settings' paths (the core reads none)
+    rules = CaseRules(terminology=reference.terminology, triage_rules=reference.triage_rules,
+                      registry=reference.registry, deadlines=reference.deadlines, networks=reference.networks,
+                      write_back=reference.write_back, report_labels=reference.report_labels)
     deployment = Deployment(work_dir=settings.data_dir / "work", agent=party, public_base=settings.api.public_base_url,
                             pseudonym_key=load_or_create_pseudonym_key(settings.data_dir / "keys"),
                             max_attempts=settings.worker.max_attempts, renderers=(render_html, render_pdf))
@@ -256,7 +256,8 @@ async def open_runtime(settings: Settings, redis_url: str, role: str = "cli") ->
                           refresh_imaging=settings.sync.refresh_imaging)
     timer = asyncio.create_task(_checkpoint_timer(audit, settings.audit.checkpoint_seconds))
     try:
-        yield Runtime(settings=settings, redis=redis, queue=queue, audit=audit, party=party, bridge=bridge)
+        yield Runtime(settings=settings, redis=redis, queue=queue, audit=audit, party=party, reference=reference,
+                      bridge=bridge)
     finally:
         timer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -291,10 +292,11 @@ def build_app(settings: Settings, redis_url: str) -> FastAPI:
     from fhir_bridge.api.auth_routes import AuthServer
 
     holder: dict[str, Runtime] = {}
+    reference = load_reference_data(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_runtime(settings, redis_url, "api") as runtime:
+        async with open_runtime(settings, redis_url, "api", reference) as runtime:
             holder["runtime"] = runtime
             app.state.bridge = runtime.bridge
             app.state.queue = runtime.queue
@@ -306,13 +308,14 @@ def build_app(settings: Settings, redis_url: str) -> FastAPI:
                 keys=BridgeKeys.load_or_create(settings.data_dir / "keys"),
                 replay_cache=RedisReplayCache(runtime.redis),
                 token_lifetime=settings.auth.token_lifetime,
+                ceilings=reference.role_ceilings,
             )
             yield
 
     async def ready() -> None:
         await holder["runtime"].redis.ping()
 
-    return create_app(settings, None, lifespan=lifespan, ready=ready)
+    return create_app(settings, None, lifespan=lifespan, ready=ready, profiles=reference.profiles)
 
 
 async def run_worker(settings: Settings, redis_url: str, name: str | None = None) -> None:

@@ -14,7 +14,8 @@ import uuid
 
 from fastapi import FastAPI, Request
 
-from fhir_bridge.access.scopes import AccessContext, Role, load_role_ceilings
+from fhir_bridge.access.scopes import AccessContext, Role
+from fhir_bridge.adapters.reference_data import load_role_ceilings
 from fhir_bridge.api.deps import current_caller
 from fhir_bridge.api.security import MissingToken
 from fhir_bridge.fhir.resources import Resource

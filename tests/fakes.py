@@ -387,27 +387,25 @@ class InMemorySyncState:
 def make_bridge(*, store: Any, queue: Any, blobs: Any, source: Callable[[], AbstractAsyncContextManager[SourcePort]],
                 terminology: Any, work_dir: Path, max_attempts: int = 5, clock: Callable[[], datetime] | None = None,
                 triage_rules: Any = None, registry: Any = None, deadlines: Any = None, networks: Any = None,
-                write_back: Any = None, audit: Any = None, audit_agent: Any = None, signer: Any = None,
-                pseudonym_key: bytes | None = None, webhooks: Any = None, sync_marks: Any = None,
+                write_back: Any = None, report_labels: Any = None, audit: Any = None, audit_agent: Any = None,
+                signer: Any = None, pseudonym_key: bytes | None = None, webhooks: Any = None, sync_marks: Any = None,
                 renderers: Any = "default", public_base: str = "") -> Any:
     """The use cases (:func:`fhir_bridge.workflow.bridge.build_bridge`) over fakes, with the shipped reference
     data for whatever a test does not give, and the real HTML/PDF renderers unless told otherwise."""
-    from fhir_bridge.access.pseudonym import load_networks
-    from fhir_bridge.case.deadlines import load_deadline_policy
-    from fhir_bridge.opinion.writeback import load_write_back_config
     from fhir_bridge.ports import system_clock
     from fhir_bridge.rendering.html import render_html
     from fhir_bridge.rendering.pdf import render_pdf
-    from fhir_bridge.review.routing import load_registry
-    from fhir_bridge.review.triage_rules import load_triage_rules
     from fhir_bridge.workflow.bridge import build_bridge
     from fhir_bridge.workflow.collaborators import CaseRules, Deployment, Ports
+    from tests.reference import shipped
 
+    data = shipped()
     ports = Ports(store=store, queue=queue, blobs=blobs, source=source, audit=audit, webhooks=webhooks,
                   signer=signer, sync_marks=sync_marks, clock=clock or system_clock)
-    rules = CaseRules(terminology=terminology, triage_rules=triage_rules or load_triage_rules(),
-                      registry=registry or load_registry(), deadlines=deadlines or load_deadline_policy(),
-                      networks=networks or load_networks(), write_back=write_back or load_write_back_config())
+    rules = CaseRules(terminology=terminology, triage_rules=triage_rules or data.triage_rules,
+                      registry=registry or data.registry, deadlines=deadlines or data.deadlines,
+                      networks=networks or data.networks, write_back=write_back or data.write_back,
+                      report_labels=report_labels or data.report_labels)
     deployment = Deployment(work_dir=work_dir, agent=audit_agent, public_base=public_base,
                             pseudonym_key=pseudonym_key, max_attempts=max_attempts,
                             renderers=(render_html, render_pdf) if renderers == "default" else renderers)

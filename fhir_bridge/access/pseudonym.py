@@ -1,7 +1,8 @@
 """Pseudonymised cases for reviewers abroad: a case pseudonym instead of the INS, and the way back.
 
 Cross-border reviewers (issue 6; networks in ``config/reviewer-networks.json``, a reviewer's network on their
-PractitionerRole in ``config/reviewers.json``) read every case through these transforms:
+PractitionerRole in ``config/reviewers.json``, both read by :mod:`fhir_bridge.adapters.reference_data`) read
+every case through these transforms:
 
 * the **case pseudonym** is ``CP-`` and 24 base32 characters of HMAC-SHA256(bridge secret, Task id): stable for
   the case (refreshes keep the Task), different between cases, and not computable without the secret, which
@@ -30,14 +31,11 @@ import base64
 import copy
 import hashlib
 import hmac
-import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-from fhir_bridge.case.deadlines import CONFIG_DIR
 from fhir_bridge.errors import BusinessRuleViolation, InvalidInput
 from fhir_bridge.fhir.identity import NIR_SYSTEMS
 from fhir_bridge.fhir.terminology import CANONICAL_BASE
@@ -47,7 +45,6 @@ Resource = dict[str, Any]
 PSEUDONYM_SYSTEM = f"{CANONICAL_BASE}/NamingSystem/case-pseudonym"
 #: index term of a stored case Bundle stub (never a search parameter: clients can not send ``_`` criteria)
 PSEUDONYM_TERM = "_case-pseudonym"
-NETWORKS_FILE = CONFIG_DIR / "reviewer-networks.json"
 #: HL7 v3 ObservationValue "pseudonymized": the security label on a served pseudonymised Bundle's meta
 PSEUDONYMISED_LABEL = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "PSEUDED",
                        "display": "pseudonymized"}
@@ -82,6 +79,7 @@ class ReviewerNetworks:
     default: str
     pseudonymised: frozenset[str]
     known: frozenset[str]
+    file: str = field(default="reviewer-networks.json", compare=False)  # named in errors
 
     def pseudonymises(self, network: str | None) -> bool:
         return (network or self.default) in self.pseudonymised
@@ -92,22 +90,22 @@ class ReviewerNetworks:
         for reviewer in registry.reviewers.values():
             if reviewer.network is not None and reviewer.network not in self.known:
                 raise InvalidInput(f"PractitionerRole/{reviewer.id} is in network {reviewer.network!r}, which "
-                                   f"{NETWORKS_FILE.name} does not define")
+                                   f"{self.file} does not define")
 
 
-def load_networks(path: Path = NETWORKS_FILE) -> ReviewerNetworks:
+def networks_from(document: Any, file: str = "reviewer-networks.json") -> ReviewerNetworks:
+    """The networks of the parsed ``config/reviewer-networks.json`` (``file`` names it in errors)."""
     try:
-        document = json.loads(Path(path).read_text("utf-8"))
         networks = document["networks"]
         default = document["defaultNetwork"]
         flags = {str(name): network["pseudonymise"] for name, network in networks.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise InvalidInput(f"{Path(path).name}: cannot read the reviewer networks") from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise InvalidInput(f"{file}: cannot read the reviewer networks") from None
     if default not in flags or not all(isinstance(flag, bool) for flag in flags.values()):
-        raise InvalidInput(f"{Path(path).name}: defaultNetwork must be one of the networks, and each network "
+        raise InvalidInput(f"{file}: defaultNetwork must be one of the networks, and each network "
                            "must say pseudonymise true or false")
     return ReviewerNetworks(default=default, pseudonymised=frozenset(n for n, f in flags.items() if f),
-                            known=frozenset(flags))
+                            known=frozenset(flags), file=file)
 
 
 def pseudonym_identifier(pseudonym: str) -> Resource:

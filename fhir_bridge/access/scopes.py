@@ -11,13 +11,11 @@ granted here: asking for them is not an error, they are simply left out of the g
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fhir_bridge.errors import InvalidInput
 
@@ -25,7 +23,6 @@ Interaction = Literal["c", "r", "u", "d", "s"]
 Role = Literal["platform", "reviewer", "auditor", "operator"]
 ROLES: frozenset[str] = frozenset({"platform", "reviewer", "auditor", "operator"})
 
-ROLES_FILE = Path(__file__).resolve().parents[2] / "config" / "roles.json"
 _ORDER = "cruds"
 _V1 = {"read": "rs", "write": "cud", "*": "cruds"}
 _SCOPE = re.compile(r"system/(?P<type>\*|[A-Z][A-Za-z]{0,63})\.(?P<perm>read|write|\*|c?r?u?d?s?)")
@@ -109,18 +106,15 @@ def has_scope(context: AccessContext, resource_type: str, interaction: Interacti
     return False
 
 
-def load_role_ceilings(path: Path = ROLES_FILE) -> dict[str, tuple[str, ...]]:
-    """``config/roles.json``: role → the scopes that role may ever hold; every role must be there, nothing else."""
-    try:
-        document = json.loads(Path(path).read_bytes())
-    except (OSError, ValueError):
-        raise InvalidInput(f"cannot read the role ceilings from {path}") from None
+def role_ceilings_from(document: Any, file: str = "roles.json") -> dict[str, tuple[str, ...]]:
+    """The parsed ``config/roles.json`` (read by :mod:`fhir_bridge.adapters.reference_data`; ``file`` names it
+    in errors): role → the scopes that role may ever hold; every role must be there, nothing else."""
     ceilings = {k: v for k, v in document.items() if not k.startswith("_")} if isinstance(document, dict) else {}
     if set(ceilings) != ROLES:
-        raise InvalidInput(f"{path} must give the scopes of exactly the roles {', '.join(sorted(ROLES))}")
+        raise InvalidInput(f"{file} must give the scopes of exactly the roles {', '.join(sorted(ROLES))}")
     for role, scopes in ceilings.items():
         if not isinstance(scopes, list) or not all(isinstance(s, str) and parse_scope(s) for s in scopes):
-            raise InvalidInput(f"{path}: {role} must list system/ scopes")
+            raise InvalidInput(f"{file}: {role} must list system/ scopes")
     return {role: tuple(scopes) for role, scopes in ceilings.items()}
 
 

@@ -3,12 +3,16 @@
 Read once at start-up by the composition root (``fhir_bridge.main``) and passed down as arguments; nothing
 reads the environment at import. Nested settings use ``__``: ``FHIR_BRIDGE_SOURCE__MAX_PAGES=50``; the most
 used ones also have flat names (``FHIR_BRIDGE_SOURCE_URL``, ``FHIR_BRIDGE_REDIS_URL``, ``FHIR_BRIDGE_DATA_DIR``).
+
+The default file is the copy shipped inside the package (``fhir_bridge/data/config``, a symlink to the top-level
+``config/`` in a checkout), so an installed bridge finds it wherever it runs from.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "fhir-bridge.toml"
+# pip installs a wheel as plain files, so the packaged copy is a real path (the TOML source wants one)
+DEFAULT_CONFIG = Path(str(files("fhir_bridge").joinpath("data", "config", "fhir-bridge.toml")))
 
 
 DEFAULT_SOURCE_SCOPE = (
@@ -140,6 +145,18 @@ class ScheduleSettings(BaseModel):
     grace_seconds: float = Field(default=60.0, ge=0)
 
 
+class ReferenceSettings(BaseModel):
+    """One path per data file of ``config/`` (read by :mod:`fhir_bridge.adapters.reference_data`); empty: the
+    file of that name in ``config_dir``."""
+
+    reviewers: str = ""
+    deadlines: str = ""
+    reviewer_networks: str = ""
+    write_back: str = ""
+    roles: str = ""
+    report_labels: str = ""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FHIR_BRIDGE_",
@@ -148,6 +165,11 @@ class Settings(BaseSettings):
     )
 
     data_dir: Path = Path(".data")
+    # the data files (fhir_bridge.adapters.reference_data); empty: the copies shipped in the package
+    config_dir: str = ""
+    mappings_dir: str = ""
+    profiles_dir: str = ""
+    reference: ReferenceSettings = ReferenceSettings()
     source: SourceSettings = SourceSettings()
     redis: RedisSettings = RedisSettings()
     api: ApiSettings = ApiSettings()

@@ -23,6 +23,7 @@ from fhir_bridge.api.audit_middleware import REQUEST_ID_HEADER, AuditMiddleware,
 from fhir_bridge.api.errors import install_error_handlers
 from fhir_bridge.audit.events import Party
 from fhir_bridge.errors import AuditUnavailable
+from fhir_bridge.fhir.profiles import Profiles
 from fhir_bridge.ports import AuditPort
 from fhir_bridge.workflow.bridge import Bridge
 
@@ -36,7 +37,7 @@ FHIR_ROUTERS: tuple[APIRouter, ...] = (routes.router, audit_routes.router, opera
 
 def create_app(settings: Settings, bridge: Bridge | None, *, lifespan: Lifespan | None = None,
                ready: Callable[[], Any] | None = None, audit: AuditPort | None = None,
-               audit_bridge: Party | None = None) -> FastAPI:
+               audit_bridge: Party | None = None, profiles: Profiles) -> FastAPI:
     @asynccontextmanager
     async def no_lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
@@ -47,6 +48,7 @@ def create_app(settings: Settings, bridge: Bridge | None, *, lifespan: Lifespan 
     app.state.bridge = bridge  # the use cases; the lifespan of fhir_bridge.main sets the runtime's
     app.state.audit = audit  # the lifespan of fhir_bridge.main sets the runtime's
     app.state.audit_bridge = audit_bridge
+    app.state.profiles = profiles  # the CapabilityStatement's (profiles_dir, from the settings)
     install_error_handlers(app)
 
     @app.exception_handler(AuditUnavailable)

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from fhir_bridge.access.scopes import load_role_ceilings
 from fhir_bridge.adapters.auth import (
     BridgeKeys,
     ClientRegistry,
@@ -47,7 +46,7 @@ class AuthServer:
     keys: BridgeKeys
     replay_cache: ReplayCache
     token_lifetime: int = 300
-    ceilings: Mapping[str, tuple[str, ...]] = field(default_factory=load_role_ceilings)
+    ceilings: Mapping[str, tuple[str, ...]] = field(kw_only=True)  # config/roles.json, from the settings
 
 
 def _server(request: Request) -> AuthServer:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from fhir_bridge import __version__
-from fhir_bridge.fhir.profiles import Profiles, default_profiles
+from fhir_bridge.fhir.profiles import Profiles
 from fhir_bridge.fhir.search_index import SEARCH_PARAMS
 from fhir_bridge.fhir.terminology import CANONICAL_BASE
 
@@ -53,9 +53,10 @@ DOCUMENTATION: dict[str, str] = {
 COMMON_SEARCH = [("_count", "number", "Page size"), ("_offset", "number", "Where the page starts")]
 
 
-def capability_statement(base_url: str, date: str, profiles: Profiles | None = None) -> dict[str, Any]:
-    """The statement; ``rest.resource.supportedProfile`` names our profile of each type served (profiles/)."""
-    known = profiles if profiles is not None else default_profiles()
+def capability_statement(base_url: str, date: str, profiles: Profiles) -> dict[str, Any]:
+    """The statement; ``rest.resource.supportedProfile`` names our profile of each type served (``profiles``:
+    the process's, loaded with its settings by the composition root)."""
+    known = profiles
     resources = []
     for rtype, interactions in INTERACTIONS.items():
         entry: dict[str, Any] = {

@@ -44,7 +44,8 @@ READABLE = ("ServiceRequest", "Task", "DiagnosticReport")
 
 @router.get("/metadata")
 async def metadata(request: Request) -> Response:
-    return fhir_response(request, capability_statement(base_url(request), instant(system_clock())))
+    return fhir_response(request, capability_statement(base_url(request), instant(system_clock()),
+                                                       request.app.state.profiles))
 
 
 @router.post("/ServiceRequest")

@@ -1,28 +1,23 @@
 """Review deadlines: when a case is due, and which cases are overdue.
 
 Cross-border second-opinion services promise an answer within 48 hours; urgent requests get less. The hours
-per priority are data (``config/deadlines.json``), keyed by ``ServiceRequest.priority`` (FHIR R4 ValueSet
-request-priority: routine | urgent | asap | stat). The due date is written on the Task as
-``Task.restriction.period.end`` (R4 task.html: "the time by which the task should be completed"), which is
-what the overdue scan reads back. Every function takes ``now`` (or the dates) as arguments: the clock is
-injected, so the scan is tested without waiting.
+per priority are data (``config/deadlines.json``, read by :mod:`fhir_bridge.adapters.reference_data`), keyed
+by ``ServiceRequest.priority`` (FHIR R4 ValueSet request-priority: routine | urgent | asap | stat). The due
+date is written on the Task as ``Task.restriction.period.end`` (R4 task.html: "the time by which the task
+should be completed"), which is what the overdue scan reads back. Every function takes ``now`` (or the
+dates) as arguments: the clock is injected, so the scan is tested without waiting.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from fhir_bridge.errors import InvalidInput
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
-DEADLINES_FILE = CONFIG_DIR / "deadlines.json"
 
 #: R4 ValueSet request-priority (valueset-request-priority.html)
 PRIORITIES = frozenset({"routine", "urgent", "asap", "stat"})
@@ -50,31 +45,27 @@ class DeadlinePolicy:
         return timedelta(hours=self.near_hours)
 
 
-def load_deadline_policy(path: Path = DEADLINES_FILE) -> DeadlinePolicy:
-    """Read ``config/deadlines.json``; refuse unknown priorities and non-positive hours (a typo must not
-    silently fall back to the default)."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InvalidInput(f"deadline file {path.name} is not readable JSON: {exc}") from None
+def deadline_policy_from(raw: Any, file: str = "deadlines.json") -> DeadlinePolicy:
+    """The policy of the parsed ``config/deadlines.json`` (``file`` names it in errors); refuse unknown
+    priorities and non-positive hours (a typo must not silently fall back to the default)."""
     if not isinstance(raw, dict) or not isinstance(raw.get("hoursByPriority"), dict):
-        raise InvalidInput(f"deadline file {path.name}: an object with hoursByPriority is expected")
+        raise InvalidInput(f"deadline file {file}: an object with hoursByPriority is expected")
     hours: dict[str, int] = {}
     for priority, value in raw["hoursByPriority"].items():
         if priority not in PRIORITIES:
-            raise InvalidInput(f"deadline file {path.name}: {priority!r} is not a request-priority code "
+            raise InvalidInput(f"deadline file {file}: {priority!r} is not a request-priority code "
                                f"({', '.join(sorted(PRIORITIES))})")
-        hours[priority] = _positive(value, f"hoursByPriority.{priority}", path)
+        hours[priority] = _positive(value, f"hoursByPriority.{priority}", file)
     return DeadlinePolicy(
         hours_by_priority=MappingProxyType(hours),
-        default_hours=_positive(raw.get("defaultHours", 48), "defaultHours", path),
-        near_hours=_positive(raw.get("nearDeadlineHours", 24), "nearDeadlineHours", path),
+        default_hours=_positive(raw.get("defaultHours", 48), "defaultHours", file),
+        near_hours=_positive(raw.get("nearDeadlineHours", 24), "nearDeadlineHours", file),
     )
 
 
-def _positive(value: Any, name: str, path: Path) -> int:
+def _positive(value: Any, name: str, file: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise InvalidInput(f"deadline file {path.name}: {name} must be a positive whole number of hours")
+        raise InvalidInput(f"deadline file {file}: {name} must be a positive whole number of hours")
     return value
 
 

@@ -48,13 +48,15 @@ def clients_add(client_id: str, role: str, jwks_file: Path, scopes: tuple[str, .
                 reviewer: str | None, cert_file: Path | None, webhook_url: str | None) -> None:
     """Register a client in the registry file (auth.clients_file); the API reads it when it starts."""
     from fhir_bridge.adapters.clients import add_client, set_webhook
+    from fhir_bridge.adapters.reference_data import ReferenceFiles, load_role_ceilings
     from fhir_bridge.adapters.settings import clients_file
     from fhir_bridge.adapters.tls import certificate_file_thumbprint
 
     settings = cli_settings()
     thumbprint = certificate_file_thumbprint(cert_file) if cert_file else None  # RFC 8705 x5t#S256
     client = add_client(clients_file(settings), client_id, role, jwks_file, list(scopes), tenant or client_id,
-                        reviewer=reviewer, cert_thumbprint=thumbprint)
+                        reviewer=reviewer, cert_thumbprint=thumbprint,
+                        ceilings=load_role_ceilings(ReferenceFiles.of(settings).roles))
     answer: dict[str, Any] = {"id": client.id, "role": client.role, "scopes": list(client.scopes),
                               "registry": str(clients_file(settings))}
     if thumbprint:

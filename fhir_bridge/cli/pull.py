@@ -46,12 +46,12 @@ def pull(source_url: str, patient: str, out_dir: Path, concurrency: int | None, 
 
 
 async def _pull(settings: Any, identifier: Any, out_dir: Path) -> dict[str, Any]:
+    from fhir_bridge.adapters.reference_data import ReferenceFiles, load_terminology
     from fhir_bridge.adapters.source_client import SourceClient
     from fhir_bridge.case.packaging import build_case_bundle, write_bundle
-    from fhir_bridge.fhir.terminology import load_terminology
     from fhir_bridge.workflow.collect import collect_case
 
-    terminology = load_terminology()
+    terminology = load_terminology(ReferenceFiles.of(settings).mappings)
     out_dir.mkdir(parents=True, exist_ok=True)
     with ProgressBar() as progress:
         async with SourceClient(settings.source.url, settings.source) as source:

@@ -62,8 +62,8 @@ def sync_worklist(worklist_file: Path, dry_run: bool, api_url: str | None, clien
     reported by number and the rest proceeds. Exit 0 when every line is submitted or already there, 3 when
     some failed, 2 when FILE is not a worklist.
     """
+    from fhir_bridge.adapters.reference_data import ReferenceFiles, load_terminology
     from fhir_bridge.case.worklist import read_worklist
-    from fhir_bridge.fhir.terminology import load_terminology
 
     settings = cli_settings(sync__api_url=api_url, sync__client_id=client_id,
                          sync__private_key_jwk=str(key_file) if key_file else None,
@@ -72,7 +72,8 @@ def sync_worklist(worklist_file: Path, dry_run: bool, api_url: str | None, clien
         data = worklist_file.read_bytes()
     except OSError as exc:
         raise InvalidInput(f"cannot read {worklist_file.name}: {type(exc).__name__}") from None
-    worklist = read_worklist(data, filename=worklist_file.name, terminology=load_terminology(),
+    terminology = load_terminology(ReferenceFiles.of(settings).mappings)
+    worklist = read_worklist(data, filename=worklist_file.name, terminology=terminology,
                              request_system=settings.sync.request_system,
                              patient_system=settings.sync.patient_system)
     failures = {e.number: e.reason for e in worklist.errors}

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fhir_bridge.access.scopes import load_role_ceilings
 from fhir_bridge.adapters.clients import add_client, generate_client_keypair, set_webhook
+from fhir_bridge.adapters.reference_data import load_registry, load_role_ceilings
 from fhir_bridge.adapters.token_client import BackendServicesAuth, load_private_jwk
-from fhir_bridge.review.routing import ReviewerRegistry, load_registry
+from fhir_bridge.review.routing import ReviewerRegistry
 
 __all__ = ["PLATFORM_TENANT", "DevClients", "provision"]
 
@@ -57,11 +57,14 @@ class DevClients:
 
 
 def provision(clients_file: Path, keys_dir: Path, registry: ReviewerRegistry | None = None, *,
-              webhooks: Mapping[str, str] | None = None) -> DevClients:
+              webhooks: Mapping[str, str] | None = None,
+              ceilings: Mapping[str, tuple[str, ...]] | None = None) -> DevClients:
     """Write the demo/test clients into ``clients_file`` (created) with their keys under ``keys_dir``;
-    ``webhooks``: client id → the URL it is notified at (``clients webhook``), its secret in the DevClient."""
+    ``webhooks``: client id → the URL it is notified at (``clients webhook``), its secret in the DevClient.
+    ``registry`` and ``ceilings`` default to the shipped reviewers and roles: the demo and the tests run the
+    bridge on the shipped data."""
     registry = registry or load_registry()
-    ceilings = load_role_ceilings()
+    ceilings = ceilings if ceilings is not None else load_role_ceilings()
     wanted: list[tuple[str, str, str, str | None]] = [
         ("platform", "platform", PLATFORM_TENANT, None),
         ("platform-other", "platform", OTHER_TENANT, None),
@@ -74,7 +77,8 @@ def provision(clients_file: Path, keys_dir: Path, registry: ReviewerRegistry | N
         where.mkdir(parents=True, exist_ok=True)
         private_path, public_path = generate_client_keypair(where)
         scopes = list(ceilings[role])
-        add_client(clients_file, client_id, role, public_path, scopes, tenant, reviewer=reviewer)
+        add_client(clients_file, client_id, role, public_path, scopes, tenant, reviewer=reviewer,
+                   ceilings=ceilings)
         url = (webhooks or {}).get(client_id)
         secret = set_webhook(clients_file, client_id, url) if url else None
         made[client_id] = DevClient(client_id, role, " ".join(scopes), load_private_jwk(private_path), reviewer,

@@ -1,20 +1,19 @@
 """Terminology as data: the ConceptMaps, ValueSets and CodeSystems in ``mappings/``.
 
 Code lists change (the French JDV_J07 list is reissued every year), so nothing here hard-codes a code:
-the files are read once at start-up, each checked to be a JSON resource whose ``id`` is its file name.
+the files are read once at start-up by :mod:`fhir_bridge.adapters.reference_data` (the core opens no file, so
+where they live is the deployment's choice) and handed here parsed, each checked to be a JSON resource whose
+``id`` is its file name.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fhir_bridge.errors import InvalidInput
 
-MAPPINGS_DIR = Path(__file__).resolve().parents[2] / "mappings"
 CANONICAL_BASE = "https://fhir-bridge.dev/fhir"
 CASE_CODES = f"{CANONICAL_BASE}/CodeSystem/case-codes"
 CASE_SECTION = f"{CANONICAL_BASE}/CodeSystem/case-section"
@@ -49,17 +48,16 @@ class Terminology:
         return names.get(language) or names.get("en") or code
 
 
-def load_terminology(directory: Path = MAPPINGS_DIR) -> Terminology:
-    """Read every ``*.json`` under ``directory`` and index what the core uses."""
+def terminology_from(files: Iterable[tuple[str, Any]]) -> Terminology:
+    """Index what the core uses from the parsed ``mappings/*.json`` files, given as (file name, JSON) in file
+    name order; each must be a resource whose ``id`` is its file name (so a renamed copy is not silently read
+    as another code list)."""
     resources: dict[str, dict[str, Any]] = {}
-    for path in sorted(directory.glob("*.json")):
-        try:
-            resource = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InvalidInput(f"mappings file {path.name} is not readable JSON: {exc}") from None
-        if not isinstance(resource, dict) or resource.get("id") != path.stem:
-            raise InvalidInput(f"mappings file {path.name}: its id must be its file name ({path.stem})")
-        resources[path.stem] = resource
+    for name, resource in files:
+        stem = name.removesuffix(".json")
+        if not isinstance(resource, dict) or resource.get("id") != stem:
+            raise InvalidInput(f"mappings file {name}: its id must be its file name ({stem})")
+        resources[stem] = resource
 
     section_by_type: dict[Coding, str] = {}
     default = "other-documents"

@@ -7,7 +7,7 @@ POSTed with a ``urn:uuid:`` fullUrl. The DocumentReference follows MHD Comprehen
 adds (custodian, date, author, attachment size/hash/title, ``context.period.start``): type 11488-4 (a
 consultation note, also "a second opinion given without seeing the patient", STANDARDS.md §3), the PDF rendering
 in French as its one ``content`` (no inline data: the Binary carries it). The metadata codes are data,
-``config/write-back.json``.
+``config/write-back.json`` (read by :mod:`fhir_bridge.adapters.reference_data`).
 
 Written at most once per report version: the ``masterIdentifier`` is derived from the report's id and version
 (a UUID v5), so a retry after a lost answer is recognised — the source refuses a second document with the same
@@ -19,17 +19,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from fhir_bridge.case.deadlines import CONFIG_DIR
 from fhir_bridge.errors import InvalidInput
 
 Resource = dict[str, Any]
-WRITE_BACK_FILE = CONFIG_DIR / "write-back.json"
 SUBMISSION_SET = {"system": "https://profiles.ihe.net/ITI/MHD/CodeSystem/MHDlistTypes", "code": "submissionset",
                   "display": "SubmissionSet as a FHIR List"}
 SOURCE_ID = "https://profiles.ihe.net/ITI/MHD/StructureDefinition/ihe-sourceId"
@@ -54,15 +50,15 @@ class WriteBackConfig:
     titles: dict[str, str]
 
 
-def load_write_back_config(path: Path = WRITE_BACK_FILE) -> WriteBackConfig:
+def write_back_config_from(data: Any, file: str = "write-back.json") -> WriteBackConfig:
+    """The configuration of the parsed ``config/write-back.json`` (``file`` names it in errors)."""
     try:
-        data = json.loads(path.read_text("utf-8"))
         return WriteBackConfig(source_id=data["sourceId"], custodian=data["custodian"], type=data["type"],
                                class_=data["class"], format=data["format"], confidentiality=data["confidentiality"],
                                facility_type=data["facilityType"], practice_setting=data["practiceSetting"],
                                language=data["language"], titles=dict(data["titles"]))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InvalidInput(f"{path.name} is not a valid write-back configuration ({type(exc).__name__})") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidInput(f"{file} is not a valid write-back configuration ({type(exc).__name__})") from None
 
 
 def master_identifier(report_version: str) -> str:

@@ -21,7 +21,7 @@ from fhir_bridge.fhir.terminology import CANONICAL_BASE, Terminology
 from fhir_bridge.opinion.content import OPINION, Dissent, OpinionContent, consensus_method, read_dissents
 from fhir_bridge.opinion.report import FINAL_TYPES
 from fhir_bridge.rendering.html import format_instant, labels_for
-from fhir_bridge.rendering.view import LANGUAGES, DissentView, ReportView
+from fhir_bridge.rendering.view import LANGUAGES, DissentView, ReportLabels, ReportView
 from fhir_bridge.review.routing import ReviewerRegistry
 
 Resource = dict[str, Any]
@@ -31,12 +31,13 @@ SPECIALTY = f"{CANONICAL_BASE}/CodeSystem/specialty"
 
 
 def report_view(report: Resource, request: Resource, *, content: OpinionContent, language: str,
-                registry: ReviewerRegistry, terminology: Terminology, panel: str | None = None,
-                replaces: Resource | None = None) -> ReportView:
+                registry: ReviewerRegistry, terminology: Terminology, report_labels: ReportLabels,
+                panel: str | None = None, replaces: Resource | None = None) -> ReportView:
     """``report`` (with its ``id`` and the version it will be stored as in ``meta.versionId``) for readers of
     ``language``; ``replaces``: the version an amendment replaces. Labels: ``config/report-labels.json`` (R4's
-    diagnostic-report-status has no French designations)."""
-    labels = labels_for(language)
+    diagnostic-report-status has no French designations), given as data and carried by the view for the
+    renderers."""
+    labels = labels_for(report_labels, language)
 
     def label(code: str | None) -> str | None:
         return terminology.display(OPINION, code, language) if code else None
@@ -73,8 +74,10 @@ def report_view(report: Resource, request: Resource, *, content: OpinionContent,
                                + (f" — {c.display}" if c.display else "") for c in content.conclusion_codes),
         dissents=tuple(_dissent(d, registry, terminology, language) for d in read_dissents(report)),
         replaces=labels["replaced_version"].format(
-            version=replaces["meta"]["versionId"], issued=format_instant(str(replaces.get("issued", "")), language),
+            version=replaces["meta"]["versionId"], issued=format_instant(str(replaces.get("issued", "")), language,
+                                                                    report_labels),
         ) if replaces else None,
+        labels=report_labels,
     )
 
 

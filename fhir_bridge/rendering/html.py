@@ -9,25 +9,23 @@ as ``<br>``.
 What is shown and in which order is decided once, in :func:`report_layout`, which the PDF rendering
 (:mod:`fhir_bridge.rendering.pdf`) shares: both formats always carry the same sections, and empty parts of the
 opinion are left out of both. Headings and labels are data (``config/report-labels.json``, ``fr`` and ``en``
-with the same keys), so no reader-facing wording lives in this code. The output is a pure function of the view:
+with the same keys, read by :mod:`fhir_bridge.adapters.reference_data` and checked by
+:func:`report_labels_from`), carried by the view, so no reader-facing wording lives in this code and no file is
+read here. The output is a pure function of the view:
 the same view gives the same bytes, which lets the attachment's hash and size be stable across retries.
 """
 
 from __future__ import annotations
 
-import functools
 import html
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
-from fhir_bridge.rendering.view import LANGUAGES, ReportView
-
-LABELS_FILE = Path(__file__).resolve().parents[2] / "config" / "report-labels.json"
+from fhir_bridge.rendering.view import LANGUAGES, ReportLabels, ReportView
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -65,41 +63,41 @@ class Layout:
     page: str  # "Page {page} of {pages}"
 
 
-@functools.cache
-def load_labels(path: Path = LABELS_FILE) -> Mapping[str, Mapping[str, str]]:
-    """Read the labels once; every language must have the same keys, all strings (a missing translation
-    must fail at start-up, not show up as a blank heading in a patient's record)."""
-    raw = json.loads(path.read_text(encoding="utf-8"))
+def report_labels_from(raw: Any, file: str = "report-labels.json") -> ReportLabels:
+    """The parsed labels file (``file`` names it in errors), checked once at start-up: every language must
+    have the same keys, all strings (a missing translation must fail at start-up, not show up as a blank
+    heading in a patient's record)."""
     if not isinstance(raw, dict) or set(raw) != set(LANGUAGES):
-        raise ValueError(f"{path.name}: expected exactly the languages {LANGUAGES}")
+        raise ValueError(f"{file}: expected exactly the languages {LANGUAGES}")
     keys = set(raw[LANGUAGES[0]])
     for language in LANGUAGES:
         table = raw[language]
         if not isinstance(table, dict) or set(table) != keys or not all(isinstance(v, str) for v in table.values()):
-            raise ValueError(f"{path.name}: '{language}' must have the same string labels as '{LANGUAGES[0]}'")
+            raise ValueError(f"{file}: '{language}' must have the same string labels as '{LANGUAGES[0]}'")
     return MappingProxyType({lang: MappingProxyType(dict(raw[lang])) for lang in LANGUAGES})
 
 
-def labels_for(language: str) -> Mapping[str, str]:
-    labels = load_labels()
+def labels_for(labels: ReportLabels, language: str) -> Mapping[str, str]:
+    """``language``'s labels; ValueError for a language the labels do not have."""
     if language not in labels:
         raise ValueError(f"no report labels for language {language!r}")
     return labels[language]
 
 
-def format_instant(value: str, language: str) -> str:
+def format_instant(value: str, language: str, labels: ReportLabels) -> str:
     """A FHIR instant/dateTime shown readably in UTC ("06/12/2026 14:05 UTC" in fr, "2026-12-06 14:05 UTC" in
-    en); a full date as a date; anything else (partial dates, values without a zone) as given."""
-    labels = labels_for(language)
+    en, the formats being labels); a full date as a date; anything else (partial dates, values without a zone)
+    as given."""
+    formats = labels_for(labels, language)
     try:
         if len(value) == 10:
-            return date.fromisoformat(value).strftime(labels["date_format"])
+            return date.fromisoformat(value).strftime(formats["date_format"])
         moment = datetime.fromisoformat(value)
     except ValueError:
         return value
     if moment.tzinfo is None:
         return value
-    return moment.astimezone(UTC).strftime(labels["datetime_format"])
+    return moment.astimezone(UTC).strftime(formats["datetime_format"])
 
 
 def _field(label: str, value: str | None, *, prominent: bool = False) -> tuple[Field, ...]:
@@ -113,14 +111,15 @@ def _items(label: str, values: tuple[str, ...]) -> tuple[Field, ...]:
 
 def report_layout(view: ReportView) -> Layout:
     """The report's content in reading order, shared by the HTML and the PDF rendering."""
-    lab = labels_for(view.language)
+    lab = labels_for(view.labels, view.language)
     request = (
         *_field(lab["patient"], view.patient),
         *_field(lab["specialty"], view.specialty),
         *_field(lab["clinical_question"], view.clinical_question),
         *_field(lab["proposed_plan"], view.proposed_plan),
         *_field(lab["requester"], view.requester),
-        *_field(lab["requested_on"], view.requested_on and format_instant(view.requested_on, view.language)),
+        *_field(lab["requested_on"], view.requested_on and format_instant(view.requested_on, view.language,
+                                                                       view.labels)),
     )
     opinion = (
         *_field(lab["diagnosis"], view.diagnosis),
@@ -161,7 +160,7 @@ def report_layout(view: ReportView) -> Layout:
         status=view.status,
         status_label=view.status_label,
         banner=(
-            *_field(lab["issued"], format_instant(view.issued, view.language)),
+            *_field(lab["issued"], format_instant(view.issued, view.language, view.labels)),
             *_field(lab["version"], view.version),
             *_field(lab["report_id"], view.report_id),
         ),

@@ -3,13 +3,20 @@
 Every string here is already in the target language (code displays from the CodeSystem designations in
 ``mappings/``) and already chosen, so the renderers only lay it out. It holds no patient name: the rendered
 report identifies the patient by the identifier the opinion names (the INS), as the DiagnosticReport does.
+The headings and labels the renderers need travel with the view (:attr:`ReportView.labels`, from
+``config/report-labels.json`` as the settings name it): a rendering stays a pure function of its view, and no
+renderer reads a file of its own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 LANGUAGES = ("fr", "en")
+#: language → label key → text (``config/report-labels.json``, checked by
+#: :func:`fhir_bridge.rendering.html.report_labels_from`)
+ReportLabels = Mapping[str, Mapping[str, str]]
 
 
 @dataclass(frozen=True)
@@ -49,3 +56,6 @@ class ReportView:
     conclusion_codes: tuple[str, ...] = ()  # "C34.1 (CIM-10) — Tumeur maligne du lobe supérieur"
     dissents: tuple[DissentView, ...] = ()
     replaces: str | None = None  # for an amendment: "version 1 issued 2026-12-01T10:00:00Z"
+    #: every language's labels (the renderer picks ``language``'s, and refuses a language it has none for);
+    #: left out of equality and repr: the same for every view of a process
+    labels: ReportLabels = field(kw_only=True, compare=False, repr=False)

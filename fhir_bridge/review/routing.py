@@ -1,7 +1,7 @@
 """Routing: which reviewer, or which tumor-board panel, gets a case that triage found ready.
 
-The reviewers are data (``config/reviewers.json``): an R4 ``collection`` Bundle, checked resource by resource
-against R4 at load, of
+The reviewers are data (``config/reviewers.json``, read by :mod:`fhir_bridge.adapters.reference_data`): an R4
+``collection`` Bundle, checked resource by resource against R4 at load, of
 
 * ``Practitioner``: the person; ``communication`` holds the languages they review in (``urn:ietf:bcp:47``);
 * ``PractitionerRole`` (its ``id`` is the reviewer id, its reference goes into ``Task.owner``):
@@ -39,22 +39,19 @@ Rules of :func:`route`, in order:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from fhir_bridge.case.deadlines import CONFIG_DIR, DONE_STATUSES, parse_fhir_datetime
+from fhir_bridge.case.deadlines import DONE_STATUSES, parse_fhir_datetime
 from fhir_bridge.errors import InvalidInput, MalformedResource
 from fhir_bridge.fhir.resources import validate
 from fhir_bridge.fhir.terminology import CANONICAL_BASE, CASE_CODES
 
 Resource = dict[str, Any]
-REGISTRY_FILE = CONFIG_DIR / "reviewers.json"
 SPECIALTY = f"{CANONICAL_BASE}/CodeSystem/specialty"
 DISCIPLINE = f"{CANONICAL_BASE}/CodeSystem/discipline"
 CAPACITY = f"{CANONICAL_BASE}/StructureDefinition/reviewer-capacity"
@@ -159,18 +156,15 @@ class Assignment:
 # -- loading ------------------------------------------------------------------------------------------------
 
 
-def load_registry(path: Path = REGISTRY_FILE) -> ReviewerRegistry:
-    """Read and check the reviewer registry; every error names the file and the entry."""
-    try:
-        bundle = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InvalidInput(f"reviewer registry {path.name} is not readable JSON: {exc}") from None
+def registry_from(bundle: Any, file: str = "reviewers.json") -> ReviewerRegistry:
+    """Check the parsed reviewer registry (``file`` names it in errors); every error names the file and the
+    entry."""
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle" or bundle.get("type") != "collection":
-        raise InvalidInput(f"reviewer registry {path.name}: a FHIR Bundle of type collection is expected")
+        raise InvalidInput(f"reviewer registry {file}: a FHIR Bundle of type collection is expected")
     by_type: dict[str, dict[str, Resource]] = {t: {} for t in _ALLOWED}
     for i, entry in enumerate(bundle.get("entry") or []):
         resource = entry.get("resource") if isinstance(entry, dict) else None
-        where = f"reviewer registry {path.name}: entry[{i}]"
+        where = f"reviewer registry {file}: entry[{i}]"
         if not isinstance(resource, dict) or resource.get("resourceType") not in _ALLOWED:
             raise InvalidInput(f"{where}: only {', '.join(sorted(_ALLOWED))} resources are expected")
         try:
@@ -182,9 +176,9 @@ def load_registry(path: Path = REGISTRY_FILE) -> ReviewerRegistry:
             raise InvalidInput(f"{where}: each {resource['resourceType']} needs a unique id")
         by_type[resource["resourceType"]][rid] = resource
 
-    reviewers = {rid: _reviewer(role, by_type, f"reviewer registry {path.name}: PractitionerRole/{rid}")
+    reviewers = {rid: _reviewer(role, by_type, f"reviewer registry {file}: PractitionerRole/{rid}")
                  for rid, role in by_type["PractitionerRole"].items()}
-    panels = {pid: _panel(team, reviewers, f"reviewer registry {path.name}: CareTeam/{pid}")
+    panels = {pid: _panel(team, reviewers, f"reviewer registry {file}: CareTeam/{pid}")
               for pid, team in by_type["CareTeam"].items()}
     organisations = {oid: Organisation(oid, str(org.get("name") or oid))
                      for oid, org in by_type["Organization"].items()}

@@ -38,11 +38,11 @@ from fhir_bridge.review.triage_rules import (
     ImagingExpectation,
     Severity,
     TriageRules,
-    load_triage_rules,
+    triage_rules_from,
 )
 
-__all__ = ["CONSISTENCY_CODES", "ISSUE_TYPES", "Finding", "TriageRules", "findings_outcome", "load_triage_rules",
-           "missing_summary", "triage_case"]
+__all__ = ["CONSISTENCY_CODES", "ISSUE_TYPES", "Finding", "TriageRules", "findings_outcome", "missing_summary",
+           "triage_case", "triage_rules_from"]
 
 Resource = dict[str, Any]
 Coding = tuple[str, str]

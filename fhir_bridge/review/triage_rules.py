@@ -1,7 +1,8 @@
 """Triage rules as data: which documents and imaging a reviewer needs, per specialty and kind of case.
 
 Read once at start-up from ``mappings/triage-rules.json`` (its ``description`` documents the format) and
-from any extra rule file in the same format, so that adding a specialty, a kind of case or an accepted
+from any extra rule file in the same format, by :mod:`fhir_bridge.adapters.reference_data` (the core opens no
+file), and checked here, so that adding a specialty, a kind of case or an accepted
 document type is an edit of data, never of code (STYLE.md rule 7; the JDV_J07 list of document types is
 reissued every year, STANDARDS.md §3). Everything is checked here, with the file and rule named in the
 error, so that a typo fails at start-up rather than letting an incomplete case through.
@@ -9,16 +10,13 @@ error, so that a typo fails at start-up rather than letting an incomplete case t
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, cast, get_args
 
 from fhir_bridge.errors import InvalidInput
-from fhir_bridge.fhir.terminology import MAPPINGS_DIR
 
 Resource = dict[str, Any]
 Coding = tuple[str, str]
@@ -106,22 +104,22 @@ class TriageRules:
         return self.rules.get((specialty, kind))
 
 
-def load_triage_rules(path_or_dir: Path = MAPPINGS_DIR, extra: Sequence[Path] = ()) -> TriageRules:
-    """Read ``triage-rules.json`` (or the file given) then each ``extra`` rule file, later files adding
-    groups and rules or replacing a (specialty, kind) rule, so a new specialty is a new file, not new code."""
-    main = path_or_dir / "triage-rules.json" if path_or_dir.is_dir() else path_or_dir
+def triage_rules_from(files: Iterable[tuple[str, Any]]) -> TriageRules:
+    """The rules of the parsed rule files, given as (file name, JSON): ``triage-rules.json`` first, then each
+    extra file, later files adding groups and rules or replacing a (specialty, kind) rule, so a new specialty
+    is a new file, not new code."""
     raw_groups: dict[str, Any] = {}
     consistency: dict[str, Any] = {}
     raw_rules: dict[tuple[str, str], tuple[str, Any]] = {}
-    for path in (main, *extra):
-        doc = _read(path)
-        raw_groups.update(_object(doc.get("documentGroups", {}), f"{path.name}: documentGroups"))
-        more = _object(doc.get("consistency", {}), f"{path.name}: consistency")
-        severity = {**consistency.get("severity", {}), **_object(more.get("severity", {}), f"{path.name}: severity")}
+    for name, parsed in files:
+        doc = _checked(name, parsed)
+        raw_groups.update(_object(doc.get("documentGroups", {}), f"{name}: documentGroups"))
+        more = _object(doc.get("consistency", {}), f"{name}: consistency")
+        severity = {**consistency.get("severity", {}), **_object(more.get("severity", {}), f"{name}: severity")}
         consistency.update(more, severity=severity)
         mine: set[tuple[str, str]] = set()
         for i, rule in enumerate(doc.get("rules") or []):
-            where = f"{path.name}: rules[{i}]"
+            where = f"{name}: rules[{i}]"
             if (not isinstance(rule, dict) or not isinstance(rule.get("specialty"), str)
                     or not isinstance(rule.get("kinds"), list) or not rule["kinds"]
                     or not all(isinstance(x, dict) for x in [*_list(rule, "documents"), *_list(rule, "imaging")])):
@@ -138,13 +136,10 @@ def load_triage_rules(path_or_dir: Path = MAPPINGS_DIR, extra: Sequence[Path] = 
     return TriageRules(rules=MappingProxyType(rules), consistency=_consistency(consistency, groups))
 
 
-def _read(path: Path) -> Any:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InvalidInput(f"triage rules {path.name} is not readable JSON: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("resourceType") != RULES_TYPE or doc.get("id") != path.stem:
-        raise InvalidInput(f"triage rules {path.name}: resourceType {RULES_TYPE!r} and id {path.stem!r} expected")
+def _checked(name: str, doc: Any) -> dict[str, Any]:
+    stem = name.removesuffix(".json")
+    if not isinstance(doc, dict) or doc.get("resourceType") != RULES_TYPE or doc.get("id") != stem:
+        raise InvalidInput(f"triage rules {name}: resourceType {RULES_TYPE!r} and id {stem!r} expected")
     return doc
 
 

@@ -54,7 +54,8 @@ def build_bridge(ports: Ports, rules: CaseRules, deployment: Deployment, *, refr
                             source=ports.source, write_back=rules.write_back, audit=ports.audit,
                             agent=deployment.agent, public_base=deployment.public_base, clock=ports.clock)
     renderings = OpinionRenderings(registry=rules.registry, terminology=rules.terminology,
-                                   renderers=deployment.renderers, clock=ports.clock)
+                                   report_labels=rules.report_labels, renderers=deployment.renderers,
+                                   clock=ports.clock)
     opinions = Opinions(store=ports.store, book=book, registry=rules.registry, terminology=rules.terminology,
                         deliveries=deliveries, renderings=renderings, clock=ports.clock)
     bundles = CaseBundles(store=ports.store, blobs=ports.blobs, book=book, registry=rules.registry,

@@ -4,8 +4,9 @@
   the job queue, the blob store, the source, and the optional audit log, webhooks, signer and sync marks; and
   the :data:`~fhir_bridge.ports.Clock` every use case asks for the time.
 * :class:`CaseRules` — the reference data the rules of a case read: terminology, triage rules, the reviewer
-  directory, deadlines, reviewer networks, write-back metadata. Loaded once at start-up by an adapter
-  (files found through the settings), never read from disk by the core.
+  directory, deadlines, reviewer networks, write-back metadata, the renderings' labels. Loaded once at start-up
+  by an adapter (:mod:`fhir_bridge.adapters.reference_data`, files found through the settings), never read from
+  disk by the core.
 * :class:`Deployment` — who this bridge is: its audit agent, public base URL, pseudonym key, work directory,
   how often a job is tried, and the renderers of an opinion.
 
@@ -35,6 +36,7 @@ from fhir_bridge.ports import (
     system_clock,
 )
 from fhir_bridge.rendering.forms import Renderer
+from fhir_bridge.rendering.view import ReportLabels
 from fhir_bridge.review.routing import ReviewerRegistry
 from fhir_bridge.review.triage_rules import TriageRules
 
@@ -65,6 +67,7 @@ class CaseRules:
     deadlines: DeadlinePolicy
     networks: ReviewerNetworks
     write_back: WriteBackConfig
+    report_labels: ReportLabels
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from fhir_bridge.opinion.content import (
 from fhir_bridge.opinion.report import FINAL_TYPES
 from fhir_bridge.ports import Clock, system_clock
 from fhir_bridge.rendering.forms import LANGUAGES, Renderer, presented_forms, report_view
+from fhir_bridge.rendering.view import ReportLabels
 from fhir_bridge.review.routing import Panel, ReviewerRegistry
 
 
@@ -37,10 +38,11 @@ class OpinionRenderings:
     """HTML and PDF renderings, French then English (``renderers`` None: none are made, e.g. in tests of
     the rules alone)."""
 
-    def __init__(self, *, registry: ReviewerRegistry, terminology: Terminology,
+    def __init__(self, *, registry: ReviewerRegistry, terminology: Terminology, report_labels: ReportLabels,
                  renderers: tuple[Renderer, Renderer] | None, clock: Clock = system_clock) -> None:
         self.registry = registry
         self.terminology = terminology
+        self.report_labels = report_labels  # config/report-labels.json, carried by each view to the renderers
         self.renderers = renderers
         self.clock = clock
         self.systems = ConclusionSystems.from_terminology(terminology)
@@ -53,7 +55,8 @@ class OpinionRenderings:
             return {k: v for k, v in report.items() if k != "presentedForm"}
         panel_name = panel.display if panel is not None else None
         views = [report_view(report, request, content=content, language=lang, registry=self.registry,
-                             terminology=self.terminology, panel=panel_name, replaces=replaces)
+                             terminology=self.terminology, report_labels=self.report_labels, panel=panel_name,
+                             replaces=replaces)
                  for lang in LANGUAGES]
         forms = presented_forms(views, *self.renderers, created=instant(self.clock()))
         return {**report, "presentedForm": forms}

@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from fhir_bridge.access.pseudonym import PSEUDONYM_SYSTEM, load_networks
+from fhir_bridge.access.pseudonym import PSEUDONYM_SYSTEM
+from fhir_bridge.adapters.reference_data import load_networks
 from fhir_bridge.dev.demo import reviewer_opinion, second_opinion_request
 from fhir_bridge.sandbox.world import build_world
 from tests.e2e.conftest import Bridge, Sandbox

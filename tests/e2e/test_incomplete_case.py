@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
+from fhir_bridge.adapters.reference_data import load_registry
 from fhir_bridge.dev.demo import second_opinion_request
 from fhir_bridge.dev.processes import ProcessGroup
-from fhir_bridge.review.routing import load_registry
 from tests.e2e.conftest import Bridge, Sandbox, start_bridge, start_sandbox
 from tests.e2e.test_exchange import post, wait_task
 from tests.e2e.test_triage_routing import op, owner

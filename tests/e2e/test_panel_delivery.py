@@ -23,16 +23,14 @@ import pytest
 from pypdf import PdfReader
 
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
+from fhir_bridge.adapters.reference_data import load_profiles, load_registry, load_terminology
 from fhir_bridge.case.intake import WRITE_BACK
 from fhir_bridge.dev.demo import opinion_report, second_opinion_request
 from fhir_bridge.dev.processes import ProcessGroup, free_port
 from fhir_bridge.dev.webhook_receiver import WebhookReceiver
 from fhir_bridge.fhir.profile_check import conform
-from fhir_bridge.fhir.profiles import load_profiles
 from fhir_bridge.fhir.resources import validate
-from fhir_bridge.fhir.terminology import load_terminology
 from fhir_bridge.opinion.writeback import master_identifier
-from fhir_bridge.review.routing import load_registry
 from tests.e2e.conftest import Bridge, Sandbox, start_bridge, start_sandbox
 from tests.e2e.test_exchange import post, wait_task
 

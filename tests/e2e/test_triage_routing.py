@@ -8,9 +8,9 @@ from typing import Any
 import httpx
 import pytest
 
+from fhir_bridge.adapters.reference_data import load_registry
 from fhir_bridge.dev.demo import second_opinion_request
 from fhir_bridge.fhir.resources import validate
-from fhir_bridge.review.routing import load_registry
 from tests.e2e.conftest import Bridge, Sandbox
 from tests.e2e.test_exchange import post, wait_task
 

@@ -16,10 +16,11 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from fhir_bridge.access.scopes import AccessContext, Role, load_role_ceilings
+from fhir_bridge.access.scopes import AccessContext, Role
 from fhir_bridge.adapters.audit_log import RedisAuditLog
 from fhir_bridge.adapters.auth import BridgeKeys, RedisReplayCache, issue_access_token, verify_access_token
 from fhir_bridge.adapters.clients import Client, ClientRegistry
+from fhir_bridge.adapters.reference_data import load_profiles, load_role_ceilings
 from fhir_bridge.adapters.settings import Settings
 from fhir_bridge.adapters.signing import Es384Signer
 from fhir_bridge.api import audit_page
@@ -88,9 +89,10 @@ async def _open(redis: Redis, tmp_path: Path) -> tuple[httpx.AsyncClient, Log, T
     await log.append(rest_event(interaction="read", resource_type="Task", resource_id="t1", status=200,
                                 client=Party("platform-a\u202egnp.exe", address="10.0.0.7"), bridge=BRIDGE,
                                 patient=PATIENT, request_id="<i>req</i>"))  # fmt: skip
-    app = create_app(Settings(), None, audit=log, audit_bridge=BRIDGE)
+    app = create_app(Settings(), None, audit=log, audit_bridge=BRIDGE, profiles=load_profiles())
     tokens = Tokens(BridgeKeys.load_or_create(tmp_path / "keys"))
-    app.state.auth = AuthServer(registry=ClientRegistry(), keys=tokens.keys, replay_cache=RedisReplayCache(redis))
+    app.state.auth = AuthServer(registry=ClientRegistry(), keys=tokens.keys, replay_cache=RedisReplayCache(redis),
+                                ceilings=CEILINGS)
     transport = httpx.ASGITransport(app=app, client=("10.1.2.3", 40000))
     auditor = tokens.issue("auditor-1", "auditor", "audit")
     client = httpx.AsyncClient(transport=transport, base_url="http://bridge.test",

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from fhir_bridge.access.scopes import AccessContext
+from fhir_bridge.adapters.reference_data import load_profiles
 from fhir_bridge.adapters.settings import Settings, SourceSettings
 from fhir_bridge.adapters.source_client import SourceClient, SourceExchange
 from fhir_bridge.api.app import create_app
@@ -108,7 +109,8 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
     store, queue, blobs = InMemoryStore(), InMemoryQueue(max_attempts=3), InMemoryBlobs()
     service = make_bridge(store=store, queue=queue, blobs=blobs, source=fake_source_factory(FakeSource(world())),
                           terminology=TERMS, work_dir=tmp_path / "work", triage_rules=LAB_ONLY_RULES, audit=audit)
-    app = create_app(Settings(), service, audit=audit, audit_bridge=Party("fhir-bridge", name="fhir-bridge api"))
+    app = create_app(Settings(), service, audit=audit, audit_bridge=Party("fhir-bridge", name="fhir-bridge api"),
+                     profiles=load_profiles())
     callers = Callers(app, caller("platform"))  # a platform client unless a test says otherwise
     transport = httpx.ASGITransport(app=app, client=("10.1.2.3", 40000))
     async with httpx.AsyncClient(transport=transport, base_url="http://bridge.test") as client:

@@ -6,6 +6,7 @@ import httpx
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
 
+from fhir_bridge.adapters.reference_data import load_profiles
 from fhir_bridge.adapters.settings import Settings
 from fhir_bridge.api.app import FHIR_ROUTERS, create_app
 from fhir_bridge.api.capability import AUDIT_SEARCH_PARAMS, capability_statement
@@ -27,7 +28,7 @@ SHAPES = {
 
 
 def served_interactions() -> dict[str, set[str]]:
-    create_app(Settings(), None)  # the app mounts this router as it is
+    create_app(Settings(), None, profiles=load_profiles())  # the app mounts this router as it is
     served: dict[str, set[str]] = {}
     for route in router.routes:
         if not isinstance(route, APIRoute) or not route.path.startswith("/fhir/") or route.path == "/fhir/metadata":
@@ -43,7 +44,7 @@ def served_interactions() -> dict[str, set[str]]:
 
 
 def test_capability_statement_lists_exactly_the_routes() -> None:
-    statement = capability_statement("http://bridge.test/fhir", "2026-11-21T00:00:00Z")
+    statement = capability_statement("http://bridge.test/fhir", "2026-11-21T00:00:00Z", load_profiles())
     validate(statement)
     declared = {r["type"]: {i["code"] for i in r["interaction"]} | {"$" + o["name"] for o in r.get("operation", [])}
                 for r in statement["rest"][0]["resource"]}
@@ -51,7 +52,7 @@ def test_capability_statement_lists_exactly_the_routes() -> None:
 
 
 def test_declared_search_parameters_are_the_ones_we_index() -> None:
-    statement = capability_statement("http://bridge.test/fhir", "2026-11-21T00:00:00Z")
+    statement = capability_statement("http://bridge.test/fhir", "2026-11-21T00:00:00Z", load_profiles())
     for resource in statement["rest"][0]["resource"]:
         names = {p["name"] for p in resource.get("searchParam", [])} - {"_count", "_offset"}
         # AuditEvents are searched over the audit log's own index (fhir_bridge.api.audit_routes)
@@ -62,7 +63,7 @@ def test_declared_search_parameters_are_the_ones_we_index() -> None:
 async def test_metadata_and_discovery_are_open_and_name_the_same_token_endpoint() -> None:
     # SMART App Launch 2.2 conformance.html: a server SHALL publish .well-known/smart-configuration; the
     # CapabilityStatement's rest.security says SMART-on-FHIR (R4 restful-security-service) and oauth-uris agrees
-    transport = httpx.ASGITransport(app=create_app(Settings(), None))
+    transport = httpx.ASGITransport(app=create_app(Settings(), None, profiles=load_profiles()))
     async with httpx.AsyncClient(transport=transport, base_url="http://bridge.test") as client:
         metadata = await client.get("/fhir/metadata")
         discovery = await client.get("/fhir/.well-known/smart-configuration")

@@ -12,14 +12,13 @@ from typing import Any
 
 import pytest
 
+from fhir_bridge.adapters.reference_data import load_terminology, load_triage_rules
 from fhir_bridge.dev.demo import reviewer_opinion, second_opinion_request
 from fhir_bridge.errors import BusinessRuleViolation, InvalidInput, PreconditionFailed, SourceUnavailable
 from fhir_bridge.fhir.identity import INS_NIR_TEST, nir_key
 from fhir_bridge.fhir.resources import loads, validate
 from fhir_bridge.fhir.search_index import tenant_of
-from fhir_bridge.fhir.terminology import load_terminology
 from fhir_bridge.ports import Job
-from fhir_bridge.review.triage_rules import load_triage_rules
 from fhir_bridge.workflow.bridge import Bridge as UseCases
 from fhir_bridge.workflow.cases import COLLECT_JOB
 from tests.fakes import (

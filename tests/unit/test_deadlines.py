@@ -9,15 +9,10 @@ from typing import Any
 
 import pytest
 
-from fhir_bridge.case.deadlines import (
-    DEADLINES_FILE,
-    due_date,
-    is_overdue,
-    load_deadline_policy,
-    overdue_tasks,
-    parse_fhir_datetime,
-)
+from fhir_bridge.adapters.reference_data import load_deadline_policy
+from fhir_bridge.case.deadlines import due_date, is_overdue, overdue_tasks, parse_fhir_datetime
 from fhir_bridge.errors import InvalidInput
+from tests.reference import DEADLINES_FILE
 
 POLICY = load_deadline_policy()
 AUTHORED = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from lxml import etree
 
+from fhir_bridge.adapters.reference_data import load_profiles
 from fhir_bridge.api.capability import capability_statement
 from fhir_bridge.api.fhir_io import searchset
 from fhir_bridge.audit.events import Party, rest_event
@@ -164,7 +165,8 @@ BUILT: dict[str, Any] = {
     "DiagnosticReport with presentedForm and narrative": diagnostic_report,
     "Bundle searchset": searchset_of_tasks,
     "OperationOutcome": lambda: operation_outcome("error", "invalid", "bad", code="x", expression=["Task.status"]),
-    "CapabilityStatement": lambda: capability_statement("http://bridge.test/fhir", "2026-11-21T00:00:00Z"),
+    "CapabilityStatement": lambda: capability_statement("http://bridge.test/fhir", "2026-11-21T00:00:00Z",
+                                                        load_profiles()),
     "AuditEvent": audit_event,
     "Parameters": parameters,
     "Patient with a _birthDate extension": patient_with_birth_date_extension,

@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 
+from fhir_bridge.adapters.reference_data import load_terminology
 from fhir_bridge.case.intake import SPECIALTY, check_request
 from fhir_bridge.dev.demo import second_opinion_request
 from fhir_bridge.errors import BusinessRuleViolation, InvalidInput, MalformedResource
 from fhir_bridge.fhir.identity import INS_NIR, INS_NIR_TEST, PatientIdentifier, nir_key
 from fhir_bridge.fhir.search_index import index_terms, parse_criteria
-from fhir_bridge.fhir.terminology import CASE_CODES, load_terminology
+from fhir_bridge.fhir.terminology import CASE_CODES
 from tests.fakes import InMemoryStore
 
 TERMS = load_terminology()

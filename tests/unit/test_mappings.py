@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
+from fhir_bridge.adapters.reference_data import load_terminology
 from fhir_bridge.fhir.resources import validate
-from fhir_bridge.fhir.terminology import CANONICAL_BASE, MAPPINGS_DIR, load_terminology
+from fhir_bridge.fhir.terminology import CANONICAL_BASE
+from tests.reference import MAPPINGS_DIR
 
 FHIR_TYPES = {"CodeSystem", "ValueSet", "ConceptMap"}
 #: our own formats kept next to the FHIR files (each documents itself in its description)

@@ -16,17 +16,17 @@ from typing import Any
 import pytest
 from pypdf import PdfReader
 
+from fhir_bridge.adapters.reference_data import load_profiles as default_profiles
+from fhir_bridge.adapters.reference_data import load_registry
 from fhir_bridge.case.intake import WRITE_BACK
 from fhir_bridge.dev.demo import opinion_report, second_opinion_request
 from fhir_bridge.errors import BusinessRuleViolation, Conflict, DeliveryFailed, Forbidden, Gone
 from fhir_bridge.fhir.profile_check import conform
-from fhir_bridge.fhir.profiles import default_profiles
 from fhir_bridge.fhir.resources import validate
 from fhir_bridge.opinion.consensus import MemberOpinion, automatic_consensus
 from fhir_bridge.opinion.content import OpinionContent, read_content
 from fhir_bridge.opinion.writeback import master_identifier
 from fhir_bridge.ports import Job, WebhookTarget
-from fhir_bridge.review.routing import load_registry
 from fhir_bridge.workflow.bridge import Bridge as UseCases
 from fhir_bridge.workflow.delivery import RECORD_JOB, WEBHOOK_JOB, sign_webhook
 from tests.fakes import (

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from fhir_bridge.adapters.reference_data import load_terminology
 from fhir_bridge.adapters.signing import Es384Signer
 from fhir_bridge.case.packaging import CaseContent, FileBase64, PackagedDocument, build_case_bundle, write_bundle
 from fhir_bridge.case.signature import (
@@ -33,7 +34,6 @@ from fhir_bridge.case.signature import (
     skeleton_bytes,
 )
 from fhir_bridge.fhir.resources import dumps, loads, validate
-from fhir_bridge.fhir.terminology import load_terminology
 
 BASE = "https://source.test/fhir"
 TERMS = load_terminology()

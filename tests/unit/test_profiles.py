@@ -11,12 +11,14 @@ from typing import Any
 
 import pytest
 
+from fhir_bridge.adapters.reference_data import load_profiles, load_terminology
 from fhir_bridge.dev.demo import reviewer_opinion, second_opinion_request
 from fhir_bridge.errors import BusinessRuleViolation
 from fhir_bridge.fhir.profile_check import check, conform, describe
-from fhir_bridge.fhir.profiles import PROFILES_DIR, Profiles, declare_profile, load_profiles
+from fhir_bridge.fhir.profiles import Profiles, declare_profile
 from fhir_bridge.fhir.resources import validate
-from fhir_bridge.fhir.terminology import CANONICAL_BASE, Terminology, load_terminology
+from fhir_bridge.fhir.terminology import CANONICAL_BASE, Terminology
+from tests.reference import PROFILES_DIR
 
 INS = {"system": "urn:oid:1.2.250.1.213.1.4.10", "value": "295109912611193"}
 CASES = f"{CANONICAL_BASE}/CodeSystem/case-codes"

@@ -19,12 +19,12 @@ import pytest
 from fhir_bridge.access.pseudonym import (
     PSEUDONYM_SYSTEM,
     CasePseudonyms,
-    load_networks,
     pseudonymise_bundle,
     pseudonymise_view,
     reidentify_opinion,
 )
 from fhir_bridge.access.scopes import AccessContext
+from fhir_bridge.adapters.reference_data import load_networks, load_registry, load_terminology
 from fhir_bridge.adapters.settings import SourceSettings
 from fhir_bridge.adapters.signing import Es384Signer
 from fhir_bridge.adapters.source_client import SourceClient
@@ -35,8 +35,6 @@ from fhir_bridge.dev.demo import reviewer_opinion, second_opinion_request
 from fhir_bridge.errors import BusinessRuleViolation, Forbidden, InvalidInput, NotFound
 from fhir_bridge.fhir.identity import NIR_SYSTEMS, PatientIdentifier
 from fhir_bridge.fhir.resources import dumps, loads, validate
-from fhir_bridge.fhir.terminology import load_terminology
-from fhir_bridge.review.routing import load_registry
 from fhir_bridge.sandbox.app import SandboxConfig, create_app
 from fhir_bridge.workflow.bridge import Bridge as UseCases
 from fhir_bridge.workflow.collect import collect_case
@@ -252,7 +250,8 @@ def bridge(tmp_path: Path) -> Bridge:
     queue, signer = InMemoryQueue(), Es384Signer.generate()
     service = make_bridge(store=InMemoryStore(), queue=queue, blobs=InMemoryBlobs(),
                           source=fake_source_factory(FakeSource(world())), terminology=TERMS,
-                          work_dir=tmp_path / "work", triage_rules=LAB_ONLY_RULES, signer=signer, pseudonym_key=KEY)
+                          work_dir=tmp_path / "work", triage_rules=LAB_ONLY_RULES,
+                          signer=signer, pseudonym_key=KEY)
     return Bridge(service, queue, signer)
 
 

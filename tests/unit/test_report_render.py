@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import shutil
@@ -15,10 +16,15 @@ import pytest
 from PIL import Image
 from pypdf import PdfReader
 
-from fhir_bridge.rendering.html import LABELS_FILE, format_instant, render_html
+from fhir_bridge.adapters.reference_data import load_labels
+from fhir_bridge.rendering.html import format_instant as format_instant_with
+from fhir_bridge.rendering.html import render_html
 from fhir_bridge.rendering.pdf import SUBSTITUTE, printable, render_pdf
 from fhir_bridge.rendering.view import DissentView, ReportView
+from tests.reference import LABELS_FILE
 
+LABELS = load_labels()
+format_instant = functools.partial(format_instant_with, labels=LABELS)  # the labels carry the date formats
 CONCLUSION_FR = "Chimio-immunothérapie néoadjuvante puis réévaluation à 3 mois ; chirurgie d’emblée non recommandée."
 
 FR = ReportView(
@@ -49,6 +55,7 @@ FR = ReportView(
         DissentView("Dr Luc Bernard — Radiologue", "Désaccord partiel", "Plan acceptable", "Chirurgie d’emblée"),
     ),
     replaces="version 1 émise le 01/12/2026 10:00 UTC",
+    labels=LABELS,
 )
 EN = dataclasses.replace(
     FR,
@@ -69,6 +76,7 @@ MINIMAL = ReportView(
     status_label="Définitif",
     issued="2026-12-06T14:05:00Z",
     patient="INS-NIR 1",
+    labels=LABELS,
 )
 
 

@@ -13,20 +13,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fhir_bridge.case.deadlines import load_deadline_policy
+from fhir_bridge.adapters.reference_data import load_deadline_policy, load_registry
 from fhir_bridge.errors import InvalidInput
 from fhir_bridge.fhir.resources import validate
 from fhir_bridge.review.routing import (
     CAPACITY,
-    REGISTRY_FILE,
     SPECIALTY,
     Assignment,
     ReviewerRegistry,
     RoutingRequest,
     load_from_tasks,
-    load_registry,
     route,
 )
+from tests.reference import REGISTRY_FILE
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 REGISTRY = load_registry()

@@ -10,12 +10,12 @@ from typing import Any
 import httpx
 import pytest
 
+from fhir_bridge.adapters.reference_data import load_terminology, load_triage_rules
 from fhir_bridge.adapters.settings import SourceSettings
 from fhir_bridge.adapters.source_client import SourceClient
 from fhir_bridge.case.packaging import build_case_bundle
 from fhir_bridge.fhir.identity import PatientIdentifier
-from fhir_bridge.fhir.terminology import load_terminology
-from fhir_bridge.review.triage import Finding, load_triage_rules, triage_case
+from fhir_bridge.review.triage import Finding, triage_case
 from fhir_bridge.sandbox.app import SandboxConfig, create_app
 from fhir_bridge.sandbox.world import build_world, world_summary
 from fhir_bridge.workflow.collect import collect_case

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from fhir_bridge.adapters.reference_data import load_terminology
 from fhir_bridge.case.selection import PatientMatcher, screen_documents, screen_studies
 from fhir_bridge.fhir.identity import INS_NIR_TEST, PatientIdentifier
-from fhir_bridge.fhir.terminology import load_terminology
 
 BASE = "https://source.test/fhir"
 MASK = "https://mos.esante.gouv.fr/NOS/TRE_A07-StatutVisibiliteDocument/FHIR/TRE-A07-StatutVisibiliteDocument"

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from fhir_bridge.access.scopes import AccessContext, load_role_ceilings, within_ceiling
+from fhir_bridge.access.scopes import AccessContext, within_ceiling
 from fhir_bridge.access.tenancy import Tenancy, require_scope
 from fhir_bridge.adapters.clients import add_client, generate_client_keypair
+from fhir_bridge.adapters.reference_data import load_registry, load_role_ceilings
 from fhir_bridge.errors import Forbidden, InsufficientScope, InvalidInput, NotFound
 from fhir_bridge.fhir.search_index import OUTPUT_TERM, OWNER_TERM, TENANT_TERM, index_terms, tenant_of, with_tenant
-from fhir_bridge.review.routing import load_registry
 from tests.fakes import InMemoryStore
 
 REGISTRY = load_registry()

@@ -13,22 +13,22 @@ from typing import Any
 
 import pytest
 
+from fhir_bridge.adapters.reference_data import load_terminology, load_triage_rules
 from fhir_bridge.case.packaging import CaseContent, PackagedDocument, build_case_bundle
 from fhir_bridge.case.selection import Problem
 from fhir_bridge.errors import InvalidInput
 from fhir_bridge.fhir.identity import INS_NIR_TEST, PatientIdentifier
 from fhir_bridge.fhir.resources import validate
-from fhir_bridge.fhir.terminology import MAPPINGS_DIR, load_terminology
 from fhir_bridge.review.triage import (
     CONSISTENCY_CODES,
     ISSUE_TYPES,
     TRIAGE_FINDINGS,
     Finding,
     findings_outcome,
-    load_triage_rules,
     missing_summary,
     triage_case,
 )
+from tests.reference import MAPPINGS_DIR
 
 BASE = "https://source.test/fhir"
 LOINC = "http://loinc.org"

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
+from fhir_bridge.adapters.reference_data import load_terminology
 from fhir_bridge.case.intake import check_request
 from fhir_bridge.case.worklist import DEFAULT_REQUEST_SYSTEM, Worklist, read_worklist
 from fhir_bridge.errors import InvalidInput
 from fhir_bridge.fhir.identity import INS_NIR, INS_NIR_TEST, nir_key
-from fhir_bridge.fhir.terminology import load_terminology
 
 TERMS = load_terminology()
 NIR = "295109912611193"
