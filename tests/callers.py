@@ -19,7 +19,7 @@ from fhir_bridge.adapters.reference_data import load_role_ceilings
 from fhir_bridge.api.deps import current_caller
 from fhir_bridge.api.security import MissingToken
 from fhir_bridge.fhir.resources import Resource
-from fhir_bridge.review.routing import ReviewerRegistry
+from fhir_bridge.review.reviewers import ReviewerRegistry
 
 __all__ = ["Callers", "assigned_reviewer", "caller"]
 

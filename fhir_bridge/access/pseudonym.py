@@ -38,10 +38,10 @@ from typing import Any
 
 from fhir_bridge.errors import BusinessRuleViolation, InvalidInput
 from fhir_bridge.fhir.identity import NIR_SYSTEMS
+from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.fhir.terminology import CANONICAL_BASE
-from fhir_bridge.review.routing import ReviewerRegistry
+from fhir_bridge.review.reviewers import ReviewerRegistry
 
-Resource = dict[str, Any]
 PSEUDONYM_SYSTEM = f"{CANONICAL_BASE}/NamingSystem/case-pseudonym"
 #: index term of a stored case Bundle stub (never a search parameter: clients can not send ``_`` criteria)
 PSEUDONYM_TERM = "_case-pseudonym"

@@ -26,7 +26,7 @@ from fhir_bridge.errors import Forbidden, InsufficientScope, NotFound
 from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.fhir.search_index import OUTPUT_TERM, OWNER_TERM, TENANT_TERM, tenant_of
 from fhir_bridge.ports import ResourceStorePort
-from fhir_bridge.review.routing import ReviewerRegistry
+from fhir_bridge.review.reviewers import ReviewerRegistry
 
 __all__ = ["Tenancy", "require_scope"]
 

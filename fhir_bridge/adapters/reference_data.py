@@ -31,9 +31,9 @@ from fhir_bridge.errors import InvalidInput
 from fhir_bridge.fhir.profiles import Profiles, profiles_from
 from fhir_bridge.fhir.terminology import CANONICAL_BASE, Terminology, terminology_from
 from fhir_bridge.opinion.writeback import WriteBackConfig, write_back_config_from
-from fhir_bridge.rendering.html import report_labels_from
+from fhir_bridge.rendering.layout import report_labels_from
 from fhir_bridge.rendering.view import ReportLabels
-from fhir_bridge.review.routing import ReviewerRegistry, registry_from
+from fhir_bridge.review.reviewers import ReviewerRegistry, registry_from
 from fhir_bridge.review.triage_rules import TriageRules, triage_rules_from
 
 if TYPE_CHECKING:

@@ -29,9 +29,7 @@ from typing import Any, Protocol
 
 from fhir_bridge.errors import AuditIntegrityError as AuditIntegrityError  # kept importable from here
 from fhir_bridge.errors import MalformedResource
-from fhir_bridge.fhir.resources import dumps, loads
-
-Resource = dict[str, Any]
+from fhir_bridge.fhir.resources import Resource, dumps, loads
 
 CHAIN_URL = "https://fhir-bridge.dev/fhir/StructureDefinition/audit-chain"
 GENESIS = "0" * 64

@@ -28,15 +28,13 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 from urllib.parse import quote
 
 from fhir_bridge.errors import AuditUnavailable as AuditUnavailable  # kept importable from here
 from fhir_bridge.errors import InvalidInput
 from fhir_bridge.fhir.elements import instant
 from fhir_bridge.fhir.identity import PatientIdentifier
-
-Resource = dict[str, Any]
+from fhir_bridge.fhir.resources import Resource
 
 AUDIT_EVENT_TYPE = "http://terminology.hl7.org/CodeSystem/audit-event-type"
 RESTFUL_INTERACTION = "http://hl7.org/fhir/restful-interaction"

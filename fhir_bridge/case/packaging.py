@@ -33,10 +33,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fhir_bridge.fhir.resources import iterencode
+from fhir_bridge.fhir.resources import Resource, iterencode
 from fhir_bridge.fhir.terminology import CASE_CODES, CASE_SECTION, Terminology
 
-Resource = dict[str, Any]
 _CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 _CONFIDENTIALITY_RANK = {"U": 0, "L": 1, "M": 2, "N": 3, "R": 4, "V": 5}
 _B64_CHUNK = 3 * 256 * 1024  # a multiple of 3: chunks encode without padding in the middle

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fhir_bridge.fhir.identity import PatientIdentifier
+from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.fhir.terminology import Terminology
-
-Resource = dict[str, Any]
 
 #: reason codes written to problems.json (documented in the README)
 REASONS = {

@@ -31,15 +31,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection,
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from fhir_bridge.case.packaging import FileBase64
 from fhir_bridge.errors import BlobUnreadable
 from fhir_bridge.fhir.elements import instant
-from fhir_bridge.fhir.resources import FHIR_JSON, dumps, iterencode, loads
+from fhir_bridge.fhir.resources import FHIR_JSON, Resource, dumps, iterencode, loads
 from fhir_bridge.ports import PayloadSigner, SignerPort
-
-Resource = dict[str, Any]
 
 SIGNATURE_TYPE = {"system": "urn:iso-astm:E1762-95:2013", "code": "1.2.840.10065.1.12.1.5",
                   "display": "Verification Signature"}

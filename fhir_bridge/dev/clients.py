@@ -17,7 +17,7 @@ from typing import Any
 from fhir_bridge.adapters.clients import add_client, generate_client_keypair, set_webhook
 from fhir_bridge.adapters.reference_data import load_registry, load_role_ceilings
 from fhir_bridge.adapters.token_client import BackendServicesAuth, load_private_jwk
-from fhir_bridge.review.routing import ReviewerRegistry
+from fhir_bridge.review.reviewers import ReviewerRegistry
 
 __all__ = ["PLATFORM_TENANT", "DevClients", "provision"]
 

@@ -26,9 +26,9 @@ from fhirpathpy.models import models
 
 from fhir_bridge.errors import BusinessRuleViolation
 from fhir_bridge.fhir.profiles import Profiles, declared_urls
+from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.fhir.terminology import Terminology
 
-Resource = dict[str, Any]
 _R4 = models["r4"]
 
 

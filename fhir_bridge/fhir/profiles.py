@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fhir_bridge.errors import InvalidInput
+from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.fhir.terminology import CANONICAL_BASE
 
-Resource = dict[str, Any]
 _OURS = f"{CANONICAL_BASE}/StructureDefinition/"
 
 

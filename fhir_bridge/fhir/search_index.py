@@ -12,8 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fhir_bridge.errors import InvalidInput
-
-Resource = dict[str, Any]
+from fhir_bridge.fhir.resources import Resource
 
 #: ``meta.tag`` system naming the tenant (platform organisation) a case belongs to; set by the bridge only
 TENANT_TAG = "https://fhir-bridge.dev/fhir/CodeSystem/tenant"

@@ -27,8 +27,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.fhir.terminology import Terminology
 from fhir_bridge.opinion.content import (
     ALTERNATIVE,
@@ -41,9 +41,8 @@ from fhir_bridge.opinion.content import (
     OpinionContent,
     dissent_resource,
 )
-from fhir_bridge.review.routing import Panel, ReviewerRegistry
+from fhir_bridge.review.reviewers import Panel, ReviewerRegistry
 
-Resource = dict[str, Any]
 AUTOMATIC = frozenset({"unanimous", "majority"})
 
 

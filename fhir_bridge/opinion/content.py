@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fhir_bridge.errors import BusinessRuleViolation
+from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.fhir.terminology import CANONICAL_BASE, Terminology
 
-Resource = dict[str, Any]
 OPINION = f"{CANONICAL_BASE}/CodeSystem/opinion"
 CONSENSUS_METHOD = f"{CANONICAL_BASE}/StructureDefinition/consensus-method"
 PANEL_OPINION = f"{CANONICAL_BASE}/StructureDefinition/panel-opinion"

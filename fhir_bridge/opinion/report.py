@@ -14,9 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from fhir_bridge.errors import BusinessRuleViolation
-from fhir_bridge.fhir.resources import check_resource_type, validate
+from fhir_bridge.fhir.resources import Resource, check_resource_type, validate
 
-Resource = dict[str, Any]
 NEW_STATUSES = frozenset({"preliminary", "final"})
 #: the statuses of a released opinion (diagnosticreport.html status): rendered, delivered, one per case
 FINAL_TYPES = frozenset({"final", "amended", "corrected", "appended"})

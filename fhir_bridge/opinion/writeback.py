@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fhir_bridge.errors import InvalidInput
+from fhir_bridge.fhir.resources import Resource
 
-Resource = dict[str, Any]
 SUBMISSION_SET = {"system": "https://profiles.ihe.net/ITI/MHD/CodeSystem/MHDlistTypes", "code": "submissionset",
                   "display": "SubmissionSet as a FHIR List"}
 SOURCE_ID = "https://profiles.ihe.net/ITI/MHD/StructureDefinition/ihe-sourceId"

@@ -15,16 +15,15 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import Any
 
+from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.fhir.terminology import CANONICAL_BASE, Terminology
 from fhir_bridge.opinion.content import OPINION, Dissent, OpinionContent, consensus_method, read_dissents
 from fhir_bridge.opinion.report import FINAL_TYPES
-from fhir_bridge.rendering.html import format_instant, labels_for
+from fhir_bridge.rendering.layout import format_instant, labels_for
 from fhir_bridge.rendering.view import LANGUAGES, DissentView, ReportLabels, ReportView
-from fhir_bridge.review.routing import ReviewerRegistry
+from fhir_bridge.review.reviewers import ReviewerRegistry
 
-Resource = dict[str, Any]
 Renderer = Callable[[ReportView], bytes]
 RENDERED_STATUSES = FINAL_TYPES
 SPECIALTY = f"{CANONICAL_BASE}/CodeSystem/specialty"

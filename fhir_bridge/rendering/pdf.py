@@ -1,6 +1,6 @@
 """The PDF rendering of a second opinion (one of the ``DiagnosticReport.presentedForm`` attachments).
 
-Same content and order as the HTML (:func:`fhir_bridge.rendering.html.report_layout`), laid out on A4 with
+Same content and order as the HTML (:func:`fhir_bridge.rendering.layout.report_layout`), laid out on A4 with
 reportlab's platypus so that long texts wrap and flow onto further pages. Every page carries a running footer
 with the patient identifier, the report id and version, and "page n of N": a printed page that comes loose
 from the others still says whose report it is.
@@ -44,7 +44,7 @@ from reportlab.pdfbase.ttfonts import TTFont  # type: ignore[import-untyped]
 from reportlab.pdfgen.canvas import Canvas  # type: ignore[import-untyped]
 from reportlab.platypus import CondPageBreak, Paragraph, SimpleDocTemplate, Spacer  # type: ignore[import-untyped]
 
-from fhir_bridge.rendering.html import OTHER_STATUS, STATUS_COLOURS, Field, Layout, Section, report_layout
+from fhir_bridge.rendering.layout import ACCENT, OTHER_STATUS, STATUS_COLOURS, Field, Layout, Section, report_layout
 from fhir_bridge.rendering.view import ReportView
 
 SUBSTITUTE = "?"
@@ -56,7 +56,7 @@ _FONT_FILES = {
     f"{FONT}-BoldItalic": "VeraBI.ttf",
 }
 _MARGIN = 18 * mm
-_ACCENT = colors.HexColor("#1f4e8c")
+_ACCENT = colors.HexColor(ACCENT)
 _AMBER = colors.HexColor("#8a4b00")
 _GREY = colors.HexColor("#444444")
 _KEEP = 90  # points: about a heading, a label and two lines

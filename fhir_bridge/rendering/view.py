@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 LANGUAGES = ("fr", "en")
 #: language → label key → text (``config/report-labels.json``, checked by
-#: :func:`fhir_bridge.rendering.html.report_labels_from`)
+#: :func:`fhir_bridge.rendering.layout.report_labels_from`)
 ReportLabels = Mapping[str, Mapping[str, str]]
 
 

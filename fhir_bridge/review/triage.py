@@ -30,6 +30,7 @@ from typing import Any, cast
 from fhir_bridge.case.deadlines import is_date_only, parse_fhir_datetime
 from fhir_bridge.case.selection import Problem, document_label
 from fhir_bridge.fhir.identity import PatientIdentifier
+from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.fhir.terminology import CANONICAL_BASE
 from fhir_bridge.review.triage_rules import (
     CONSISTENCY_CODES,
@@ -44,7 +45,6 @@ from fhir_bridge.review.triage_rules import (
 __all__ = ["CONSISTENCY_CODES", "ISSUE_TYPES", "Finding", "TriageRules", "findings_outcome", "missing_summary",
            "triage_case", "triage_rules_from"]
 
-Resource = dict[str, Any]
 Coding = tuple[str, str]
 TRIAGE_FINDINGS = f"{CANONICAL_BASE}/CodeSystem/triage-findings"
 _TRANSLATION = "http://hl7.org/fhir/StructureDefinition/translation"  # R4 extension-translation.html

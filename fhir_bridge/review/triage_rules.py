@@ -17,8 +17,8 @@ from types import MappingProxyType
 from typing import Any, Literal, cast, get_args
 
 from fhir_bridge.errors import InvalidInput
+from fhir_bridge.fhir.resources import Resource
 
-Resource = dict[str, Any]
 Coding = tuple[str, str]
 Severity = Literal["blocking", "warning", "information"]
 SEVERITIES: frozenset[str] = frozenset(get_args(Severity))

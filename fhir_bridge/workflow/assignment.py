@@ -25,7 +25,8 @@ from fhir_bridge.fhir.elements import extension_value, instant, set_extension
 from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.fhir.terminology import CANONICAL_BASE
 from fhir_bridge.ports import Clock, ResourceStorePort, system_clock
-from fhir_bridge.review.routing import Assignment, ReviewerRegistry, RoutingRequest, load_from_tasks, route
+from fhir_bridge.review.reviewers import ReviewerRegistry
+from fhir_bridge.review.routing import Assignment, RoutingRequest, load_from_tasks, route
 from fhir_bridge.workflow.taskbook import TaskBook
 
 DECLINED = f"{CANONICAL_BASE}/StructureDefinition/declined-by"

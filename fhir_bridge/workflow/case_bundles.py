@@ -47,7 +47,7 @@ from fhir_bridge.fhir.search_index import OUTPUT_TERM
 from fhir_bridge.fhir.terminology import CANONICAL_BASE
 from fhir_bridge.opinion.report import based_on_request
 from fhir_bridge.ports import BlobStorePort, Clock, ResourceStorePort, SignerPort, system_clock
-from fhir_bridge.review.routing import ReviewerRegistry
+from fhir_bridge.review.reviewers import ReviewerRegistry
 from fhir_bridge.workflow.renderings import OpinionRenderings
 from fhir_bridge.workflow.taskbook import TaskBook
 

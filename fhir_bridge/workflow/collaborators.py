@@ -37,7 +37,7 @@ from fhir_bridge.ports import (
 )
 from fhir_bridge.rendering.forms import Renderer
 from fhir_bridge.rendering.view import ReportLabels
-from fhir_bridge.review.routing import ReviewerRegistry
+from fhir_bridge.review.reviewers import ReviewerRegistry
 from fhir_bridge.review.triage_rules import TriageRules
 
 

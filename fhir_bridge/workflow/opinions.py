@@ -53,7 +53,7 @@ from fhir_bridge.opinion.report import (
     check_new_opinion,
 )
 from fhir_bridge.ports import Clock, ResourceStorePort, system_clock
-from fhir_bridge.review.routing import Panel, ReviewerRegistry
+from fhir_bridge.review.reviewers import Panel, ReviewerRegistry
 from fhir_bridge.workflow.conditional import conditional_match
 from fhir_bridge.workflow.delivery import Deliveries
 from fhir_bridge.workflow.renderings import OpinionRenderings, case_panel, compact, without_dissents

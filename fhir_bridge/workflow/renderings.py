@@ -24,7 +24,7 @@ from fhir_bridge.opinion.report import FINAL_TYPES
 from fhir_bridge.ports import Clock, system_clock
 from fhir_bridge.rendering.forms import LANGUAGES, Renderer, presented_forms, report_view
 from fhir_bridge.rendering.view import ReportLabels
-from fhir_bridge.review.routing import Panel, ReviewerRegistry
+from fhir_bridge.review.reviewers import Panel, ReviewerRegistry
 
 
 def case_panel(task: Resource, registry: ReviewerRegistry) -> Panel | None:

@@ -16,13 +16,12 @@ from fhir_bridge.adapters.reference_data import load_profiles, load_terminology
 from fhir_bridge.dev.demo import second_opinion_request
 from fhir_bridge.fhir.profile_check import conform
 from fhir_bridge.fhir.profiles import Profiles
-from fhir_bridge.fhir.resources import validate
+from fhir_bridge.fhir.resources import Resource, validate
 from fhir_bridge.fhir.terminology import CANONICAL_BASE, Terminology
 from tests.e2e.conftest import Bridge, Sandbox
 from tests.e2e.test_exchange import opinion_as_seen, post, wait_task
 
 pytestmark = pytest.mark.e2e
-Resource = dict[str, Any]
 
 
 def every_page(client: httpx.Client, url: str, params: dict[str, str]) -> list[Resource]:

@@ -29,13 +29,12 @@ from fhir_bridge.dev.demo import opinion_report, second_opinion_request
 from fhir_bridge.dev.processes import ProcessGroup, free_port
 from fhir_bridge.dev.webhook_receiver import WebhookReceiver
 from fhir_bridge.fhir.profile_check import conform
-from fhir_bridge.fhir.resources import validate
+from fhir_bridge.fhir.resources import Resource, validate
 from fhir_bridge.opinion.writeback import master_identifier
 from tests.e2e.conftest import Bridge, Sandbox, start_bridge, start_sandbox
 from tests.e2e.test_exchange import post, wait_task
 
 pytestmark = pytest.mark.e2e
-Resource = dict[str, Any]
 HEART = load_registry().panels["rcp-heart-team"]
 COORDINATOR, SURGEON, RADIOLOGIST = "cardio-fr-1", "csurg-fr-1", "radio-fr-1"
 DOWN_FOR_S = 4.0

@@ -17,8 +17,8 @@ from PIL import Image
 from pypdf import PdfReader
 
 from fhir_bridge.adapters.reference_data import load_labels
-from fhir_bridge.rendering.html import format_instant as format_instant_with
 from fhir_bridge.rendering.html import render_html
+from fhir_bridge.rendering.layout import format_instant as format_instant_with
 from fhir_bridge.rendering.pdf import SUBSTITUTE, printable, render_pdf
 from fhir_bridge.rendering.view import DissentView, ReportView
 from tests.reference import LABELS_FILE

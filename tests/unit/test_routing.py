@@ -16,15 +16,8 @@ from hypothesis import strategies as st
 from fhir_bridge.adapters.reference_data import load_deadline_policy, load_registry
 from fhir_bridge.errors import InvalidInput
 from fhir_bridge.fhir.resources import validate
-from fhir_bridge.review.routing import (
-    CAPACITY,
-    SPECIALTY,
-    Assignment,
-    ReviewerRegistry,
-    RoutingRequest,
-    load_from_tasks,
-    route,
-)
+from fhir_bridge.review.reviewers import CAPACITY, SPECIALTY, ReviewerRegistry
+from fhir_bridge.review.routing import Assignment, RoutingRequest, load_from_tasks, route
 from tests.reference import REGISTRY_FILE
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)

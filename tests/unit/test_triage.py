@@ -18,7 +18,7 @@ from fhir_bridge.case.packaging import CaseContent, PackagedDocument, build_case
 from fhir_bridge.case.selection import Problem
 from fhir_bridge.errors import InvalidInput
 from fhir_bridge.fhir.identity import INS_NIR_TEST, PatientIdentifier
-from fhir_bridge.fhir.resources import validate
+from fhir_bridge.fhir.resources import Resource, validate
 from fhir_bridge.review.triage import (
     CONSISTENCY_CODES,
     ISSUE_TYPES,
@@ -39,7 +39,6 @@ NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 TERMS = load_terminology()
 RULES = load_triage_rules()
 
-Resource = dict[str, Any]
 
 
 def absolute(ref: str) -> str:
