@@ -208,6 +208,27 @@ def open_queue(settings: Settings, redis_url: str) -> RedisJobQueue:
 
 
 @contextlib.asynccontextmanager
+async def open_queue_admin(settings: Settings, redis_url: str) -> AsyncIterator[QueueAdmin]:
+    """The queue's administration (``fhir-bridge jobs``, ``sync deliver``) with its own clients."""
+    queue = open_queue(settings, redis_url)
+    try:
+        yield QueueAdmin(queue)
+    finally:
+        await queue.aclose()
+
+
+@contextlib.asynccontextmanager
+async def open_audit(settings: Settings, redis_url: str, *, verify_keys: tuple[Path, ...] = ()
+                     ) -> AsyncIterator[RedisAuditLog]:
+    """The audit log alone (``fhir-bridge audit``), on its own Redis client; ``verify_keys``: earlier keys."""
+    redis = connect(redis_url, cluster=settings.redis.cluster)
+    try:
+        yield open_audit_log(settings, redis, verify_keys=verify_keys)
+    finally:
+        await redis.aclose()
+
+
+@contextlib.asynccontextmanager
 async def open_runtime(settings: Settings, redis_url: str, role: str = "cli",
                        reference: ReferenceData | None = None) -> AsyncIterator[Runtime]:
     """Open every adapter once for this process, and close them at the end (signing a last audit checkpoint).
@@ -300,6 +321,7 @@ def build_app(settings: Settings, redis_url: str) -> FastAPI:
             holder["runtime"] = runtime
             app.state.bridge = runtime.bridge
             app.state.queue = runtime.queue
+            app.state.queue_admin = QueueAdmin(runtime.queue)  # for /metrics: jobs by kind and state
             app.state.audit = runtime.audit
             app.state.audit_bridge = runtime.party
             app.state.schedule = open_scheduler(runtime)  # for /metrics: ticks claimed per scheduled job

@@ -22,7 +22,7 @@ every case through these transforms:
 
 The mapping back stays in the bridge: :func:`reidentify_opinion` puts the INS back into an opinion posted
 with the pseudonym, and the stored case Bundle of a case is indexed by its pseudonym (:data:`PSEUDONYM_TERM`),
-so ``CaseService.case_for_pseudonym`` finds the case.
+so :meth:`fhir_bridge.workflow.case_bundles.CaseBundles.case_for_pseudonym` finds the case.
 """
 
 from __future__ import annotations

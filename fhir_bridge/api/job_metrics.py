@@ -27,9 +27,8 @@ class _Families(Collector):
         yield from self.families
 
 
-async def add_job_metrics(registry: CollectorRegistry, queue: Any, schedule: Any = None) -> None:
+async def add_job_metrics(registry: CollectorRegistry, admin: QueueAdmin, schedule: Any = None) -> None:
     """Add the queue's per-kind metrics (and the scheduler's, when given) to ``registry``."""
-    admin = QueueAdmin(queue)
     by_kind = Gauge("fhir_bridge_jobs", "Jobs by kind and state (ready, running, delayed retries, dead)",
                     ["kind", "state"], registry=registry)
     counts = await admin.counts()

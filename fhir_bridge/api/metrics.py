@@ -41,5 +41,5 @@ async def metrics(request: Request) -> Response:
               registry=registry).set(await queue.oldest_age_seconds())
         Gauge("fhir_bridge_jobs_dead", "Jobs in the dead-letter stream",
               registry=registry).set(len(await queue.dead_letters(limit=10_000)))
-        await add_job_metrics(registry, queue, getattr(request.app.state, "schedule", None))
+        await add_job_metrics(registry, request.app.state.queue_admin, getattr(request.app.state, "schedule", None))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

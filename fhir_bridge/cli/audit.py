@@ -24,15 +24,11 @@ def audit() -> None:
 def _with_audit_log(settings: Any, work: Callable[[Any], Any], keys: tuple[Path, ...] = ()) -> Any:
     """Run ``await work(log)`` with the audit log on the bridge's Redis (FHIR_BRIDGE_REDIS_URL, or the
     private server of a running `fhir-bridge serve` with the same data directory)."""
-    from fhir_bridge.adapters.redis_clients import connect
-    from fhir_bridge.main import open_audit_log, redis_url_for
+    from fhir_bridge.main import open_audit, redis_url_for
 
     async def run(redis_url: str) -> Any:
-        redis = connect(redis_url, cluster=settings.redis.cluster)
-        try:
-            return await work(open_audit_log(settings, redis, verify_keys=keys))
-        finally:
-            await redis.aclose()
+        async with open_audit(settings, redis_url, verify_keys=keys) as log:
+            return await work(log)
 
     with redis_url_for(settings, may_start=False) as redis_url:
         return asyncio.run(run(redis_url))

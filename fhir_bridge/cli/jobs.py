@@ -28,17 +28,13 @@ def jobs() -> None:
 def _with_admin(work: Callable[[Any], Awaitable[T]]) -> T:
     """Run ``await work(admin)`` against the bridge's Redis (FHIR_BRIDGE_REDIS_URL, or the private server of a
     running `fhir-bridge serve` with the same data directory)."""
-    from fhir_bridge.adapters.queue_admin import QueueAdmin
-    from fhir_bridge.main import open_queue, redis_url_for
+    from fhir_bridge.main import open_queue_admin, redis_url_for
 
     settings = cli_settings()
 
     async def run(url: str) -> T:
-        queue = open_queue(settings, url)
-        try:
-            return await work(QueueAdmin(queue))
-        finally:
-            await queue.aclose()
+        async with open_queue_admin(settings, url) as admin:
+            return await work(admin)
 
     with redis_url_for(settings, may_start=False) as redis_url:
         return asyncio.run(run(redis_url))

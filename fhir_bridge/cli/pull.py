@@ -54,6 +54,8 @@ async def _pull(settings: Any, identifier: Any, out_dir: Path) -> dict[str, Any]
     terminology = load_terminology(ReferenceFiles.of(settings).mappings)
     out_dir.mkdir(parents=True, exist_ok=True)
     with ProgressBar() as progress:
+        # a one-off pull builds its own client: the composition root would cost ~0.5 s of start-up (FastAPI,
+        # Redis, the renderers) for a command that needs none of them
         async with SourceClient(settings.source.url, settings.source) as source:
             collected = await collect_case(source, identifier, out_dir / "attachments", terminology,
                                            progress=progress)

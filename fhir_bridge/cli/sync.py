@@ -150,17 +150,13 @@ def sync_refresh() -> None:
 def sync_deliver() -> None:
     """Retry pending deliveries now: dead jobs of a delivery kind ([sync] delivery_kinds, e.g. deliver-*) go back
     to the queue with fresh attempts, and such jobs waiting for a retry are made due. Prints how many."""
-    from fhir_bridge.adapters.queue_admin import QueueAdmin
-    from fhir_bridge.main import open_queue, redis_url_for
+    from fhir_bridge.main import open_queue_admin, redis_url_for
 
     settings = cli_settings()
 
     async def redrive(redis_url: str) -> Any:
-        queue = open_queue(settings, redis_url)
-        try:
-            return await QueueAdmin(queue).redrive(settings.sync.delivery_kinds)
-        finally:
-            await queue.aclose()
+        async with open_queue_admin(settings, redis_url) as admin:
+            return await admin.redrive(settings.sync.delivery_kinds)
 
     with redis_url_for(settings, may_start=False) as redis_url:
         done = asyncio.run(redrive(redis_url))
