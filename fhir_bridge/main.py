@@ -21,7 +21,7 @@ import json
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,18 @@ from fhir_bridge.adapters.queue_policy import KindPolicy
 from fhir_bridge.adapters.redis_clients import connect
 from fhir_bridge.adapters.redis_server import EmbeddedRedis
 from fhir_bridge.adapters.redis_store import RedisResourceStore
-from fhir_bridge.adapters.reference_data import ReferenceData, load_reference_data
+from fhir_bridge.adapters.reference_data import (
+    ReferenceFiles,
+    load_deadline_policy,
+    load_labels,
+    load_networks,
+    load_profiles,
+    load_registry,
+    load_role_ceilings,
+    load_terminology,
+    load_triage_rules,
+    load_write_back_config,
+)
 from fhir_bridge.adapters.scheduler import RedisScheduler
 from fhir_bridge.adapters.settings import Settings, clients_file
 from fhir_bridge.adapters.signing import Es384Signer, JwsVerifier, SigningKeyError, load_or_create_signer
@@ -52,6 +63,7 @@ from fhir_bridge.adapters.webhooks import HttpWebhooks
 from fhir_bridge.audit import context as audit_context
 from fhir_bridge.audit.events import Party, rest_event, source_event
 from fhir_bridge.errors import AuditUnavailable, BusinessRuleViolation, InvalidInput, NotFound, SourceRejected
+from fhir_bridge.fhir.profiles import Profiles
 from fhir_bridge.ports import AuditPort, SourcePort
 from fhir_bridge.rendering.html import render_html
 from fhir_bridge.rendering.pdf import render_pdf
@@ -74,6 +86,29 @@ class Runtime:
     party: Party  # the bridge as an AuditEvent agent and observer
     reference: ReferenceData  # the data files, read once from the settings' paths
     bridge: Bridge
+
+
+@dataclass(frozen=True)
+class ReferenceData:
+    """Every data file a process passes down, parsed and checked once at start-up (each found through the
+    settings, else the shipped copy): the rules of a case, the roles' scope ceilings, our published profiles."""
+
+    rules: CaseRules
+    role_ceilings: Mapping[str, tuple[str, ...]]
+    profiles: Profiles
+
+
+def load_reference_data(settings: Settings | None = None) -> ReferenceData:
+    """Read every data file (None: the shipped copies); the reviewer networks are checked against the registry
+    where both meet (the case bundles' readers)."""
+    where = ReferenceFiles.of(settings)
+    rules = CaseRules(terminology=load_terminology(where.mappings), triage_rules=load_triage_rules(where.mappings),
+                      registry=load_registry(where.reviewers), deadlines=load_deadline_policy(where.deadlines),
+                      networks=load_networks(where.reviewer_networks),
+                      write_back=load_write_back_config(where.write_back),
+                      report_labels=load_labels(where.report_labels))
+    return ReferenceData(rules=rules, role_ceilings=load_role_ceilings(where.roles),
+                         profiles=load_profiles(where.profiles))
 
 
 def bridge_party(settings: Settings, role: str) -> Party:
@@ -266,14 +301,10 @@ async def open_runtime(settings: Settings, redis_url: str, role: str = "cli",
         # sync marks per patient, recorded by every pull, for the incremental refresh (``sync refresh``)
         sync_marks=RedisSyncState(redis),
     )
-    # the data files, read once from the settings' paths (the core reads none)
-    rules = CaseRules(terminology=reference.terminology, triage_rules=reference.triage_rules,
-                      registry=reference.registry, deadlines=reference.deadlines, networks=reference.networks,
-                      write_back=reference.write_back, report_labels=reference.report_labels)
     deployment = Deployment(work_dir=settings.data_dir / "work", agent=party, public_base=settings.api.public_base_url,
                             pseudonym_key=load_or_create_pseudonym_key(settings.data_dir / "keys"),
                             max_attempts=settings.worker.max_attempts, renderers=(render_html, render_pdf))
-    bridge = build_bridge(ports, rules, deployment, refresh_concurrency=settings.sync.refresh_concurrency,
+    bridge = build_bridge(ports, reference.rules, deployment, refresh_concurrency=settings.sync.refresh_concurrency,
                           refresh_imaging=settings.sync.refresh_imaging)
     timer = asyncio.create_task(_checkpoint_timer(audit, settings.audit.checkpoint_seconds))
     try:

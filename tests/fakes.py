@@ -399,7 +399,7 @@ def make_bridge(*, store: Any, queue: Any, blobs: Any, source: Callable[[], Abst
     from fhir_bridge.workflow.collaborators import CaseRules, Deployment, Ports
     from tests.reference import shipped
 
-    data = shipped()
+    data = shipped().rules
     ports = Ports(store=store, queue=queue, blobs=blobs, source=source, audit=audit, webhooks=webhooks,
                   signer=signer, sync_marks=sync_marks, clock=clock or system_clock)
     rules = CaseRules(terminology=terminology, triage_rules=triage_rules or data.triage_rules,

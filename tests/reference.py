@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from fhir_bridge.adapters.reference_data import ReferenceData, load_reference_data
+from fhir_bridge.main import ReferenceData, load_reference_data
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "config"

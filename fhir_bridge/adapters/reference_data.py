@@ -8,8 +8,9 @@ when one is set, else from the copy shipped inside the package (``fhir_bridge/da
 checkout ``fhir_bridge/data/{config,mappings,profiles}`` are symlinks to the top-level folders people edit: one
 copy of each file.
 
-:func:`load_reference_data` loads everything a process needs, once, from its settings; the individual loaders
-(an optional path each, the shipped copy by default) are what tests and one-off commands use. Errors are the
+:class:`ReferenceFiles` says where each file is for a process (its settings); the loaders (an optional path
+each, the shipped copy by default) read one each, and :func:`fhir_bridge.main.load_reference_data` all of them,
+once, at start-up. Errors are the
 ones the loaders always gave (``InvalidInput`` naming the file), so a broken edit still fails at start-up.
 """
 
@@ -42,8 +43,8 @@ if TYPE_CHECKING:
 #: a data file or folder: a path from the settings, or the packaged copy (a Traversable: importlib.resources)
 Source = Path | Traversable
 __all__ = [
-    "ReferenceData", "ReferenceFiles", "Source", "load_deadline_policy", "load_labels", "load_networks",
-    "load_profiles", "load_reference_data", "load_registry", "load_role_ceilings", "load_terminology",
+    "ReferenceFiles", "Source", "load_deadline_policy", "load_labels", "load_networks",
+    "load_profiles", "load_registry", "load_role_ceilings", "load_terminology",
     "load_triage_rules", "load_write_back_config", "shipped",
 ]
 
@@ -87,38 +88,6 @@ class ReferenceFiles:
                  "roles": "roles.json", "report_labels": "report-labels.json"}
         return cls(mappings=mappings, profiles=profiles,
                    **{key: given.get(key) or config / name for key, name in names.items()})
-
-
-@dataclass(frozen=True)
-class ReferenceData:
-    """Everything parsed from the data files that a process passes down to the core, read once at start-up."""
-
-    terminology: Terminology
-    triage_rules: TriageRules
-    registry: ReviewerRegistry
-    deadlines: DeadlinePolicy
-    networks: ReviewerNetworks
-    write_back: WriteBackConfig
-    role_ceilings: Mapping[str, tuple[str, ...]]
-    report_labels: ReportLabels
-    profiles: Profiles
-
-
-def load_reference_data(settings: Settings | None = None) -> ReferenceData:
-    """Every data file the settings name (None: the shipped copies), parsed and checked file by file (the
-    reviewer networks are checked against the registry where both meet, in the case service's CaseBundles)."""
-    where = ReferenceFiles.of(settings)
-    return ReferenceData(
-        terminology=load_terminology(where.mappings),
-        triage_rules=load_triage_rules(where.mappings),
-        registry=load_registry(where.reviewers),
-        deadlines=load_deadline_policy(where.deadlines),
-        networks=load_networks(where.reviewer_networks),
-        write_back=load_write_back_config(where.write_back),
-        role_ceilings=load_role_ceilings(where.roles),
-        report_labels=load_labels(where.report_labels),
-        profiles=load_profiles(where.profiles),
-    )
 
 
 # -- reading ------------------------------------------------------------------------------------------------

@@ -40,12 +40,10 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
+from typing import Unpack
 
 from fhir_bridge.adapters.settings import SourceSettings
-from fhir_bridge.adapters.source_auth import OutboundAuth
-from fhir_bridge.adapters.source_http import OpenExchange, SourceHttp, redact
+from fhir_bridge.adapters.source_http import ConnectionOptions, OpenExchange, SourceHttp, redact
 from fhir_bridge.adapters.source_paging import search_all
 from fhir_bridge.adapters.source_retrieve import check_declared, retrieve_to_disk
 from fhir_bridge.audit import context as audit_context
@@ -61,7 +59,6 @@ from fhir_bridge.errors import (
 from fhir_bridge.fhir.identity import PatientIdentifier
 from fhir_bridge.fhir.resources import Resource, dumps
 from fhir_bridge.ports import RetrievedAttachment
-from fhir_bridge.retry import RetryPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,17 +97,9 @@ class SourceClient(SourceHttp):
     ``requests_made``) with the transactions on top: each one opens the audited exchange and sends its requests
     through that connection."""
 
-    def __init__(
-        self,
-        base_url: str,
-        settings: SourceSettings,
-        *,
-        auth: OutboundAuth | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-        policy: RetryPolicy | None = None,
-        on_exchange: ExchangeHook | None = None,
-    ) -> None:
-        super().__init__(base_url, settings, auth=auth, transport=transport, policy=policy)
+    def __init__(self, base_url: str, settings: SourceSettings, *, on_exchange: ExchangeHook | None = None,
+                 **connection: Unpack[ConnectionOptions]) -> None:
+        super().__init__(base_url, settings, **connection)
         self._on_exchange = on_exchange
 
     async def __aenter__(self) -> SourceClient:

@@ -29,7 +29,7 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
@@ -67,6 +67,15 @@ def redact(url: str) -> str:
 def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     return parts.scheme.lower(), parts.netloc.lower()
+
+
+class ConnectionOptions(TypedDict, total=False):
+    """What a test or a deployment may give the connection instead of what the settings make: the outbound
+    credentials, an httpx transport (tests), the retry policy."""
+
+    auth: OutboundAuth | None
+    transport: httpx.AsyncBaseTransport | None
+    policy: RetryPolicy | None
 
 
 class SourceHttp:

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fhir_bridge.case.deadlines import DONE_STATUSES, DeadlinePolicy, overdue_tasks, parse_fhir_datetime
+from fhir_bridge.case.deadlines import DONE_STATUSES, overdue_tasks, parse_fhir_datetime
 from fhir_bridge.case.intake import request_facts
 from fhir_bridge.case.tasks import state_of
 from fhir_bridge.errors import BusinessRuleViolation, Forbidden
 from fhir_bridge.fhir.elements import extension_value, instant, set_extension
 from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.fhir.terminology import CANONICAL_BASE
-from fhir_bridge.ports import Clock, ResourceStorePort, system_clock
-from fhir_bridge.review.reviewers import ReviewerRegistry
 from fhir_bridge.review.routing import Assignment, RoutingRequest, load_from_tasks, route
+from fhir_bridge.workflow.collaborators import CaseRules, Ports
 from fhir_bridge.workflow.taskbook import TaskBook
 
 DECLINED = f"{CANONICAL_BASE}/StructureDefinition/declined-by"
@@ -53,19 +52,14 @@ def owner_id(task: Resource) -> str | None:
 class Assignments:
     """Routing, the reviewer's decline and request for documents, the overdue scan."""
 
-    def __init__(self, book: TaskBook, store: ResourceStorePort, registry: ReviewerRegistry,
-                 deadlines: DeadlinePolicy, clock: Clock = system_clock) -> None:
-        self.book = book
-        self.store = store
-        self.registry = registry
-        self.deadlines = deadlines
-        self.clock = clock
+    def __init__(self, ports: Ports, rules: CaseRules, book: TaskBook) -> None:
+        self.ports, self.rules, self.book = ports, rules, book
 
     async def open_tasks(self) -> list[Resource]:
         tasks: list[Resource] = []
         offset = 0
         while True:
-            page = await self.store.search("Task", {"status": OPEN_STATUSES}, count=_SCAN_PAGE, offset=offset)
+            page = await self.ports.store.search("Task", {"status": OPEN_STATUSES}, count=_SCAN_PAGE, offset=offset)
             tasks.extend(page.resources)
             offset += _SCAN_PAGE
             if offset >= page.total:
@@ -77,12 +71,12 @@ class Assignments:
         to apply in the same write that makes the case ready."""
         if task.get("owner"):
             return lambda t: None
-        load = load_from_tasks(await self.open_tasks(), self.registry)
+        load = load_from_tasks(await self.open_tasks(), self.rules.registry)
         due = parse_fhir_datetime(str(((task.get("restriction") or {}).get("period") or {}).get("end") or ""),
                                   end=True)
         assignment = route(RoutingRequest(specialty=specialty, kind=kind, language=request_language(request),
                                           deadline=due, excluded=frozenset(declined_by(task))),
-                           self.registry, load, now=self.clock())
+                           self.rules.registry, load, now=self.ports.clock())
         return lambda t: self._assign(t, assignment)
 
     async def route(self, task: Resource, request: Resource, specialty: str, kind: str) -> Resource:
@@ -97,19 +91,19 @@ class Assignments:
         task["owner"] = {"reference": assignment.owner_reference, "display": assignment.display}
 
     def _note(self, task: Resource, author: str, text: str) -> None:
-        task["note"] = [*(task.get("note") or []), {"authorString": author, "time": instant(self.clock()),
+        task["note"] = [*(task.get("note") or []), {"authorString": author, "time": instant(self.ports.clock()),
                                                     "text": text}]
 
     def _check_owner(self, task: Resource, reviewer: str) -> None:
         owner = owner_id(task)
-        members = self.registry.panels[owner].members if owner and owner in self.registry.panels else ()
+        members = self.rules.registry.panels[owner].members if owner and owner in self.rules.registry.panels else ()
         if reviewer != owner and reviewer not in members:
             raise Forbidden("this case is not assigned to that reviewer")
 
     async def decline(self, task_id: str, reviewer: str, reason: str) -> Resource:
         """The assigned reviewer (or a panel member, for the panel) declines: re-route to someone else."""
         task = await self.book.read(task_id)
-        request = await self.store.read("ServiceRequest", task["focus"]["reference"].split("/")[-1])
+        request = await self.ports.store.read("ServiceRequest", task["focus"]["reference"].split("/")[-1])
         facts = request_facts(request, self.book.terminology)
         if task["status"] != "ready":
             raise BusinessRuleViolation("only a case waiting for its review can be declined")
@@ -138,7 +132,7 @@ class Assignments:
     async def scan_overdue(self) -> list[Resource]:
         """Flag every open case past its due date (once); returns the Tasks newly flagged."""
         flagged = []
-        for task in overdue_tasks(await self.open_tasks(), self.clock()):
+        for task in overdue_tasks(await self.open_tasks(), self.ports.clock()):
             if task.get("status") in DONE_STATUSES or extension_value(task, OVERDUE, "valueBoolean"):
                 continue
 

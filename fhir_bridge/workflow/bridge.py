@@ -49,25 +49,19 @@ def build_bridge(ports: Ports, rules: CaseRules, deployment: Deployment, *, refr
                  refresh_imaging: bool = False) -> Bridge:
     """The use cases over ``ports``; ``refresh_*`` tune the incremental refresh (``[sync]``)."""
     book = TaskBook(ports.store, rules.terminology, ports.clock, audit=ports.audit, agent=deployment.agent)
-    assignments = Assignments(book, ports.store, rules.registry, rules.deadlines, ports.clock)
-    deliveries = Deliveries(store=ports.store, queue=ports.queue, book=book, webhooks=ports.webhooks,
-                            source=ports.source, write_back=rules.write_back, audit=ports.audit,
-                            agent=deployment.agent, public_base=deployment.public_base, clock=ports.clock)
+    assignments = Assignments(ports, rules, book)
+    deliveries = Deliveries(ports, rules, book=book, agent=deployment.agent, public_base=deployment.public_base)
     renderings = OpinionRenderings(registry=rules.registry, terminology=rules.terminology,
                                    report_labels=rules.report_labels, renderers=deployment.renderers,
                                    clock=ports.clock)
-    opinions = Opinions(store=ports.store, book=book, registry=rules.registry, terminology=rules.terminology,
-                        deliveries=deliveries, renderings=renderings, clock=ports.clock)
-    bundles = CaseBundles(store=ports.store, blobs=ports.blobs, book=book, registry=rules.registry,
-                          networks=rules.networks, signer=ports.signer, pseudonym_key=deployment.pseudonym_key,
-                          renderings=renderings, clock=ports.clock)
+    opinions = Opinions(ports, rules, book=book, deliveries=deliveries, renderings=renderings)
+    bundles = CaseBundles(ports, rules, book=book, renderings=renderings, pseudonym_key=deployment.pseudonym_key)
     cases = CaseService(ports, rules, book=book, assignments=assignments, bundles=bundles,
                         work_dir=deployment.work_dir, max_attempts=deployment.max_attempts)
     tenancy = Tenancy(ports.store, rules.registry)
     sync = None
     if ports.sync_marks is not None:
-        sync = CaseSync(store=ports.store, source=ports.source, cases=cases, marks=ports.sync_marks,
-                        concurrency=refresh_concurrency, imaging=refresh_imaging, clock=ports.clock)
+        sync = CaseSync(ports, cases, ports.sync_marks, concurrency=refresh_concurrency, imaging=refresh_imaging)
     return Bridge(ports=ports, rules=rules, book=book, assignments=assignments, deliveries=deliveries,
                   opinions=opinions, bundles=bundles, cases=cases, tenancy=tenancy,
                   records=Records(ports.store, tenancy), sync=sync)

@@ -22,7 +22,6 @@ from fhir_bridge.access.pseudonym import (
     PSEUDONYM_TERM,
     PSEUDONYMISED_LABEL,
     CasePseudonyms,
-    ReviewerNetworks,
     pseudonymise_bundle,
     pseudonymise_view,
     reidentify_opinion,
@@ -46,8 +45,7 @@ from fhir_bridge.fhir.resources import Resource, check_resource_type, dumps
 from fhir_bridge.fhir.search_index import OUTPUT_TERM
 from fhir_bridge.fhir.terminology import CANONICAL_BASE
 from fhir_bridge.opinion.report import based_on_request
-from fhir_bridge.ports import BlobStorePort, Clock, ResourceStorePort, SignerPort, system_clock
-from fhir_bridge.review.reviewers import ReviewerRegistry
+from fhir_bridge.workflow.collaborators import CaseRules, Ports
 from fhir_bridge.workflow.renderings import OpinionRenderings
 from fhir_bridge.workflow.taskbook import TaskBook
 
@@ -68,48 +66,30 @@ class CaseBundles:
     without keys), ``pseudonym_key`` None refuses pseudonymised readers (fail closed); ``renderings`` makes a
     pseudonymised report's presentedForm again (its PDF and HTML name the patient by INS)."""
 
-    def __init__(
-        self,
-        *,
-        store: ResourceStorePort,
-        blobs: BlobStorePort,
-        book: TaskBook,
-        registry: ReviewerRegistry,
-        networks: ReviewerNetworks,
-        signer: SignerPort | None,
-        pseudonym_key: bytes | None,
-        renderings: OpinionRenderings,
-        clock: Clock = system_clock,
-    ) -> None:
-        self.store = store
-        self.blobs = blobs
-        self.book = book
-        self.registry = registry
-        self.networks = networks
-        self.signer = signer
+    def __init__(self, ports: Ports, rules: CaseRules, *, book: TaskBook, renderings: OpinionRenderings,
+                 pseudonym_key: bytes | None) -> None:
+        self.ports, self.rules, self.book, self.renderings = ports, rules, book, renderings
         self.pseudonyms = CasePseudonyms(pseudonym_key) if pseudonym_key is not None else None
-        self.renderings = renderings
-        self.clock = clock
-        networks.check(registry)
+        rules.networks.check(rules.registry)
 
     async def package(self, bundle: Resource, documents: list[PackagedDocument]) -> BundleLayout:
         """Put each document in the blob store and sign the bundle over the files still on disk (a worker
         thread hashes them: memory stays bounded whatever the case's size)."""
         digests = {}
         for document in documents:
-            digests[document.path] = (await self.blobs.put_file(document.path)).digest
+            digests[document.path] = (await self.ports.blobs.put_file(document.path)).digest
         layout = layout_of(bundle, digests)
-        if self.signer is None:
+        if self.ports.signer is None:
             return layout
         files = {digest: path for path, digest in digests.items()}
-        signed_at = instant(self.clock(), timespec="seconds")
-        return await asyncio.to_thread(sign_from_files, layout, files, self.signer, signed_at)
+        signed_at = instant(self.ports.clock(), timespec="seconds")
+        return await asyncio.to_thread(sign_from_files, layout, files, self.ports.signer, signed_at)
 
     async def store_stub(self, bundle: Resource, layout: BundleLayout, *, patient: PatientIdentifier,
                          task_id: str, generation: int) -> Resource:
         """Store the case Bundle as served by id: its skeleton in the blob store, a small stub in the store
         naming it, the patient and the Task; one per generation (a reclaimed job finds the first one's)."""
-        skeleton = await self.blobs.put_bytes(skeleton_bytes(layout))
+        skeleton = await self.ports.blobs.put_bytes(skeleton_bytes(layout))
         stub: Resource = {
             "resourceType": "Bundle",
             "identifier": bundle["identifier"],
@@ -123,16 +103,17 @@ class CaseBundles:
         }
         # the case pseudonym is indexed so that case_for_pseudonym finds the case
         index = {PSEUDONYM_TERM: [self.pseudonyms.of(task_id)]} if self.pseudonyms else {}
-        stored, _ = await self.store.create(stub, index=index, unique_key=f"case-bundle:Task/{task_id}:{generation}")
+        key = f"case-bundle:Task/{task_id}:{generation}"
+        stored, _ = await self.ports.store.create(stub, index=index, unique_key=key)
         return stored
 
     async def chunks(self, bundle_id: str, reader: AccessContext | None = None) -> AsyncIterator[bytes]:
         """The served bundle; see the module docstring."""
-        stub = await self.store.read("Bundle", bundle_id)
+        stub = await self.ports.store.read("Bundle", bundle_id)
         digest = next(e["valueString"] for e in stub.get("extension", []) if e.get("url") == BLOB_EXTENSION)
         head: Resource = {"id": stub["id"], "meta": stub["meta"]}
         pseudonymise = self.needs_pseudonym(reader)
-        stored = self.blobs.open_chunks(digest)
+        stored = self.ports.blobs.open_chunks(digest)
         first = await anext(stored, b"")
         if not first.startswith(SKELETON_PREFIX):  # packaged before skeletons: the whole bundle, unsigned
             if pseudonymise:
@@ -144,22 +125,22 @@ class CaseBundles:
             return
         layout = parse_skeleton(first + b"".join([chunk async for chunk in stored]))
         if not pseudonymise:
-            async for chunk in served_chunks(layout, head, self.blobs.open_chunks):
+            async for chunk in served_chunks(layout, head, self.ports.blobs.open_chunks):
                 yield chunk
             return
         pseudonym = self.case_pseudonym(await self._task_id(stub))
         variant = layout_of(pseudonymise_bundle(layout_document(layout), pseudonym))
         head["meta"] = {**head["meta"], "security": [*head["meta"].get("security", []), PSEUDONYMISED_LABEL]}
-        async for chunk in served_chunks(variant, head, self.blobs.open_chunks, signer=self.signer,
-                                         when=instant(self.clock(), timespec="seconds")):
+        async for chunk in served_chunks(variant, head, self.ports.blobs.open_chunks, signer=self.ports.signer,
+                                         when=instant(self.ports.clock(), timespec="seconds")):
             yield chunk
 
     def needs_pseudonym(self, reader: AccessContext | None) -> bool:
         """A reviewer whose network pseudonymises; a reviewer client naming no known PractitionerRole too."""
         if reader is None or reader.role != "reviewer":
             return False
-        reviewer = self.registry.reviewers.get(reader.reviewer or "")
-        return reviewer is None or self.networks.pseudonymises(reviewer.network)
+        reviewer = self.rules.registry.reviewers.get(reader.reviewer or "")
+        return reviewer is None or self.rules.networks.pseudonymises(reviewer.network)
 
     def case_pseudonym(self, task_id: str) -> str:
         if self.pseudonyms is None:
@@ -167,11 +148,11 @@ class CaseBundles:
         return self.pseudonyms.of(task_id)
 
     async def case_for_pseudonym(self, pseudonym: str) -> Resource:
-        page = await self.store.search("Bundle", {PSEUDONYM_TERM: [pseudonym]}, count=1)
+        page = await self.ports.store.search("Bundle", {PSEUDONYM_TERM: [pseudonym]}, count=1)
         for stub in page.resources:
             task_id = await self._task_id(stub)
             if self.pseudonyms is not None and self.pseudonyms.belongs_to(pseudonym, task_id):
-                return await self.store.read("Task", task_id)
+                return await self.ports.store.read("Task", task_id)
         raise NotFound("no case has that pseudonym")
 
     async def reader_view(self, resource: Resource, reader: AccessContext | None) -> Resource:
@@ -192,8 +173,8 @@ class CaseBundles:
             # the renderings are bytes the scrubber can not read: made again from the pseudonymised report and
             # request, never passed on as they are (they carry the INS)
             view = {k: v for k, v in view.items() if k != "presentedForm"}
-            request = await self.store.read("ServiceRequest", based_on_request(resource))
-            task = await self.store.read("Task", task_id)
+            request = await self.ports.store.read("ServiceRequest", based_on_request(resource))
+            task = await self.ports.store.read("Task", task_id)
             view = await self.renderings.rerendered(view, pseudonymise_view(request, pseudonym), task)
         return view
 
@@ -203,7 +184,7 @@ class CaseBundles:
         report = check_resource_type(body, "DiagnosticReport")
         request_id = based_on_request(report)
         try:
-            request = await self.store.read("ServiceRequest", request_id)
+            request = await self.ports.store.read("ServiceRequest", request_id)
         except NotFound:
             raise BusinessRuleViolation("basedOn names an unknown ServiceRequest", expression=["basedOn"]) from None
         pseudonym = self.case_pseudonym(await self._task_for(request_id))
@@ -216,7 +197,7 @@ class CaseBundles:
         reference = (extension_value(stub, CASE_TASK, "valueReference") or {}).get("reference")
         if isinstance(reference, str) and reference.startswith("Task/"):
             return reference.split("/", 1)[1]
-        page = await self.store.search("Task", {OUTPUT_TERM: [f"Bundle/{stub['id']}"]}, count=1)
+        page = await self.ports.store.search("Task", {OUTPUT_TERM: [f"Bundle/{stub['id']}"]}, count=1)
         if not page.resources:
             raise NotFound("no case for that Bundle")
         return str(page.resources[0]["id"])

@@ -40,19 +40,10 @@ from fhir_bridge.fhir.elements import instant
 from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.fhir.terminology import CANONICAL_BASE
 from fhir_bridge.opinion.report import FINAL_TYPES
-from fhir_bridge.opinion.writeback import WriteBackConfig, document_location, master_identifier, provide_bundle
-from fhir_bridge.ports import (
-    AuditPort,
-    Clock,
-    Job,
-    JobQueuePort,
-    ResourceStorePort,
-    SourceFactory,
-    SourcePort,
-    WebhookPort,
-    system_clock,
-)
+from fhir_bridge.opinion.writeback import document_location, master_identifier, provide_bundle
+from fhir_bridge.ports import Job, SourcePort, WebhookTarget
 from fhir_bridge.rendering.forms import form_bytes
+from fhir_bridge.workflow.collaborators import CaseRules, Ports
 from fhir_bridge.workflow.taskbook import TaskBook
 
 log = structlog.get_logger("fhir_bridge.delivery")
@@ -80,25 +71,26 @@ def sign_webhook(secret: str, message_id: str, timestamp: int, body: bytes) -> s
 class Deliveries:
     """Enqueues and runs the deliveries of final opinions."""
 
-    def __init__(self, *, store: ResourceStorePort, queue: JobQueuePort, book: TaskBook,
-                 webhooks: WebhookPort | None = None, source: SourceFactory | None = None,
-                 write_back: WriteBackConfig | None = None, audit: AuditPort | None = None,
-                 agent: Party | None = None, public_base: str = "", clock: Clock = system_clock) -> None:
-        self.store, self.queue, self.book = store, queue, book
-        self.webhooks, self.source, self.write_back = webhooks, source, write_back
-        self.audit, self.agent, self.public_base, self.clock = audit, agent, public_base.rstrip("/"), clock
+    def __init__(self, ports: Ports, rules: CaseRules, *, book: TaskBook, agent: Party | None = None,
+                 public_base: str = "") -> None:
+        self.ports, self.rules, self.book = ports, rules, book
+        self.agent, self.public_base = agent, public_base.rstrip("/")
+
+    def _target(self, client: str) -> WebhookTarget | None:
+        """The client's webhook, if it registered one (and this bridge delivers webhooks at all)."""
+        return self.ports.webhooks.target(client) if self.ports.webhooks is not None else None
 
     async def enqueue(self, report: Resource, task: Resource, request: Resource, *, event: str) -> None:
         """The deliveries of one report version (idempotent: a retried call enqueues nothing new): the webhook
         of the requesting client, and the record when the request asks for it (a final-type version only)."""
         version = report["meta"]["versionId"]
         client = requesting_client(request)
-        if client and self.webhooks is not None and self.webhooks.target(client) is not None:
-            await self.queue.enqueue(WEBHOOK_JOB, {"report": report["id"], "version": version, "event": event,
+        if client and self._target(client) is not None:
+            await self.ports.queue.enqueue(WEBHOOK_JOB, {"report": report["id"], "version": version, "event": event,
                                                    "client": client},
                                      job_id=f"webhook:{client}:{report['id']}:{version}")
         if asks_write_back(request) and report["status"] in FINAL_TYPES:
-            await self.queue.enqueue(RECORD_JOB, {"report": report["id"], "version": version},
+            await self.ports.queue.enqueue(RECORD_JOB, {"report": report["id"], "version": version},
                                      job_id=f"record:{report['id']}:{version}")
         if report["status"] in FINAL_TYPES:
             await self._maybe_delivered(task["id"], report, request)
@@ -106,20 +98,20 @@ class Deliveries:
     # -- the webhook ------------------------------------------------------------------------------------
 
     async def run_webhook_job(self, job: Job) -> None:
-        report = await self.store.vread("DiagnosticReport", job.payload["report"], str(job.payload["version"]))
+        report = await self.ports.store.vread("DiagnosticReport", job.payload["report"], str(job.payload["version"]))
         request_id = str(report["basedOn"][0]["reference"]).rpartition("/")[2]
-        request = await self.store.read("ServiceRequest", request_id)
+        request = await self.ports.store.read("ServiceRequest", request_id)
         task = await self.book.for_request(request_id)
         client = str(job.payload["client"])
-        target = self.webhooks.target(client) if self.webhooks is not None else None
+        target = self._target(client)
         if target is None:
             log.warning("delivery.no_webhook", client=client, job=job.id)
             return  # the client's webhook was removed since: nothing to deliver to
         version = f"DiagnosticReport/{report['id']}/_history/{report['meta']['versionId']}"
-        sent_at = int(self.clock().timestamp())
+        sent_at = int(self.ports.clock().timestamp())
         body = json.dumps({
             "type": job.payload.get("event", "opinion.final"),
-            "timestamp": instant(self.clock()),
+            "timestamp": instant(self.ports.clock()),
             "data": {"serviceRequest": f"ServiceRequest/{request_id}", "task": f"Task/{task['id']}",
                      "diagnosticReport": version, "status": report["status"],
                      **({"fhirBase": f"{self.public_base}/fhir"} if self.public_base else {})},
@@ -128,7 +120,7 @@ class Deliveries:
                    "webhook-signature": sign_webhook(target.secret, job.id, sent_at, body)}
         status: int | None = None
         try:
-            status = await self.webhooks.send(target.url, body, headers) if self.webhooks else None
+            status = await self.ports.webhooks.send(target.url, body, headers) if self.ports.webhooks else None
         except DeliveryFailed as exc:
             await self._audit_webhook(version, task, client, None, exc.message)
             raise
@@ -143,27 +135,27 @@ class Deliveries:
 
     async def _audit_webhook(self, version: str, task: Resource, client: str, status: int | None,
                              error: str | None) -> None:
-        if self.audit is None or self.agent is None:
+        if self.ports.audit is None or self.agent is None:
             return
         event = delivery_event(report=version, status=status if status is not None else 503, bridge=self.agent,
                                recipient=Party(client, name=f"webhook of {client}"), patient=task_patient(task),
                                case=f"Task/{task['id']}", request_id=audit_context.job_id.get(),
                                outcome_desc=error)
-        await self.audit.append(event)
+        await self.ports.audit.append(event)
 
     # -- the record --------------------------------------------------------------------------------------
 
     async def run_record_job(self, job: Job) -> None:
-        if self.source is None or self.write_back is None:
+        if self.ports.source is None or self.rules.write_back is None:
             raise BusinessRuleViolation("no source or write-back configuration: the opinion can not be written back")
-        report = await self.store.vread("DiagnosticReport", job.payload["report"], str(job.payload["version"]))
+        report = await self.ports.store.vread("DiagnosticReport", job.payload["report"], str(job.payload["version"]))
         request_id = str(report["basedOn"][0]["reference"]).rpartition("/")[2]
-        request = await self.store.read("ServiceRequest", request_id)
+        request = await self.ports.store.read("ServiceRequest", request_id)
         task = await self.book.for_request(request_id)
         version = f"DiagnosticReport/{report['id']}/_history/{report['meta']['versionId']}"
         if any(_delivery_of(o) == version for o in _outputs(task, "record-document")):
             return  # written by an earlier run of this job
-        pdf = form_bytes(report, "application/pdf", self.write_back.language)
+        pdf = form_bytes(report, "application/pdf", self.rules.write_back.language)
         if pdf is None:
             raise BusinessRuleViolation("the opinion has no PDF rendering to write back")
         patient = task_patient(task)
@@ -172,13 +164,13 @@ class Deliveries:
         previous = [o for o in _outputs(task, "record-document") if _delivery_of(o) != version]
         replaces = _source_relative(previous[-1]) if previous else None
         with audit_context.bound(patient=patient):
-            async with self.source() as source:
+            async with self.ports.source() as source:
                 found = await source.find_patient(patient)
                 patient_ref = f"Patient/{found['id']}"
                 location = await self._already_written(source, found["id"], version)
                 if location is None:
-                    bundle = provide_bundle(report=report, pdf=pdf, patient=patient_ref, config=self.write_back,
-                                            now=instant(self.clock()), replaces=replaces)
+                    bundle = provide_bundle(report=report, pdf=pdf, patient=patient_ref, config=self.rules.write_back,
+                                            now=instant(self.ports.clock()), replaces=replaces)
                     try:
                         response = await source.provide_document_bundle(bundle, patient=patient)
                         location = document_location(response)
@@ -209,17 +201,17 @@ class Deliveries:
             if not any(_delivery_of(o) == version and o.get("valueReference") == value for o in _outputs(t, code)):
                 t["output"] = [*(t.get("output") or []), output]
 
-        await self.book.edit(await self.store.read("Task", task["id"]), add)
+        await self.book.edit(await self.ports.store.read("Task", task["id"]), add)
 
     async def _maybe_delivered(self, task_id: str, report: Resource, request: Resource) -> None:
         """``delivered`` once the current final version has reached everyone it must."""
-        task = await self.store.read("Task", task_id)
-        current = await self.store.read("DiagnosticReport", report["id"])
+        task = await self.ports.store.read("Task", task_id)
+        current = await self.ports.store.read("DiagnosticReport", report["id"])
         if current["status"] not in FINAL_TYPES or task["status"] != "completed":
             return
         version = f"DiagnosticReport/{current['id']}/_history/{current['meta']['versionId']}"
         client = requesting_client(request)
-        needs_webhook = bool(client and self.webhooks is not None and self.webhooks.target(client) is not None)
+        needs_webhook = bool(client and self._target(client) is not None)
         needs_record = asks_write_back(request)
         if not needs_webhook and not needs_record:
             return

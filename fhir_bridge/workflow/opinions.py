@@ -36,7 +36,6 @@ from fhir_bridge.errors import BusinessRuleViolation, Conflict, Forbidden, NotFo
 from fhir_bridge.fhir.elements import instant
 from fhir_bridge.fhir.resources import Resource
 from fhir_bridge.fhir.search_index import index_terms, tenant_of, with_tenant
-from fhir_bridge.fhir.terminology import Terminology
 from fhir_bridge.opinion.consensus import MemberOpinion, attribute, automatic_consensus, merged_report, panel_final
 from fhir_bridge.opinion.content import (
     ConclusionSystems,
@@ -52,8 +51,8 @@ from fhir_bridge.opinion.report import (
     check_amendment,
     check_new_opinion,
 )
-from fhir_bridge.ports import Clock, ResourceStorePort, system_clock
-from fhir_bridge.review.reviewers import Panel, ReviewerRegistry
+from fhir_bridge.review.reviewers import Panel
+from fhir_bridge.workflow.collaborators import CaseRules, Ports
 from fhir_bridge.workflow.conditional import conditional_match
 from fhir_bridge.workflow.delivery import Deliveries
 from fhir_bridge.workflow.renderings import OpinionRenderings, case_panel, compact, without_dissents
@@ -78,17 +77,11 @@ def final_key(request_id: str) -> str:
 class Opinions:
     """The opinion use cases; built by :func:`~fhir_bridge.workflow.bridge.build_bridge`."""
 
-    def __init__(self, *, store: ResourceStorePort, book: TaskBook, registry: ReviewerRegistry,
-                 terminology: Terminology, deliveries: Deliveries, renderings: OpinionRenderings,
-                 clock: Clock = system_clock) -> None:
-        self.store = store
-        self.book = book
-        self.registry = registry
-        self.terminology = terminology
-        self.deliveries = deliveries
-        self.renderings = renderings
-        self.clock = clock
-        self.systems = ConclusionSystems.from_terminology(terminology)
+    def __init__(self, ports: Ports, rules: CaseRules, *, book: TaskBook, deliveries: Deliveries,
+                 renderings: OpinionRenderings) -> None:
+        self.ports, self.rules = ports, rules
+        self.book, self.deliveries, self.renderings = book, deliveries, renderings
+        self.systems = ConclusionSystems.from_terminology(rules.terminology)
 
     # -- create -----------------------------------------------------------------------------------------
 
@@ -106,22 +99,22 @@ class Opinions:
         if guard is not None:
             await guard(request_id)
         try:
-            request = await self.store.read("ServiceRequest", request_id)
+            request = await self.ports.store.read("ServiceRequest", request_id)
         except NotFound:
             raise BusinessRuleViolation("basedOn names an unknown ServiceRequest", expression=["basedOn"]) from None
         task = await self.book.for_request(request_id)
         check_against_case(report, request, task)
-        content = read_content(report, self.terminology, systems=self.systems)
-        existing, unique_key = await conditional_match(self.store, "DiagnosticReport", if_none_exist,
+        content = read_content(report, self.rules.terminology, systems=self.systems)
+        existing, unique_key = await conditional_match(self.ports.store, "DiagnosticReport", if_none_exist,
                                                        {"based-on": [f"ServiceRequest/{request_id}"]})
         if existing is not None:
             return existing, False
         report = {k: v for k, v in report.items() if k not in ("id", "meta", "presentedForm")}
         report = with_tenant(report, tenant_of(request))
         report["basedOn"] = [{"reference": f"ServiceRequest/{request_id}"}]
-        report.setdefault("issued", instant(self.clock()))
+        report.setdefault("issued", instant(self.ports.clock()))
         final = await self._final_of(request_id)
-        panel = case_panel(task, self.registry)
+        panel = case_panel(task, self.rules.registry)
         if panel is not None:
             if author is None or author not in panel.members:
                 raise Forbidden("only a member of the panel gives an opinion on a panel's case")
@@ -132,7 +125,7 @@ class Opinions:
                 return await self._coordinator_final(report, content, request, task, panel, author)
             return await self._member_opinion(report, content, request, task, panel, author, unique_key)
         if author is not None:
-            report = attribute(report, author, self.registry)
+            report = attribute(report, author, self.rules.registry)
         if report["status"] == "final":
             if final is not None:
                 raise Conflict(f"this case has its final opinion (DiagnosticReport/{final['id']}): amend it with PUT")
@@ -140,7 +133,7 @@ class Opinions:
             return await self._create_final(report, content, request, task, None), True
         if final is not None:
             raise Conflict(f"this case has its final opinion (DiagnosticReport/{final['id']}): amend it with PUT")
-        stored, created = await self.store.create(report, index=index_terms(report), unique_key=unique_key)
+        stored, created = await self.ports.store.create(report, index=index_terms(report), unique_key=unique_key)
         await self._after(task, stored, request)
         return stored, created
 
@@ -150,8 +143,8 @@ class Opinions:
         mine = [o for o in await self._member_opinions(request["id"]) if o.member == author]
         if mine:
             raise Conflict(f"you have given your opinion (DiagnosticReport/{mine[0].report['id']}): amend it with PUT")
-        report = attribute(report, author, self.registry)
-        stored, created = await self.store.create(report, index=index_terms(report),
+        report = attribute(report, author, self.rules.registry)
+        stored, created = await self.ports.store.create(report, index=index_terms(report),
                                                   unique_key=unique_key or f"member-opinion:{request['id']}:{author}")
         if not created and unique_key is None:
             raise Conflict(f"you have given your opinion (DiagnosticReport/{stored['id']}): amend it with PUT")
@@ -165,9 +158,9 @@ class Opinions:
             raise BusinessRuleViolation("on a panel, members give 'preliminary' opinions and the coordinator issues "
                                         "the final one", expression=["status"])
         require_position(content, "the panel's final opinion")
-        final = panel_final(report, panel=panel, registry=self.registry,
+        final = panel_final(report, panel=panel, registry=self.rules.registry,
                             opinions=await self._member_opinions(request["id"]), position=content,
-                            method="coordinator", terminology=self.terminology)
+                            method="coordinator", terminology=self.rules.terminology)
         return await self._create_final(final, content, request, task, panel), True
 
     async def _maybe_automatic(self, request: Resource, task: Resource, panel: Panel) -> None:
@@ -177,10 +170,10 @@ class Opinions:
         if automatic is None or await self._final_of(request["id"]) is not None:
             return
         body = with_tenant(merged_report(automatic), tenant_of(request))
-        body["issued"] = instant(self.clock())
+        body["issued"] = instant(self.ports.clock())
         content = automatic.author.content
-        final = panel_final(body, panel=panel, registry=self.registry, opinions=opinions, position=content,
-                            method=automatic.method, terminology=self.terminology)
+        final = panel_final(body, panel=panel, registry=self.rules.registry, opinions=opinions, position=content,
+                            method=automatic.method, terminology=self.rules.terminology)
         with contextlib.suppress(Conflict):  # a concurrent post (or the coordinator) issued it first: one final
             await self._create_final(final, content, request, task, panel)
 
@@ -189,7 +182,7 @@ class Opinions:
         """Store the case's one final opinion (unique key, see the module docstring), rendered."""
         report = {**report, "id": uuid.uuid4().hex, "meta": {**(report.get("meta") or {}), "versionId": "1"}}
         report = self.renderings.rendered(report, content, request, panel)
-        stored, created = await self.store.create(report, index=index_terms(report),
+        stored, created = await self.ports.store.create(report, index=index_terms(report),
                                                   unique_key=final_key(request["id"]))
         if not created:
             raise Conflict(f"this case has its final opinion (DiagnosticReport/{stored['id']}): amend it with PUT")
@@ -201,7 +194,7 @@ class Opinions:
     async def amend(self, report_id: str, body: Any, *, if_match: str | None, guard: Guard | None = None,
                     author: str | None = None) -> Resource:
         """PUT DiagnosticReport/{id}: a new version; see the module docstring for who may amend what."""
-        current = await self.store.read("DiagnosticReport", report_id)
+        current = await self.ports.store.read("DiagnosticReport", report_id)
         request_id = based_on_request(current)
         if guard is not None:
             await guard(request_id)
@@ -212,15 +205,15 @@ class Opinions:
                 "entered-in-error"}:
             raise BusinessRuleViolation("a final opinion changes only to amended, corrected, appended or "
                                         "entered-in-error", expression=["status"])
-        request = await self.store.read("ServiceRequest", request_id)
+        request = await self.ports.store.read("ServiceRequest", request_id)
         task = await self.book.for_request(request_id)
-        panel = case_panel(task, self.registry)
+        panel = case_panel(task, self.rules.registry)
         self._check_amender(current, panel, author)
         stripped = {k: v for k, v in report.items() if k not in ("presentedForm",)}
         if panel is not None and current["status"] in FINAL_TYPES:
             stripped = without_dissents(stripped)
         stripped = compact(stripped)
-        content = read_content(stripped, self.terminology, systems=self.systems)
+        content = read_content(stripped, self.rules.terminology, systems=self.systems)
         report = {**stripped, "id": report_id, "basedOn": current["basedOn"],
                   "meta": {**current["meta"], "versionId": str(int(current["meta"]["versionId"]) + 1)}}
         report.setdefault("issued", current.get("issued"))
@@ -237,15 +230,16 @@ class Opinions:
                 raise Conflict(f"this case has its final opinion (DiagnosticReport/{final['id']})")
             require_position(content, "a final opinion")
             if panel is not None:
-                report = panel_final(report, panel=panel, registry=self.registry,
+                report = panel_final(report, panel=panel, registry=self.rules.registry,
                                      opinions=await self._member_opinions(request_id), position=content,
-                                     method=consensus_method(current) or "coordinator", terminology=self.terminology)
+                                     method=consensus_method(current) or "coordinator",
+                                     terminology=self.rules.terminology)
             report = self.renderings.rendered(report, content, request, panel,
                                     replaces=current if current["status"] in FINAL_TYPES else None)
         elif panel is not None and current["status"] == "preliminary":
             require_position(content, "a panel member's opinion")
         report["meta"] = current["meta"]
-        stored = await self.store.update(report, index=index_terms(report), if_match=if_match)
+        stored = await self.ports.store.update(report, index=index_terms(report), if_match=if_match)
         await self._after(task, stored, request, amended_from=current)
         if panel is not None and stored["status"] == "preliminary":
             await self._maybe_automatic(request, task, panel)
@@ -253,7 +247,7 @@ class Opinions:
 
     async def delete(self, report_id: str, *, guard: Guard | None = None, author: str | None = None) -> None:
         """DELETE DiagnosticReport/{id}: a draft (``preliminary``) retracted by its author; never a final one."""
-        current = await self.store.read("DiagnosticReport", report_id)
+        current = await self.ports.store.read("DiagnosticReport", report_id)
         if guard is not None:
             await guard(based_on_request(current))
         if current["status"] != "preliminary":
@@ -261,7 +255,7 @@ class Opinions:
                                         "marked entered-in-error", expression=["status"])
         if author is None or _interpreter(current) != author:
             raise Forbidden("only the author of a preliminary opinion can delete it")
-        await self.store.delete("DiagnosticReport", report_id)
+        await self.ports.store.delete("DiagnosticReport", report_id)
 
     # -- shared ---------------------------------------------------------------------------------------------
 
@@ -286,7 +280,7 @@ class Opinions:
         if status == "entered-in-error":
             await self.deliveries.enqueue(report, task, request, event="opinion.entered-in-error")
             return
-        task = await self.store.read("Task", task["id"])
+        task = await self.ports.store.read("Task", task["id"])
         known = any((o.get("valueReference") or {}) == reference for o in task.get("output") or [])
         output = [] if known else [{"type": output_type("opinion", "Opinion"), "valueReference": reference}]
         if task["status"] != "completed" or state_of(task) == "delivered":  # a new version has to be delivered
@@ -302,7 +296,8 @@ class Opinions:
                                       event="opinion.amended" if amended_from else "opinion.final")
 
     async def _reports(self, request_id: str) -> list[Resource]:
-        page = await self.store.search("DiagnosticReport", {"based-on": [f"ServiceRequest/{request_id}"]}, count=200)
+        based_on = {"based-on": [f"ServiceRequest/{request_id}"]}
+        page = await self.ports.store.search("DiagnosticReport", based_on, count=200)
         return page.resources
 
     async def _final_of(self, request_id: str) -> Resource | None:
@@ -315,7 +310,7 @@ class Opinions:
             member = _interpreter(report)
             if report.get("status") == "preliminary" and member:
                 opinions.append(MemberOpinion(member, report,
-                                              read_content(report, self.terminology, systems=self.systems)))
+                                              read_content(report, self.rules.terminology, systems=self.systems)))
         return opinions
 
 

@@ -38,8 +38,9 @@ from fhir_bridge.errors import BridgeError, BusinessRuleViolation, Conflict
 from fhir_bridge.fhir.elements import instant
 from fhir_bridge.fhir.identity import PatientIdentifier
 from fhir_bridge.fhir.resources import Resource
-from fhir_bridge.ports import Clock, ResourceStorePort, SourceFactory, SyncStatePort, system_clock
+from fhir_bridge.ports import SyncStatePort
 from fhir_bridge.workflow.cases import CaseService
+from fhir_bridge.workflow.collaborators import Ports
 
 log = structlog.get_logger("fhir_bridge.sync")
 __all__ = ["REFRESHABLE", "CaseSync", "RefreshReport"]
@@ -72,16 +73,10 @@ class CaseSync:
     """The refresh use case, on the ports (store, source, marks); a changed case is refreshed by
     :meth:`CaseService.refresh`."""
 
-    def __init__(self, *, store: ResourceStorePort, source: SourceFactory, cases: CaseService,
-                 marks: SyncStatePort, concurrency: int = 4, imaging: bool = False,
-                 clock: Clock = system_clock) -> None:
-        self.store = store
-        self.source = source
-        self.cases = cases
-        self.marks = marks
-        self.concurrency = concurrency
-        self.imaging = imaging
-        self.clock = clock
+    def __init__(self, ports: Ports, cases: CaseService, marks: SyncStatePort, *, concurrency: int = 4,
+                 imaging: bool = False) -> None:
+        self.ports, self.cases, self.marks = ports, cases, marks
+        self.concurrency, self.imaging = concurrency, imaging
 
     async def refresh_open_cases(self, progress: Progress | None = None) -> RefreshReport:
         """One incremental search per patient with refreshable cases; refresh the cases of those that changed."""
@@ -114,7 +109,7 @@ class CaseSync:
         """The incremental search for one patient; True when something changed (its cases were refreshed)."""
         mark = await self.marks.get(patient)
         with audit_context.bound(patient=patient):
-            async with self.source() as source:
+            async with self.ports.source() as source:
                 patient_id = mark.patient_id
                 if not patient_id:
                     report.searches += 1
@@ -146,7 +141,7 @@ class CaseSync:
         tasks: list[Resource] = []
         offset = 0
         while True:
-            page = await self.store.search("Task", {"status": list(REFRESHABLE)}, count=_PAGE, offset=offset)
+            page = await self.ports.store.search("Task", {"status": list(REFRESHABLE)}, count=_PAGE, offset=offset)
             tasks.extend(page.resources)
             offset += _PAGE
             if offset >= page.total:
@@ -156,8 +151,8 @@ class CaseSync:
         """When the earliest of these cases' last pull began (the Task version that entered ``collecting``)."""
         starts = []
         for task in tasks:
-            for version in await self.store.history("Task", task["id"]):  # newest first
+            for version in await self.ports.store.history("Task", task["id"]):  # newest first
                 if state_of(version) == "collecting":
                     starts.append(str(version["meta"]["lastUpdated"]))
                     break
-        return min(starts, key=instant_micros) if starts else instant(self.clock())
+        return min(starts, key=instant_micros) if starts else instant(self.ports.clock())

@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fhir_bridge.dev.processes import free_port
+from fhir_bridge.dev.processes import Child, ProcessGroup, free_port, wait_healthy
 
 pytestmark = pytest.mark.e2e
 
@@ -91,24 +90,10 @@ def sandbox(installed: Installed, tmp_path_factory: pytest.TempPathFactory) -> I
             [installed.command("fhir-bridge"), "sandbox", "--port", str(port), "--patients", "2", "--no-corrupt"],
             cwd=cwd, env=installed.env, stdout=log, stderr=subprocess.STDOUT)
     root = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{root}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, (cwd / "sandbox.log").read_text()
-            time.sleep(0.2)
+    child = Child("sandbox", process, cwd / "sandbox.log")
+    with ProcessGroup(cwd, children=[child]):  # stopped (SIGTERM, then SIGKILL) whatever happens
+        wait_healthy(child, f"{root}/healthz", timeout=60)
         yield root
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def test_the_wheel_holds_the_data_files_as_real_files_and_nothing_else(installed: Installed, empty_dir: Path) -> None:

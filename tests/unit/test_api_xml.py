@@ -160,7 +160,7 @@ async def test_the_whole_case_speaks_xml_task_search_history_operations_and_the_
     assert task == await api.service.book.for_request(sr["id"])
     history = xml_answer(await api.client.get(f"/fhir/Task/{task['id']}/_history", headers=ASK_XML))
     assert history["type"] == "history" and history["total"] == 3
-    reviewer = assigned_reviewer(task, api.service.assignments.registry)
+    reviewer = assigned_reviewer(task, api.service.rules.registry)
     api.callers.current = caller("reviewer", reviewer=reviewer)
     opinion = {**reviewer_opinion(sr["id"], PATIENT), "status": "preliminary"}
     posted = await api.client.post("/fhir/DiagnosticReport", content=to_xml(opinion),
@@ -206,7 +206,7 @@ async def test_the_streamed_case_bundle_is_json_only_and_xml_for_it_is_406(api: 
     await api.queue.drain(api.service.cases.run_collect_job)
     task = await api.service.book.for_request(sr["id"])
     bundle_ref = output_reference(task, "case-bundle")
-    api.callers.current = caller("reviewer", reviewer=assigned_reviewer(task, api.service.assignments.registry))
+    api.callers.current = caller("reviewer", reviewer=assigned_reviewer(task, api.service.rules.registry))
     for asked in ({"headers": ASK_XML}, {"params": {"_format": "xml"}}):
         refused = await api.client.get(f"/fhir/{bundle_ref}", **asked)  # type: ignore[arg-type]
         assert refused.status_code == 406

@@ -204,7 +204,7 @@ async def test_a_streamed_bundle_is_recorded_before_any_byte_and_refused_whole(a
     await api.queue.drain(api.service.cases.run_collect_job)
     task = await api.service.book.for_request(sr["id"])
     bundle_ref = output_reference(task, "case-bundle")
-    api.caller = caller("reviewer", reviewer=assigned_reviewer(task, api.service.assignments.registry))
+    api.caller = caller("reviewer", reviewer=assigned_reviewer(task, api.service.rules.registry))
     answer = await api.client.get(f"/fhir/{bundle_ref}", headers={"X-Request-Id": "bundle-1"})
     assert answer.status_code == 200 and answer.json()["resourceType"] == "Bundle"
     [event] = api.audit.by_request("bundle-1")
