@@ -35,6 +35,7 @@ from redis.asyncio import Redis
 
 from fhir_bridge.adapters.lua_search import SELECT_PAGE
 from fhir_bridge.errors import Conflict, Gone, InvalidInput, NotFound, PreconditionFailed
+from fhir_bridge.fhir.elements import instant
 from fhir_bridge.fhir.resources import Resource, dumps, loads
 from fhir_bridge.ports import SearchPage
 
@@ -334,7 +335,7 @@ def _text(value: Any) -> str:
 def _instant(when: datetime) -> tuple[str, int]:
     """A FHIR instant in UTC with milliseconds, and the same moment in ms since the epoch."""
     when = (when if when.tzinfo else when.replace(tzinfo=UTC)).astimezone(UTC)
-    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z", _micros(when) // 1000
+    return instant(when), _micros(when) // 1000
 
 
 _DATE = re.compile(

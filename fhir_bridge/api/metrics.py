@@ -15,7 +15,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 from starlette.responses import Response
 
 from fhir_bridge.api.job_metrics import add_job_metrics
-from fhir_bridge.case.deadlines import overdue_tasks
 from fhir_bridge.workflow.bridge import Bridge
 
 router = APIRouter()
@@ -30,7 +29,7 @@ async def metrics(request: Request) -> Response:
     for status in ("requested", "in-progress", "ready", "on-hold"):
         by_status.labels(status).set(sum(1 for t in open_tasks if t.get("status") == status))
     Gauge("fhir_bridge_cases_overdue", "Open cases past their due date", registry=registry).set(
-        len(overdue_tasks(open_tasks, bridge.ports.clock())))
+        len(bridge.assignments.overdue(open_tasks)))
     queue: Any = getattr(request.app.state, "queue", None)
     if queue is not None:
         Gauge("fhir_bridge_jobs_waiting", "Jobs waiting in the queue (ready and delayed retries)",

@@ -33,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from fhir_bridge.fhir.elements import instant
 from fhir_bridge.fhir.resources import Resource, iterencode
 from fhir_bridge.fhir.terminology import CASE_CODES, CASE_SECTION, Terminology
 
@@ -96,7 +97,7 @@ def build_case_bundle(
     title: str = "Dossier de demande de second avis",
 ) -> Resource:
     """Assemble the document Bundle (with :class:`FileBase64` placeholders for the Binary data)."""
-    timestamp = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    timestamp = instant(now)
     by_source: dict[str, str] = {}  # absolute source URL → urn:uuid fullUrl
 
     patient_url = absolute(f"Patient/{content.patient['id']}")

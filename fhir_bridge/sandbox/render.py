@@ -67,7 +67,9 @@ class Urls:
 
 
 def instant(when: datetime) -> str:
-    """A FHIR ``instant``: UTC, seconds, or milliseconds when there are some."""
+    """A FHIR ``instant`` as this synthetic source writes it: UTC, seconds, or milliseconds when there are some
+    (unlike the bridge's own :func:`fhir_bridge.fhir.elements.instant`, always milliseconds: the sandbox plays
+    a server with its own precision, which the sync watermarks must take as it comes)."""
     when = when.astimezone(UTC)
     text = when.strftime("%Y-%m-%dT%H:%M:%S")
     if when.microsecond:

@@ -129,10 +129,14 @@ class Assignments:
         return await self.book.move(task, "on-hold", "waiting-for-documents", reason=text,
                                     change=lambda t: self._note(t, reviewer, text))
 
+    def overdue(self, tasks: list[Resource]) -> list[Resource]:
+        """Those of ``tasks`` past their due date now (``/metrics``; :meth:`scan_overdue` flags them)."""
+        return overdue_tasks(tasks, self.ports.clock())
+
     async def scan_overdue(self) -> list[Resource]:
         """Flag every open case past its due date (once); returns the Tasks newly flagged."""
         flagged = []
-        for task in overdue_tasks(await self.open_tasks(), self.ports.clock()):
+        for task in self.overdue(await self.open_tasks()):
             if task.get("status") in DONE_STATUSES or extension_value(task, OVERDUE, "valueBoolean"):
                 continue
 
