@@ -24,10 +24,9 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from fastapi import FastAPI
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -71,6 +70,9 @@ from fhir_bridge.schedule import JOB_KINDS, load_schedule
 from fhir_bridge.workflow.bridge import Bridge, build_bridge
 from fhir_bridge.workflow.collaborators import CaseRules, Deployment, Ports
 from fhir_bridge.workflow.delivery import DELIVERY_KINDS
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 log = structlog.get_logger("fhir_bridge.main")
 
@@ -338,7 +340,8 @@ async def _checkpoint_timer(audit: RedisAuditLog, seconds: float) -> None:
 
 
 def build_app(settings: Settings, redis_url: str) -> FastAPI:
-    """The API app; its lifespan opens the runtime."""
+    """The API app; its lifespan opens the runtime. The API's modules are imported here, in the one process
+    that serves: a worker or a CLI command does not load the routes, the auditor page and FastAPI."""
     from fhir_bridge.adapters.auth import BridgeKeys, ClientRegistry, RedisReplayCache
     from fhir_bridge.api.app import create_app
     from fhir_bridge.api.auth_routes import AuthServer

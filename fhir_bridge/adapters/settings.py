@@ -24,6 +24,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from fhir_bridge.errors import InvalidInput
+
 # pip installs a wheel as plain files, so the packaged copy is a real path (the TOML source wants one)
 DEFAULT_CONFIG = Path(str(files("fhir_bridge").joinpath("data", "config", "fhir-bridge.toml")))
 
@@ -210,8 +212,6 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
     env = os.environ if env is None else env
     config_file = env.get("FHIR_BRIDGE_CONFIG") or str(DEFAULT_CONFIG)
     if not Path(config_file).is_file():
-        from fhir_bridge.errors import InvalidInput
-
         raise InvalidInput(f"configuration file not found: {config_file}")
     init: dict[str, Any] = {"_config_file": config_file}
     for var, (section, key) in _FLAT_ALIASES.items():

@@ -308,11 +308,7 @@ def resource_patient(resource: Mapping[str, Any]) -> PatientIdentifier | None:
     elif rtype == "Bundle" and resource.get("type") == "history":
         first = next(iter(resource.get("entry") or []), None)
         return resource_patient(first.get("resource") or {}) if isinstance(first, dict) else None
-    if isinstance(identifier, dict):
-        system, value = identifier.get("system"), identifier.get("value")
-        if isinstance(system, str) and isinstance(value, str):
-            return PatientIdentifier(system, value)
-    return None
+    return PatientIdentifier.from_element(identifier)
 
 
 def _searched_patient(params: list[tuple[str, str]]) -> PatientIdentifier | None:
