@@ -13,7 +13,8 @@ from fhir_bridge.adapters.reference_data import ReferenceFiles, shipped
 from fhir_bridge.adapters.settings import load_settings
 from fhir_bridge.errors import InvalidInput
 from fhir_bridge.main import load_reference_data
-from tests.reference import CONFIG_DIR, MAPPINGS_DIR, shipped as shipped_data
+from tests.reference import CONFIG_DIR, MAPPINGS_DIR
+from tests.reference import shipped as shipped_data
 
 
 def test_without_settings_every_file_is_the_copy_shipped_in_the_package() -> None:
