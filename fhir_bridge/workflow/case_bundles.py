@@ -2,7 +2,7 @@
 pseudonymised for reviewers abroad. Built by :func:`~fhir_bridge.workflow.bridge.build_bridge`.
 
 * Packaging (the collect job's tail): each document goes to the blob store, the bundle's layout names the
-  blobs (:func:`~fhir_bridge.case.packaging.layout_of`), and the bundle is signed over the files still on disk;
+  blobs (:func:`~fhir_bridge.case.signature.layout_of`), and the bundle is signed over the files still on disk;
   the small skeleton is what the stub's ``blob-digest`` extension names.
 * Reading: the skeleton is filled with each document's base64 as it streams, ``id`` and ``meta`` in front.
   A reviewer whose network pseudonymises (``config/reviewer-networks.json``) gets the variant of
