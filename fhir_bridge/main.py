@@ -1,16 +1,19 @@
-"""The composition root: settings → adapters → the case service → the API app or a worker.
+"""The composition root: settings → reference data and adapters → the use cases → the API app or a worker.
 
-Nothing else builds adapters. Redis: ``redis.url`` when set; otherwise the bridge starts a private
-``redis-server`` with append-only persistence under ``data_dir/redis`` and writes its URL to
-``data_dir/redis/url`` so a ``fhir-bridge worker`` with the same data directory joins it.
+The API, the worker and the CLI's runtime get their adapters here and nowhere else (a one-off ``pull``, the
+demo and the sandbox open their own few). The data files are read once (:func:`load_reference_data`, through
+the settings) and handed down; the use cases are built by :func:`fhir_bridge.workflow.bridge.build_bridge`.
+Redis: ``redis.url`` when set; otherwise the bridge starts a private ``redis-server`` with append-only
+persistence under ``data_dir/redis`` and writes its URL to ``data_dir/redis/url`` so a ``fhir-bridge worker``
+with the same data directory joins it.
 
 The audit trail (issue 7) is wired here: one :class:`RedisAuditLog` per process, signing with the bridge's
 audit key, on the same Redis (the private server runs with ``appendfsync always`` by default, so an event is
 on disk before the answer it records leaves). Three writers feed it: the API's audit middleware (one event per
 inbound call, ``fhir_bridge.api.audit_middleware``), the source client's exchange hook (one per outbound
-exchange, :func:`source_recorder`) and the TaskBook (one per case change). A timer signs a checkpoint every
-``[audit] checkpoint_seconds`` in quiet periods, and the runtime signs one when it closes (API and worker
-shutdown).
+exchange, :func:`fhir_bridge.adapters.source_audit.source_recorder`) and the TaskBook (one per case change).
+A timer signs a checkpoint every ``[audit] checkpoint_seconds`` in quiet periods, and the runtime signs one
+when it closes (API and worker shutdown).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import json
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,14 +59,14 @@ from fhir_bridge.adapters.reference_data import (
 from fhir_bridge.adapters.scheduler import RedisScheduler
 from fhir_bridge.adapters.settings import Settings, clients_file
 from fhir_bridge.adapters.signing import Es384Signer, JwsVerifier, SigningKeyError, load_or_create_signer
-from fhir_bridge.adapters.source_client import SourceClient, SourceExchange
+from fhir_bridge.adapters.source_audit import source_recorder
+from fhir_bridge.adapters.source_client import SourceClient
 from fhir_bridge.adapters.sync_state import RedisSyncState
 from fhir_bridge.adapters.webhooks import HttpWebhooks
-from fhir_bridge.audit import context as audit_context
-from fhir_bridge.audit.events import Party, rest_event, source_event
+from fhir_bridge.audit.events import Party
 from fhir_bridge.errors import AuditUnavailable, BusinessRuleViolation, InvalidInput, NotFound, SourceRejected
 from fhir_bridge.fhir.profiles import Profiles
-from fhir_bridge.ports import AuditPort, SourcePort
+from fhir_bridge.ports import SourcePort
 from fhir_bridge.rendering.html import render_html
 from fhir_bridge.rendering.pdf import render_pdf
 from fhir_bridge.schedule import JOB_KINDS, load_schedule
@@ -149,38 +152,6 @@ def open_audit_log(settings: Settings, redis: Redis, *, verify_keys: tuple[Path,
     return RedisAuditLog(redis, signer=signer, verifier=audit_verifier(settings, signer, verify_keys),
                          checkpoint_every=settings.audit.checkpoint_every,
                          checkpoint_seconds=settings.audit.checkpoint_seconds)  # fmt: skip
-
-
-def source_recorder(audit: AuditPort, bridge: Party, source: Party) -> Callable[[SourceExchange], Awaitable[None]]:
-    """The source client's exchange hook: one AuditEvent per logical exchange with the source.
-
-    ITI-78, ITI-67 and ITI-68 are ``source_event``s (BALP's PDQm/MHD consumer patterns); the ImagingStudy
-    search and the Endpoint reads, which have no IHE transaction, are recorded in the plain BALP RESTful
-    shape with the bridge as the client and the source as the server (the bridge still observes). The
-    patient is the one the workflow is working for (``audit_context.patient``) when the call does not name it.
-    """
-
-    async def record(exchange: SourceExchange) -> None:
-        patient = exchange.patient or audit_context.patient.get()
-        if exchange.transaction is not None:
-            event = source_event(transaction=exchange.transaction, status=exchange.status, bridge=bridge,
-                                 source=source, patient=patient, query=exchange.query,
-                                 document=exchange.url if exchange.transaction == "ITI-68" else None,
-                                 submission_set=exchange.submission_set,
-                                 request_id=exchange.request_id, outcome_desc=exchange.error)  # fmt: skip
-        else:
-            resource_id = exchange.url.rstrip("/").rsplit("/", 1)[-1] if exchange.interaction == "read" else None
-            event = rest_event(interaction=exchange.interaction, resource_type=exchange.resource_type,
-                               status=exchange.status, client=bridge, bridge=source, resource_id=resource_id,
-                               patient=patient, query=exchange.query, request_id=exchange.request_id,
-                               outcome_desc=exchange.error)  # fmt: skip
-            observer: dict[str, Any] = {"identifier": {"value": bridge.id}}
-            if bridge.name:
-                observer["display"] = bridge.name
-            event["source"] = {**event["source"], "observer": observer}  # we record it, not the source
-        await audit.append(event)
-
-    return record
 
 
 def url_file(settings: Settings) -> Path:
