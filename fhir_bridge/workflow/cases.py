@@ -2,7 +2,10 @@
 
 The case's own changes go through here, against the ports only (store, queue, blobs, source); opinions,
 deliveries, routing and the readers' views are their own use cases (:mod:`fhir_bridge.workflow.bridge` builds
-them all).
+them all). What a request asks for (patient, specialty, kind, deadline) is decided once, when it arrives
+(:func:`~fhir_bridge.case.intake.check_request`), and every later job reads it back from the stored request
+(:func:`~fhir_bridge.case.intake.request_facts`) without validating the resource again.
+
 Pulling and packaging run as queue jobs, never inside an HTTP request. Writes are ordered so that a crash
 at any point leaves a state a retry repairs, never a duplicate:
 
