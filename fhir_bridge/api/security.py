@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Request
 
 from fhir_bridge.access.scopes import AccessContext, within_ceiling
 from fhir_bridge.adapters.auth import verify_access_token
@@ -31,7 +30,7 @@ from fhir_bridge.api.auth_routes import AuthServer, client_certificate_thumbprin
 from fhir_bridge.api.fhir_io import base_url
 from fhir_bridge.errors import Unauthenticated
 
-__all__ = ["Caller", "MissingToken", "bearer_token", "caller", "client_certificate_thumbprint", "context_from"]
+__all__ = ["MissingToken", "bearer_token", "caller", "client_certificate_thumbprint", "context_from"]
 
 
 class MissingToken(Unauthenticated):
@@ -66,5 +65,3 @@ async def caller(request: Request) -> AccessContext:
     """The FastAPI dependency: the verified caller of this request (see the module docstring)."""
     return context_from(request, bearer_token(request))
 
-
-Caller = Annotated[AccessContext, Depends(caller)]

@@ -71,7 +71,7 @@ log = structlog.get_logger("fhir_bridge.cases")
 
 COLLECT_JOB = "collect-case"
 GENERATION = f"{CANONICAL_BASE}/StructureDefinition/collect-generation"
-__all__ = ["COLLECT_JOB", "CaseService", "Created"]
+__all__ = ["COLLECT_JOB", "CaseService"]
 
 
 class CaseService:
